@@ -336,12 +336,17 @@ def triplet_loss(embeddings, labels, negative_only=None, *, margin=0.5, mining="
     if a.numel() == 0:
         return embeddings.sum() * 0.0
     x = _at_least_fp32(embeddings)
+    return triplet_margin(x[a], x[p], x[n], margin=margin, distance=distance)
+
+
+def triplet_margin(anchor, positive, negative, *, margin=0.5, distance="euclidean"):
+    """mean over T given triplets (each (T, D)) of max(d(a,p) - d(a,n) + margin, 0)."""
     if distance == "euclidean":
-        d_ap = F.pairwise_distance(x[a], x[p])  # (T,)
-        d_an = F.pairwise_distance(x[a], x[n])
+        d_ap = F.pairwise_distance(anchor, positive)  # (T,)
+        d_an = F.pairwise_distance(anchor, negative)
     else:
-        d_ap = 1.0 - F.cosine_similarity(x[a], x[p])
-        d_an = 1.0 - F.cosine_similarity(x[a], x[n])
+        d_ap = 1.0 - F.cosine_similarity(anchor, positive)
+        d_an = 1.0 - F.cosine_similarity(anchor, negative)
     return F.relu(d_ap - d_an + margin).mean()
 
 

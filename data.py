@@ -1,0 +1,580 @@
+"""
+data.py -- real and synthetic images, few-shot and open-set splits, batch sampling and batched
+augmentations for supervised contrastive learning with DA-Fusion augmentations.
+
+Every source ends up as one ImageSet: a uint8 tensor (N, C, H, W) held in memory plus labels, a
+negative-only flag (near-OOD synthetic images, thesis section "re-engineered loss") and a kind
+(real / synthetic ID / synthetic near-OOD). Augmentations then run batched on the training device
+with per-sample random parameters (SimCLR, Chen et al. 2020, Appendix A), so the same code feeds a
+laptop CPU and a GPU. Sources:
+
+  digits                   sklearn's bundled handwritten digits (default; no download)
+  mnist | fashion-mnist | cifar10   torchvision data sets under --data-root (--download to fetch)
+  PATH                     a folder in ImageFolder layout: PATH/train + PATH/test, or PATH/<class>/
+                           split by a seeded, stratified --val-fraction
+  --synthetic DIR          images written by dafusion.py, listed in DIR/manifest.csv
+
+Run `python data.py --data digits` to print what a configuration loads (sizes, classes, held-out
+OOD classes) and write a grid of augmented views to data_preview.png.
+"""
+
+import argparse
+import csv
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")
+NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px upscaled
+DEFAULT_OOD = {"digits": "8,9"}  # held-out classes of the default run (open-set OOD test)
+KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or argument and says what to do."""
+
+
+@dataclass
+class ImageSet:
+    """Images in memory. images (N, C, H, W) uint8; labels (N,) long in [0, len(classes));
+    negative_only (N,) bool; kind (N,) int8 (KIND_*); names: where each image came from."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list
+    negative_only: torch.Tensor = None
+    kind: torch.Tensor = None
+    names: list = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.negative_only is None:
+            self.negative_only = torch.zeros(n, dtype=torch.bool)
+        if self.kind is None:
+            self.kind = torch.full((n,), KIND_REAL, dtype=torch.int8)
+        if len(self.labels) != n or len(self.negative_only) != n or len(self.kind) != n:
+            raise DataError(f"ImageSet: {n} images but {len(self.labels)} labels")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))][0].item()
+            raise DataError(f"label {bad} is out of range for {len(self.classes)} classes "
+                            f"{self.classes}; labels must be 0..{len(self.classes) - 1}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def subset(self, index):
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[index], self.labels[index], self.classes,
+                        self.negative_only[index], self.kind[index],
+                        [self.names[i] for i in index.tolist()] if self.names else [])
+
+    @staticmethod
+    def concat(sets):
+        sets = [s for s in sets if s is not None and len(s)]
+        return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
+                        sets[0].classes, torch.cat([s.negative_only for s in sets]),
+                        torch.cat([s.kind for s in sets]), sum((s.names for s in sets), []))
+
+
+# -----------------------------------------------------------------------------
+# Reading images from disk
+
+
+def resize_pil(image, size, mode="crop"):
+    """PIL image -> size x size. mode "crop": scale the short side, centre-crop; "letterbox": scale
+    to fit and paste centred on a black canvas (keeps the aspect ratio, the seed fruit project)."""
+    w, h = image.size
+    if mode == "letterbox":
+        scale = size / max(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        canvas = Image.new(image.mode, (size, size))
+        canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
+        return canvas
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def crop_to_mask(image, mask, dilation=0.1):
+    """The thesis's preprocessing: a square crop around the object mask, its box dilated by
+    `dilation` of its size on every side (clipped to the image)."""
+    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)
+    if len(box) == 0:
+        return image
+    (top, left), (bottom, right) = box.min(0), box.max(0) + 1
+    side = max(bottom - top, right - left) * (1 + 2 * dilation)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
+
+
+def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
+    """Square synthetic images get a random 20-30% cut off top and bottom (split evenly), so that
+    after letterboxing they carry black margins like the real photos (the seed fruit project)."""
+    w, h = image.size
+    if w != h:
+        return image
+    cut = round(h * rng.uniform(low, high) / 2)
+    return image.crop((0, cut, w, h - cut))
+
+
+def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=None):
+    """Read one image file as a (C, size, size) uint8 tensor; raises DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # force decoding now: truncated files fail here, not later
+            img = img.convert("L" if channels == 1 else "RGB")
+    except Exception as error:
+        raise DataError(f"{path}: cannot read this image ({error}). Replace or delete the file, "
+                        f"or pass --skip-bad-images to leave unreadable files out.") from error
+    if mask_path is not None:
+        if not os.path.exists(mask_path):
+            raise DataError(f"{mask_path}: no mask for {path}. --masks DIR needs one mask per "
+                            f"image at DIR/<same relative path>.png (white = object).")
+        with Image.open(mask_path) as mask:
+            img = crop_to_mask(img, mask)
+    if margin_rng is not None:
+        img = synthetic_margin_crop(img, margin_rng)
+    array = np.asarray(resize_pil(img, size, resize), dtype=np.uint8)
+    return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
+def list_class_folders(root):
+    """ImageFolder layout: root/<class>/<images>. Returns (class names, [(path, class index)])."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root}: no class folders. Expected ImageFolder layout: "
+                        f"{root}/<class name>/<image files>.")
+    items = []
+    for index, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                            f"Add images or remove the folder.")
+        items += [(os.path.join(folder, f), index) for f in files]
+    return classes, items
+
+
+def guess_channels(paths):
+    """1 if every image (of the first 50) is greyscale, else 3."""
+    for path in paths[:50]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("L", "1", "I", "I;16", "LA"):
+                    return 3
+        except Exception:
+            continue  # open_image reports unreadable files properly
+    return 1
+
+
+def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None, root=None):
+    """[(path, label)] -> ImageSet; with skip_bad, unreadable files are dropped and counted."""
+    images, labels, names, bad = [], [], [], []
+    for path, label in items:
+        mask_path = None
+        if masks_dir is not None:
+            mask_path = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, root))[0] + ".png")
+        try:
+            images.append(open_image(path, channels, size, resize, mask_path))
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.append(path)
+            continue
+        labels.append(label)
+        names.append(path)
+    if bad:
+        print(f"--skip-bad-images: left out {len(bad)} unreadable file(s), e.g. {bad[0]}")
+    if not images:
+        raise DataError(f"no readable images under {root}")
+    return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)
+
+
+# -----------------------------------------------------------------------------
+# Sources
+
+
+def stratified_split(labels, fraction, seed):
+    """Indices (keep, held) with `fraction` of every class held out, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_held = int(round(len(idx) * fraction))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def load_digits(val_fraction, seed, size):
+    from sklearn.datasets import load_digits as sklearn_digits
+    digits = sklearn_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.tensor(digits.target)
+    full = ImageSet(images, labels, [str(i) for i in range(10)],
+                    names=[f"digits/{i:04d}" for i in range(len(labels))])
+    train_idx, test_idx = stratified_split(labels, val_fraction, seed)
+    return full.subset(train_idx), full.subset(test_idx)
+
+
+def load_torchvision(name, root, download, size):
+    import torchvision
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root, train=train, download=download)
+        except RuntimeError as error:
+            raise DataError(
+                f"--data {name}: not found under --data-root {root} ({error}). Either pass "
+                f"--download to fetch it, or point --data-root at a folder that holds it.") from error
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+        if x.shape[-1] != size:
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        labels = torch.as_tensor(np.asarray(ds.targets))
+        splits.append(ImageSet(x, labels, list(ds.classes),
+                               names=[f"{name}/{'train' if train else 'test'}/{i}" for i in range(len(x))]))
+    return splits
+
+
+def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
+    if not os.path.isdir(path):
+        raise DataError(f"--data {path}: not a folder and not one of {', '.join(BUILTIN)}.")
+    train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        classes, train_items = list_class_folders(train_dir)
+        test_classes, test_items = list_class_folders(test_dir)
+        if test_classes != classes:
+            raise DataError(f"{test_dir}: its class folders {test_classes} differ from "
+                            f"{train_dir}'s {classes}; both splits need the same classes.")
+        channels = guess_channels([p for p, _ in train_items])
+        train = load_files(train_items, classes, channels, size, resize, skip_bad, masks_dir, path)
+        test = load_files(test_items, classes, channels, size, resize, skip_bad, masks_dir, path)
+        return train, test
+    classes, items = list_class_folders(path)
+    channels = guess_channels([p for p, _ in items])
+    full = load_files(items, classes, channels, size, resize, skip_bad, masks_dir, path)
+    train_idx, test_idx = stratified_split(full.labels, val_fraction, seed)
+    return full.subset(train_idx), full.subset(test_idx)
+
+
+def parse_class_list(text, classes, what="--ood-classes"):
+    """'a,b' (names or indices) -> sorted list of class indices."""
+    chosen = []
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        if item in classes:
+            chosen.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            chosen.append(int(item))
+        else:
+            raise DataError(f"{what}: {item!r} is not a class; the classes are {classes}")
+    return sorted(set(chosen))
+
+
+def few_shot_indices(labels, k, seed):
+    """K examples per class (all of a class that has fewer), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+@dataclass
+class Splits:
+    """What a run trains and tests on. Class ids are re-numbered 0..K-1 over the training classes;
+    ood_test holds the test images of the held-out classes, its labels 0..len(ood_classes)-1
+    indexing ood_classes (for few-shot episodes on unseen classes)."""
+    train: ImageSet
+    test: ImageSet
+    ood_test: ImageSet
+    classes: list
+    ood_classes: list
+    source_classes: list  # every class of the source, held-out ones included
+
+
+def remap(s, keep_classes):
+    """Keep only images of keep_classes and renumber their labels 0..len(keep_classes)-1."""
+    lookup = torch.full((len(s.classes),), -1, dtype=torch.long)
+    lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
+    idx = torch.nonzero(lookup[s.labels] >= 0).squeeze(1)
+    sub = s.subset(idx)
+    return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
+                    sub.negative_only, sub.kind, sub.names)
+
+
+def load_data(data="digits", data_root="./.data", download=False, image_size=None,
+              val_fraction=0.25, seed=0, examples_per_class=None, ood_classes=None,
+              resize="crop", skip_bad_images=False, masks=None):
+    """Load a source and make the splits: few-shot training subset, test set, held-out OOD test."""
+    size = image_size or NATIVE_SIZE.get(data, 32)
+    if data == "digits":
+        train, test = load_digits(val_fraction, seed, size)
+    elif data in BUILTIN:
+        train, test = load_torchvision(data, data_root, download, size)
+    else:
+        train, test = load_folder(data, val_fraction, seed, size, resize, skip_bad_images, masks)
+    if masks and data in BUILTIN:
+        raise DataError("--masks works with image folders (--data PATH) only")
+    source_classes = list(train.classes)
+    if ood_classes is None:
+        ood_classes = DEFAULT_OOD.get(data, "")
+    held = parse_class_list(ood_classes, source_classes)
+    kept = [c for c in range(len(source_classes)) if c not in held]
+    if len(kept) < 2:
+        raise DataError(f"--ood-classes leaves {len(kept)} training class(es); at least 2 are needed")
+    ood_test = remap(test, held) if held else None  # labels index the held-out classes
+    train, test = remap(train, kept), remap(test, kept)
+    if examples_per_class:
+        train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))
+    return Splits(train, test, ood_test, train.classes, [source_classes[c] for c in held], source_classes)
+
+
+# -----------------------------------------------------------------------------
+# Synthetic images written by dafusion.py
+
+MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed")
+
+
+def read_manifest(folder, classes, image_size, channels, resize="crop", margin=False, seed=0):
+    """DIR/manifest.csv -> ImageSet of synthetic images. kind "id" rows are labelled training
+    samples; "near_ood" rows are negative-only samples carrying their source class."""
+    manifest = os.path.join(folder, "manifest.csv")
+    if not os.path.exists(manifest):
+        raise DataError(f"--synthetic {folder}: no manifest.csv there. Generate the images with "
+                        f"`python dafusion.py --out {folder}` or point --synthetic at such a folder.")
+    rng = np.random.default_rng(seed)
+    images, labels, kinds, names = [], [], [], []
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{manifest}: missing column(s) {missing}; needs {list(MANIFEST_COLUMNS)}")
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in classes:
+                raise DataError(f"{manifest}, line {line}: class {row['label']!r} is not a class of "
+                                f"the real training data {classes}. Regenerate the synthetic set for "
+                                f"this data, or delete the rows of that class.")
+            if row["kind"] not in ("id", "near_ood"):
+                raise DataError(f"{manifest}, line {line}: kind {row['kind']!r} must be 'id' or 'near_ood'")
+            path = os.path.join(folder, row["path"])
+            if not os.path.exists(path):
+                raise DataError(f"{manifest}, line {line}: {path} does not exist. Re-run dafusion.py "
+                                f"on {folder} to regenerate missing images (it resumes).")
+            images.append(open_image(path, channels, image_size, resize,
+                                     margin_rng=rng if margin else None))
+            labels.append(classes.index(row["label"]))
+            kinds.append(KIND_ID if row["kind"] == "id" else KIND_NEAR_OOD)
+            names.append(path)
+    if not images:
+        raise DataError(f"{manifest}: no rows")
+    kind = torch.tensor(kinds, dtype=torch.int8)
+    return ImageSet(torch.stack(images), torch.tensor(labels), list(classes),
+                    kind == KIND_NEAR_OOD, kind, names)
+
+
+# -----------------------------------------------------------------------------
+# Batches: m images per class, and a controlled share of negative-only images
+
+
+def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
+                        seed=0, epoch=0):
+    """One epoch of batches (a list of index tensors), deterministic in (seed, epoch).
+
+    Labelled samples come in groups of m of one class, so every anchor has positives (classes with
+    fewer than m samples give all they have). When negative-only samples exist, a share
+    `negatives_share` of each batch is negative-only, drawn from the classes in that batch so that
+    same-class hard-negative masking has something to contrast. Every labelled sample appears once.
+    """
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    real = torch.nonzero(~negative_only).squeeze(1)
+    negatives = torch.nonzero(negative_only).squeeze(1)
+    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0
+    n_real = max(m_per_class, batch_size - n_neg)
+    groups = []  # chunks of m same-class indices
+    for c in torch.unique(labels[real]).tolist():
+        idx = real[labels[real] == c]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        groups += list(torch.split(idx, m_per_class))
+    order = torch.randperm(len(groups), generator=g).tolist()
+    batches, current = [], []
+    for gi in order:
+        current.append(groups[gi])
+        if sum(map(len, current)) >= n_real:
+            batches.append(torch.cat(current))
+            current = []
+    if current:
+        batches.append(torch.cat(current))
+    if n_neg:
+        neg_labels = labels[negatives]
+        for b, batch in enumerate(batches):
+            pool = negatives[torch.isin(neg_labels, labels[batch])]
+            pool = pool if len(pool) else negatives
+            pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]
+            batches[b] = torch.cat([batch, pick])
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# Batched augmentations on the training device (per-sample random parameters)
+
+
+def to_float(images, mean, std):
+    """uint8 (B, C, H, W) -> normalised float."""
+    return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def _affine(images, theta):
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _uniform(n, low, high, g, device):
+    return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
+    """The seed Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
+    B, dev = x.shape[0], x.device
+    angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180
+    s = 1.0 / _uniform(B, *scale, g, dev)
+    tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
+    theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
+                         torch.stack([s * angle.sin(), s * angle.cos(), ty], 1)], 1)  # (B, 2, 3)
+    return _affine(x, theta)
+
+
+def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
+    """SimCLR's augmentations, batched: random resized crop, horizontal flip, colour jitter
+    (0.8 s brightness/contrast/saturation, 0.2 s hue, with p 0.8), grayscale (p 0.2), Gaussian
+    blur (p 0.5) for images of 64 px or more. x is in [0, 1], (B, C, H, W)."""
+    B, C, H, W = x.shape
+    dev = x.device
+    # ---- random resized crop (area in crop_scale, aspect ratio 3/4..4/3) + flip, one affine map
+    area = _uniform(B, *crop_scale, g, dev)
+    log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)
+    sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
+    sign = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
+    zero = torch.zeros(B, device=dev)
+    theta = torch.stack([torch.stack([sw * sign, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
+    x = _affine(x, theta)
+    # ---- colour jitter with probability 0.8 (each factor per sample)
+    jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()
+    s = 0.8 * strength
+    brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+    contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+    x = (x * brightness).clamp(0, 1)
+    grey = x.mean(1, keepdim=True) if C == 1 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = ((x - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)).clamp(0, 1)
+    if C == 3:
+        saturation = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+        grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        x = ((x - grey) * saturation + grey).clamp(0, 1)
+        # hue: rotate the chroma plane of YIQ by a random angle (up to 0.2 s of a full turn)
+        angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+        cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones(B, device=dev), torch.zeros(B, device=dev)
+        rotate = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                              torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
+        matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq  # (B, 3, 3) RGB -> RGB
+        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
+        # ---- random grayscale, p 0.2
+        to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2
+        grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        x = torch.where(to_grey, grey, x)
+    # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the image (large images only)
+    if H >= 64:
+        k = int(0.1 * H) // 2 * 2 + 1
+        sigma = _uniform(B, 0.1, 2.0, g, dev)
+        sigma = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, sigma, torch.full_like(sigma, 1e-3))
+        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
+        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+        y = x.reshape(1, B * C, H, W)
+        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=B * C)
+        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kernel[:, None, :, None], groups=B * C)
+        x = y.reshape(B, C, H, W)
+    return x
+
+
+def augment(images, how, g, mean, std):
+    """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
+    x = images.float() / 255.0
+    if how == "rotation":
+        x = augment_rotation(x, g)
+    elif how == "simclr":
+        x = augment_simclr(x, g)
+    elif how != "none":
+        raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    x = images.float() / 255.0
+    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)
+
+
+def add_data_arguments(parser):
+    """The data options, shared by train.py, data.py and dafusion.py."""
+    d = parser.add_argument_group("data")
+    d.add_argument("--data", default="digits",
+                   help="digits (default, bundled with scikit-learn), mnist, fashion-mnist, cifar10, "
+                        "or PATH to an image folder (PATH/train + PATH/test, or PATH/<class>/)")
+    d.add_argument("--data-root", default="./.data", help="where torchvision data sets live")
+    d.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
+    d.add_argument("--image-size", type=int, default=None,
+                   help="side in pixels (default: native; digits 16, MNIST 28, CIFAR 32, folders 32)")
+    d.add_argument("--resize", choices=["crop", "letterbox"], default="crop",
+                   help="folders: centre-crop the short side, or letterbox (keep aspect, black canvas)")
+    d.add_argument("--val-fraction", type=float, default=0.25,
+                   help="test share when a source has no test split (digits, single folder)")
+    d.add_argument("--examples-per-class", type=int, default=None,
+                   help="few-shot: keep K training images per class (seeded)")
+    d.add_argument("--ood-classes", default=None,
+                   help="classes held out of training; their test images are the near-OOD test set "
+                        "(names or indices, comma-separated; default for digits: 8,9; '' for none)")
+    d.add_argument("--masks", default=None,
+                   help="folder of object masks (same relative paths, .png): crop a square around each "
+                        "dilated mask (the thesis's preprocessing)")
+    d.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
+    d.add_argument("--seed", type=int, default=0, help="seed of splits, sampling, augmentation, init")
+    return parser
+
+
+def splits_from_args(args):
+    return load_data(args.data, args.data_root, args.download, args.image_size, args.val_fraction,
+                     args.seed, args.examples_per_class, args.ood_classes, args.resize,
+                     args.skip_bad_images, args.masks)
+
+
+if __name__ == "__main__":
+    parser = add_data_arguments(argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--augment", default="rotation", choices=["none", "rotation", "simclr"])
+    args = parser.parse_args()
+    splits = splits_from_args(args)
+    print(f"classes {splits.classes}; held out as OOD: {splits.ood_classes or 'none'}")
+    print(f"train {tuple(splits.train.images.shape)}  test {tuple(splits.test.images.shape)}  "
+          f"ood test {tuple(splits.ood_test.images.shape) if splits.ood_test else None}")
+    import torchvision
+    g = torch.Generator().manual_seed(args.seed)
+    imgs = splits.train.images[:8]
+    views = [imgs.float() / 255] + [augment(imgs, args.augment, g, torch.zeros(1), torch.ones(1)).clamp(0, 1)
+                                    for _ in range(3)]
+    torchvision.utils.save_image(torch.cat(views), "data_preview.png", nrow=8)
+    print("wrote data_preview.png (rows: original, then three augmented views)")

@@ -1,0 +1,422 @@
+"""
+train.py -- train an encoder with SupCon (near-OOD synthetic images as hard negatives only),
+SimCLR, triplet, cosine-pair or cross-entropy loss, then a linear classifier on the frozen encoder,
+and report test accuracy and OOD detection on held-out classes.
+
+The thesis's pipeline (section "Experiments"): contrastive pre-training of the encoder with the
+re-engineered SupCon loss (supcon.py, Eq. 1) on real images (+ ID augmentations as extra positives,
++ near-OOD augmentations as negatives only), then a linear classifier on the frozen encoder
+trained on real (+ ID) images. `--loss ce` trains encoder + classifier end to end (the baseline).
+
+Run:   python train.py                                  # SupCon on sklearn's digits, CPU, ~1 min
+       python train.py --loss triplet --mining semi_hard
+       python train.py --data PATH --model resnet18 --image-size 64
+       python train.py --synthetic DIR --positives id --negatives near_ood
+       python train.py --resume runs/<name>             # continue an interrupted run exactly
+Results go to runs/<name>/: config.json, metrics.jsonl (per epoch), metrics.json, checkpoint.pt.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+import evaluate
+import supcon
+
+LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_arguments(p)
+    s = p.add_argument_group("synthetic data (DA-Fusion, see dafusion.py)")
+    s.add_argument("--synthetic", default=None, help="folder with manifest.csv written by dafusion.py")
+    s.add_argument("--positives", choices=["none", "id"], default="none",
+                   help="id: add the in-distribution synthetic images as labelled training samples")
+    s.add_argument("--negatives", choices=["none", "near_ood"], default="none",
+                   help="near_ood: add the near-OOD synthetic images as negative-only samples")
+    s.add_argument("--negatives-per-batch", type=float, default=0.25,
+                   help="share of each batch that is negative-only (when there are negatives)")
+    s.add_argument("--m-per-class", type=int, default=4,
+                   help="labelled images come in groups of m per class, so anchors have positives")
+    s.add_argument("--synthetic-margin", action="store_true",
+                   help="cut 20-30%% off top and bottom of square synthetic images (use with --resize letterbox)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="cnn", choices=["cnn", *supcon.RESNETS],
+                   help="cnn: the seed project's small CNN; ResNets get a 3x3 stem for images <= 64 px")
+    m.add_argument("--pretrained", action="store_true", help="ImageNet weights (ResNets; must be cached)")
+    m.add_argument("--embedding-dim", type=int, default=128, help="output size of the projection head")
+    l = p.add_argument_group("loss")
+    l.add_argument("--loss", choices=LOSSES, default="supcon")
+    l.add_argument("--temperature", type=float, default=0.1, help="SupCon / SimCLR tau")
+    l.add_argument("--base-temperature", type=float, default=None,
+                   help="multiply the SupCon loss by tau/base (the reference code's 0.07); default off")
+    l.add_argument("--hard-negatives", choices=["same_class", "all"], default="same_class",
+                   help="which anchors a near-OOD negative contrasts: its source class's, or every one")
+    l.add_argument("--negative-weight", type=float, default=1.0, help="weight of near-OOD exp-terms")
+    l.add_argument("--chunk-size", type=int, default=1024,
+                   help="SupCon rows per block (exact; less memory, faster); 0 = the plain path")
+    l.add_argument("--margin", type=float, default=None, help="triplet (default 0.5) / cosine (default 0.0)")
+    l.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
+    l.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean", help="triplet distance")
+    l.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
+                   help="triplets mined in each batch, or over the whole training set once per epoch")
+    l.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
+                   help="views for training (auto: rotation for greyscale data, simclr for colour)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--batch-size", type=int, default=256, help="images per batch (x2 views)")
+    o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    o.add_argument("--lr", type=float, default=None, help="default: 1e-3 AdamW, 0.05 SGD")
+    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
+    o.add_argument("--linear-epochs", type=int, default=100, help="linear classifier on frozen features")
+    o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default="runs", help="parent folder of run folders")
+    r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
+    r.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Small helpers
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# Model and loss
+
+
+def build_model(args, in_channels, image_size, num_classes):
+    """Encoder + the head the loss needs, and the linear classifier on the encoder features."""
+    encoder = supcon.build_encoder(args.model, in_channels, image_size, args.pretrained)
+    if args.loss in ("supcon", "simclr"):
+        head = supcon.ProjectionHead(encoder.out_dim, args.embedding_dim)
+    elif args.loss in ("triplet", "cosine"):
+        head = supcon.EmbeddingHead(encoder.out_dim, args.embedding_dim)
+    else:
+        head = nn.Identity()  # ce: the classifier sits directly on the encoder
+    return supcon.ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
+
+
+def compute_loss(args, model, classifier, views, labels, negative_only, generator):
+    """One batch's loss. views: (B, V, C, H, W) augmented images; labels, negative_only: (B,)."""
+    B, V = views.shape[:2]
+    x = views.flatten(0, 1)  # (B*V, C, H, W), image-major
+    if args.loss == "ce":
+        return F.cross_entropy(classifier(model.encode(x)), labels.repeat_interleave(V))
+    z = model(x).float().view(B, V, -1)  # (B, V, D)
+    if args.loss == "supcon":
+        return supcon.supcon_loss(z, labels, negative_only, temperature=args.temperature,
+                                  base_temperature=args.base_temperature,
+                                  hard_negatives=args.hard_negatives,
+                                  negative_weight=args.negative_weight,
+                                  chunk_size=args.chunk_size or None)
+    if args.loss == "simclr":
+        return supcon.supcon_loss(z, None, negative_only, temperature=args.temperature,
+                                  base_temperature=args.base_temperature, hard_negatives="all",
+                                  negative_weight=args.negative_weight,
+                                  chunk_size=args.chunk_size or None)
+    # triplet / cosine: every view is a sample of its image's class
+    z, labels, negative_only = z.flatten(0, 1), labels.repeat_interleave(V), negative_only.repeat_interleave(V)
+    if args.loss == "triplet":
+        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin, mining=args.mining,
+                                   distance=args.distance, generator=generator)
+    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+
+
+def check_args(args):
+    """Refuse combinations that cannot work, saying how to fix them."""
+    if args.margin is None:
+        args.margin = 0.5 if args.loss == "triplet" else 0.0
+    if args.lr is None:
+        args.lr = 1e-3 if args.optimizer == "adamw" else 0.05
+    uses_synthetic = args.positives != "none" or args.negatives != "none"
+    if args.negatives != "none" and args.loss == "ce":
+        raise SystemExit("--negatives near_ood needs a contrastive loss (--loss supcon, simclr, triplet "
+                         "or cosine): cross-entropy has no way to use negative-only images.")
+    if args.loss == "simclr" and args.negatives != "none" and args.hard_negatives == "same_class":
+        args.hard_negatives = "all"  # SimCLR has no classes to mask by
+    if uses_synthetic and not args.synthetic:
+        raise SystemExit(f"--positives/--negatives need synthetic images: pass --synthetic DIR "
+                         f"(a folder written by dafusion.py).")
+    if args.synthetic and not uses_synthetic:
+        raise SystemExit("--synthetic DIR given but not used: add --positives id and/or --negatives near_ood")
+    if args.mining_scope == "dataset" and args.loss != "triplet":
+        raise SystemExit("--mining-scope dataset is for --loss triplet")
+    if not 0 <= args.negatives_per_batch < 1:
+        raise SystemExit("--negatives-per-batch must be in [0, 1)")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def load_training_data(args):
+    """Real splits plus the synthetic images the flags ask for; returns (splits, train set)."""
+    splits = data.splits_from_args(args)
+    train_set = splits.train
+    if args.synthetic:
+        _, C, H, _ = splits.train.images.shape
+        synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize,
+                                       args.synthetic_margin, args.seed)
+        keep = torch.zeros(len(synthetic), dtype=torch.bool)
+        if args.positives == "id":
+            keep |= synthetic.kind == data.KIND_ID
+        if args.negatives == "near_ood":
+            keep |= synthetic.kind == data.KIND_NEAR_OOD
+        train_set = data.ImageSet.concat([train_set, synthetic.subset(torch.nonzero(keep).squeeze(1))])
+    return splits, train_set
+
+
+def epoch_batches(args, train_set, epoch, model, mean, std, device):
+    """The index batches of one epoch (deterministic in seed and epoch). Dataset-scope triplet
+    mining returns (T, 3) triplet index batches instead, mined on the current embeddings."""
+    if args.mining_scope == "dataset":
+        with torch.no_grad():
+            model.eval()
+            z = torch.cat([model(((train_set.images[s:s + 512].to(device).float() / 255)
+                                  - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).float().cpu()
+                           for s in range(0, len(train_set), 512)])
+            model.train()
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        a, p, n = supcon.mine_triplets(z, train_set.labels, train_set.negative_only,
+                                       margin=args.margin, mining=args.mining,
+                                       distance=args.distance, generator=g)
+        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]
+        return list(torch.split(triplets, max(1, args.batch_size // 3)))
+    if args.loss == "ce":
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        return list(torch.split(torch.randperm(len(train_set), generator=g), args.batch_size))
+    return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
+                                    args.m_per_class, args.negatives_per_batch, args.seed, epoch)
+
+
+def train_linear(args, features, labels, num_classes, device, seed):
+    """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    classifier = nn.Linear(features.shape[1], num_classes).to(device)
+    # standardise the features (the statistics are folded into the layer at the end)
+    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)
+    x, y = ((features - mu) / sigma).to(device), labels.to(device)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
+    steps = args.linear_epochs * math.ceil(len(x) / 256)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
+    for _ in range(args.linear_epochs):
+        for idx in torch.split(torch.randperm(len(x), generator=g), 256):
+            loss = F.cross_entropy(classifier(x[idx.to(device)]), y[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():  # fold the standardisation in: W (x - mu)/sigma + b
+        w = classifier.weight / sigma.to(device)
+        classifier.bias -= (w * mu.to(device)).sum(1)
+        classifier.weight.copy_(w)
+    return classifier
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        config_path = os.path.join(args.resume, "config.json")
+        if not os.path.exists(config_path):
+            raise SystemExit(f"--resume {args.resume}: no config.json there; is it a run folder?")
+        with open(config_path) as f:
+            saved = json.load(f)
+        args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device})
+        run_dir = args.resume
+    else:
+        check_args(args)
+        name = args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = os.path.join(args.out, name)
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"{run_dir} already holds a run; choose another --name, or continue "
+                             f"it with --resume {run_dir}")
+        os.makedirs(run_dir, exist_ok=True)
+    return run(args, run_dir)
+
+
+def run(args, run_dir):
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    splits, train_set = load_training_data(args)
+    _, C, H, _ = train_set.images.shape
+    K = len(splits.classes)
+    augment = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
+    print(f"data {args.data}: {len(splits.train)} real training images, {len(train_set) - len(splits.train)} "
+          f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
+          f"{K} classes; held out as OOD: {splits.ood_classes or 'none'}; device {device}")
+    if not args.resume:
+        atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
+
+    mean, std = data.channel_stats(splits.train.images)
+    mean, std = mean.to(device), std.to(device)
+    model, classifier = build_model(args, C, H, K)
+    model, classifier = model.to(device), classifier.to(device)
+    params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    steps_per_epoch = len(epoch_batches(args, train_set, 0, model, mean, std, device)) \
+        if args.mining_scope != "dataset" else math.ceil(len(train_set) / max(1, args.batch_size // 3))
+    total = args.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * steps_per_epoch)))
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed)
+    mine_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+    # ---- resume: model, optimiser, schedule, RNG, position (epoch and step within it)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    start_epoch, start_step = 0, 0
+    if args.resume and os.path.exists(checkpoint_path):
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        classifier.load_state_dict(state["classifier"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        aug_gen.set_state(state["augment_rng"].cpu() if device.type == "cpu" else state["augment_rng"])
+        mine_gen.set_state(state["mining_rng"].cpu() if device.type == "cpu" else state["mining_rng"])
+        torch.set_rng_state(state["cpu_rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        start_epoch, start_step = state["epoch"], state["step"]
+        print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {start_step}")
+
+    def save_checkpoint(epoch, step):
+        state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
+                 "cpu_rng": torch.get_rng_state(), "epoch": epoch, "step": step}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        atomic_save(state, checkpoint_path)
+
+    images = train_set.images.to(device)  # uint8, decoded once
+    labels, negative_only = train_set.labels.to(device), train_set.negative_only.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    views = 1 if args.loss == "ce" else 2
+    metrics_log = os.path.join(run_dir, "metrics.jsonl")
+    t_start = time.time()
+    model.train()
+    progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc="train",
+                    dynamic_ncols=True, disable=None)
+    epoch, step = start_epoch, start_step
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
+            losses = []
+            for step in range(start_step if epoch == start_epoch else 0, len(batches)):
+                batch = batches[step].to(device)
+                if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
+                    x = data.augment(images[batch.flatten()], augment, aug_gen, mean, std)
+                    with autocast:
+                        z = model(x).float().view(len(batch), 3, -1)
+                    loss = supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
+                                                 distance=args.distance)
+                else:
+                    x = torch.stack([data.augment(images[batch], augment, aug_gen, mean, std)
+                                     for _ in range(views)], 1)  # (B, V, C, H, W)
+                    with autocast:
+                        loss = compute_loss(args, model, classifier, x, labels[batch],
+                                            negative_only[batch], mine_gen)
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}. Stopped; "
+                                   f"the last good checkpoint {checkpoint_path} is kept. Try a lower "
+                                   f"--lr or a higher --temperature.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                progress.update(1)
+                progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            step = 0
+            record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
+                      "lr": sched.get_last_lr()[0], "minutes": (time.time() - t_start) / 60}
+            with open(metrics_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(epoch + 1, 0)
+    except KeyboardInterrupt:
+        # keep everything up to the last finished step; --resume continues from there exactly
+        save_checkpoint(epoch, step)
+        progress.close()
+        print(f"\ninterrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {step}. "
+              f"Continue with: python train.py --resume {run_dir}")
+        raise
+    progress.close()
+    train_minutes = (time.time() - t_start) / 60
+
+    # ---- linear classifier on the frozen encoder (real + ID images; never near-OOD ones)
+    labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
+    if args.loss != "ce":
+        features = evaluate.extract_features(model, labelled.images, mean, std, device)
+        classifier = train_linear(args, features, labelled.labels, K, device, args.seed)
+    results = evaluate.summary_metrics(model, classifier, splits, labelled, mean, std, device)
+    results["train_minutes"] = train_minutes
+    results["epochs"] = args.epochs
+    atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
+                 "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes},
+                os.path.join(run_dir, "model.pt"))
+    atomic_write_text(json.dumps(results, indent=2), os.path.join(run_dir, "metrics.json"))
+    line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
+    if "ood_auroc_knn" in results:
+        line += f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN {results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}"
+    print(f"{line}; training {train_minutes:.2f} min; results in {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (Diverged, data.DataError) as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(130)
