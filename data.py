@@ -393,8 +393,8 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
                         seed=0, epoch=0):
     """One epoch of batches (a list of index tensors), deterministic in (seed, epoch).
 
-    Labelled samples come in groups of m of one class, so every anchor has positives (classes with
-    fewer than m samples give all they have). When negative-only samples exist, a share
+    Labelled samples come in groups of m (or m+1) of one class, so every anchor has a positive
+    (a class with a single image cannot give it one). When negative-only samples exist, a share
     `negatives_share` of each batch is negative-only, drawn from the classes in that batch so that
     same-class hard-negative masking has something to contrast. Every labelled sample appears once.
     """
@@ -407,7 +407,10 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     for c in torch.unique(labels[real]).tolist():
         idx = real[labels[real] == c]
         idx = idx[torch.randperm(len(idx), generator=g)]
-        groups += list(torch.split(idx, m_per_class))
+        chunks = list(torch.split(idx, m_per_class))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        groups += chunks
     order = torch.randperm(len(groups), generator=g).tolist()
     batches, current = [], []
     for gi in order:

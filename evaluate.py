@@ -109,6 +109,7 @@ def classification_metrics(y_true, probabilities):
                                  roc_auc_score)
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    probabilities = probabilities / probabilities.sum(1, keepdims=True)  # rows sum to 1 (sklearn's OvR needs it)
     y_pred = probabilities.argmax(1)
     K = probabilities.shape[1]
     p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(K), average="macro",

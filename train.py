@@ -20,7 +20,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -330,14 +332,31 @@ def run(args, run_dir):
         start_epoch, start_step = state["epoch"], state["step"]
         print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {start_step}")
 
-    def save_checkpoint(epoch, step):
-        state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
-                 "cpu_rng": torch.get_rng_state(), "epoch": epoch, "step": step}
+    def rng_states():
+        states = {"augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
+                  "cpu_rng": torch.get_rng_state()}
         if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        atomic_save(state, checkpoint_path)
+            states["cuda_rng"] = torch.cuda.get_rng_state()
+        return states
+
+    def save_checkpoint(epoch, step, rng):
+        """Everything --resume needs to continue at (epoch, step) as if never stopped."""
+        atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "step": step, **rng}, checkpoint_path)
+
+    # Ctrl-C asks to stop at the next step boundary (a second Ctrl-C stops at once)
+    stop = {"requested": False}
+
+    def on_ctrl_c(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: saving and stopping after this step (press again to stop at once)")
+
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
 
     images = train_set.images.to(device)  # uint8, decoded once
     labels, negative_only = train_set.labels.to(device), train_set.negative_only.to(device)
@@ -348,12 +367,15 @@ def run(args, run_dir):
     model.train()
     progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc="train",
                     dynamic_ncols=True, disable=None)
-    epoch, step = start_epoch, start_step
+    epoch, step, updating, rng_at_step = start_epoch, start_step, False, rng_states()
     try:
         for epoch in range(start_epoch, args.epochs):
             batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
             losses = []
             for step in range(start_step if epoch == start_epoch else 0, len(batches)):
+                rng_at_step = rng_states()  # what a checkpoint taken before this step holds
+                if stop["requested"]:
+                    raise KeyboardInterrupt
                 batch = batches[step].to(device)
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
                     x = data.augment(images[batch.flatten()], augment, aug_gen, mean, std)
@@ -373,8 +395,10 @@ def run(args, run_dir):
                                    f"--lr or a higher --temperature.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                updating = True  # parameters change now: no checkpoint of a half-done step
                 opt.step()
                 sched.step()
+                updating = False
                 losses.append(loss.item())
                 progress.update(1)
                 progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
@@ -383,14 +407,19 @@ def run(args, run_dir):
                       "lr": sched.get_last_lr()[0], "minutes": (time.time() - t_start) / 60}
             with open(metrics_log, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(epoch + 1, 0)
+            save_checkpoint(epoch + 1, 0, rng_states())
     except KeyboardInterrupt:
-        # keep everything up to the last finished step; --resume continues from there exactly
-        save_checkpoint(epoch, step)
         progress.close()
-        print(f"\ninterrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {step}. "
-              f"Continue with: python train.py --resume {run_dir}")
+        if updating:  # stopped inside an optimiser step: the last checkpoint stays as it was
+            print(f"\ninterrupted during an update: kept {checkpoint_path} as it was")
+        else:  # everything up to the last finished step; --resume continues from there exactly
+            save_checkpoint(epoch, step, rng_at_step)
+            print(f"\ninterrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {step}. "
+                  f"Continue with: python train.py --resume {run_dir}")
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     progress.close()
     train_minutes = (time.time() - t_start) / 60
 

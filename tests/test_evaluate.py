@@ -1,0 +1,83 @@
+"""evaluate.py metrics against scikit-learn, hand-computed examples and brute-force loops."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import evaluate
+
+
+def test_ood_metrics_hand_example():
+    # ID scores 1..20, OOD scores: the 5% threshold keeps ID >= 2 (19 of 20 = 95%)
+    s_in = np.arange(1, 21, dtype=float)
+    s_out = np.array([0.5, 1.5, 2.0, 3.0, 30.0])
+    m = evaluate.ood_metrics(s_in, s_out)
+    assert m["fpr95"] == pytest.approx(3 / 5)  # 2.0, 3.0 and 30.0 are >= 2
+    y = np.r_[np.ones(20), np.zeros(5)]
+    s = np.r_[s_in, s_out]
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s))
+    assert m["aupr_in"] == pytest.approx(average_precision_score(y, s))
+    assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s))
+    # perfect separation
+    perfect = evaluate.ood_metrics([5, 6, 7], [1, 2])
+    assert perfect["auroc"] == 1.0 and perfect["fpr95"] == 0.0
+
+
+def test_fpr95_brute_force():
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(1, 1, 200), rng.normal(0, 1, 150)
+    # brute force: the largest threshold t with TPR(t) = mean(s_in >= t) >= 0.95
+    t = max(v for v in s_in if np.mean(s_in >= v) >= 0.95)
+    assert evaluate.ood_metrics(s_in, s_out)["fpr95"] == pytest.approx(np.mean(s_out >= t))
+
+
+def test_knn_score_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(30, 4, generator=g), torch.randn(7, 4, generator=g)
+    k = 5
+    got = evaluate.knn_score(train, test, k=k, batch_size=3)
+    for i in range(7):
+        t = test[i] / test[i].norm()
+        d = sorted(((t - x / x.norm()).norm().item() for x in train))
+        assert got[i].item() == pytest.approx(-d[k - 1], abs=1e-5)
+
+
+def test_mahalanobis_brute_force():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(60, 3))
+    labels = np.repeat([0, 1, 2], 20)
+    train[labels == 1] += 2
+    test = rng.normal(size=(5, 3))
+    got = evaluate.mahalanobis_score(torch.tensor(train), torch.tensor(labels), torch.tensor(test))
+    z = train / np.linalg.norm(train, axis=1, keepdims=True)
+    t = test / np.linalg.norm(test, axis=1, keepdims=True)
+    means = [z[labels == c].mean(0) for c in range(3)]
+    centred = np.concatenate([z[labels == c] - means[c] for c in range(3)])
+    precision = np.linalg.pinv(centred.T @ centred / 60)
+    expected = [max(-(x - m) @ precision @ (x - m) for m in means) for x in t]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
+def test_msp_and_knn_classifier():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(evaluate.msp_score(logits).numpy(), [np.exp(2) / (np.exp(2) + 1), 0.5], rtol=1e-6)
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    probs = evaluate.knn_probabilities(train, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05]]), 2, k=2)
+    assert probs.tolist() == [[1.0, 0.0]]
+
+
+def test_classification_metrics_against_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 100)
+    p = rng.dirichlet(np.ones(4), 100)
+    p[np.arange(100), y] += 0.3
+    m = evaluate.classification_metrics(y, p)
+    pred = p.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(precision_score(y, pred, average="macro"))
+    assert m["recall"] == pytest.approx(recall_score(y, pred, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr"))
+    assert np.trace(m["confusion"]) == (pred == y).sum() and np.sum(m["confusion"]) == 100

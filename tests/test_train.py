@@ -1,0 +1,122 @@
+"""train.py: every loss learns, resume is exact, bad arguments are refused, runs write their files."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import train
+
+TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--linear-epochs", "3",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("loss", ["supcon", "simclr", "triplet", "cosine", "ce"])
+def test_each_loss_falls_on_a_fixed_batch(loss):
+    args = train.build_parser().parse_args(["--loss", loss, "--margin", "0.5" if loss != "cosine" else "0.0"])
+    train.check_args(args)
+    torch.manual_seed(0)
+    s = data.load_data("digits", examples_per_class=8, ood_classes="")
+    model, classifier = train.build_model(args, 1, 16, 10)
+    model.eval()  # no dropout noise: the same batch gives the same loss
+    params = list(model.parameters()) + list(classifier.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    mean, std = data.channel_stats(s.train.images)
+    x = data.to_float(s.train.images, mean, std)
+    views = torch.stack([x, x.flip(-1)], 1)  # (B, 2, C, H, W): two fixed views
+    neg = torch.zeros(len(x), dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(25):
+        value = train.compute_loss(args, model, classifier, views, s.train.labels, neg,
+                                   torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_default_run_writes_its_folder(tmp_path):
+    results = train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
+    run = tmp_path / "r"
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "model.pt"):
+        assert (run / name).exists(), name
+    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    saved = json.loads((run / "metrics.json").read_text())
+    assert 0 <= saved["test_accuracy"] <= 1 and 0 <= saved["ood_auroc_knn"] <= 1
+    assert saved == pytest.approx(results)
+    # checkpoints hold tensors and plain containers only: weights_only loading works
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 0
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
+
+
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "3", "--batch-size", "16", "--out", str(tmp_path)]  # 6 steps an epoch
+    train.main(args + ["--name", "straight"])
+
+    real_loss, calls = train.compute_loss, {"n": 0}
+
+    def interrupt_on_the_9th_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # step 2 of the second epoch
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(train, "compute_loss", interrupt_on_the_9th_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--name", "cut"])
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # 1 epoch + 2 steps done
+    monkeypatch.setattr(train, "compute_loss", real_loss)
+    train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["classifier"]:
+        assert torch.equal(a["classifier"][key], b["classifier"][key]), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = train.compute_loss, {"n": 0}
+
+    def nan_on_step_8(*a, **k):
+        calls["n"] += 1
+        value = real_loss(*a, **k)
+        return value * float("nan") if calls["n"] == 8 else value
+
+    monkeypatch.setattr(train, "compute_loss", nan_on_step_8)
+    with pytest.raises(train.Diverged, match="epoch 2, step 1.*last good checkpoint"):
+        train.main(TINY + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
+    state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--negatives", "near_ood"], "synthetic"),
+    (["--loss", "ce", "--negatives", "near_ood"], "contrastive loss"),
+    (["--loss", "supcon", "--mining-scope", "dataset"], "triplet"),
+    (["--synthetic", "somewhere"], "not used"),
+])
+def test_bad_argument_combinations(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv + ["--out", str(tmp_path)])
+
+
+def test_trains_on_an_image_folder_with_synthetic_negatives(tmp_path):
+    # a tiny RGB folder and a manifest of synthetic images: the near-OOD ones are negative-only
+    from test_data import write_folder, write_manifest
+    write_folder(tmp_path / "imgs", per_class=8, size=16)
+    write_manifest(str(tmp_path / "syn"), [(f"near_ood/ant/{i}.png", "ant", "near_ood") for i in range(4)]
+                   + [(f"id/bee/{i}.png", "bee", "id") for i in range(4)])
+    results = train.main(["--data", str(tmp_path / "imgs"), "--image-size", "16", "--ood-classes", "cat",
+                          "--synthetic", str(tmp_path / "syn"), "--positives", "id",
+                          "--negatives", "near_ood", "--epochs", "1", "--batch-size", "16",
+                          "--linear-epochs", "2", "--device", "cpu", "--out", str(tmp_path), "--name", "f"])
+    assert 0 <= results["test_accuracy"] <= 1 and "ood_auroc_knn" in results
