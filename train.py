@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import dafusion
 import data
 import evaluate
 import supcon
@@ -41,7 +42,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_arguments(p)
     s = p.add_argument_group("synthetic data (DA-Fusion, see dafusion.py)")
-    s.add_argument("--synthetic", default=None, help="folder with manifest.csv written by dafusion.py")
+    s.add_argument("--synthetic", default=None,
+                   help="folder with manifest.csv written by dafusion.py; without it, --positives / "
+                        "--negatives generate with the ddpm generator into a cache (.cache/dafusion)")
     s.add_argument("--positives", choices=["none", "id"], default="none",
                    help="id: add the in-distribution synthetic images as labelled training samples")
     s.add_argument("--negatives", choices=["none", "near_ood"], default="none",
@@ -52,6 +55,7 @@ def build_parser():
                    help="labelled images come in groups of m per class, so anchors have positives")
     s.add_argument("--synthetic-margin", action="store_true",
                    help="cut 20-30%% off top and bottom of square synthetic images (use with --resize letterbox)")
+    dafusion.add_generation_arguments(p)  # used when --positives/--negatives come without --synthetic
     m = p.add_argument_group("model")
     m.add_argument("--model", default="cnn", choices=["cnn", *supcon.RESNETS],
                    help="cnn: the seed project's small CNN; ResNets get a 3x3 stem for images <= 64 px")
@@ -184,9 +188,6 @@ def check_args(args):
                          "or cosine): cross-entropy has no way to use negative-only images.")
     if args.loss == "simclr" and args.negatives != "none" and args.hard_negatives == "same_class":
         args.hard_negatives = "all"  # SimCLR has no classes to mask by
-    if uses_synthetic and not args.synthetic:
-        raise SystemExit(f"--positives/--negatives need synthetic images: pass --synthetic DIR "
-                         f"(a folder written by dafusion.py).")
     if args.synthetic and not uses_synthetic:
         raise SystemExit("--synthetic DIR given but not used: add --positives id and/or --negatives near_ood")
     if args.mining_scope == "dataset" and args.loss != "triplet":
@@ -203,6 +204,8 @@ def load_training_data(args):
     """Real splits plus the synthetic images the flags ask for; returns (splits, train set)."""
     splits = data.splits_from_args(args)
     train_set = splits.train
+    if (args.positives != "none" or args.negatives != "none") and not args.synthetic:
+        args.synthetic = dafusion.cached_synthetic_set(args, splits)  # generate once, then reuse
     if args.synthetic:
         _, C, H, _ = splits.train.images.shape
         synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize,

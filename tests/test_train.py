@@ -99,7 +99,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--negatives", "near_ood"], "synthetic"),
     (["--loss", "ce", "--negatives", "near_ood"], "contrastive loss"),
     (["--loss", "supcon", "--mining-scope", "dataset"], "triplet"),
     (["--synthetic", "somewhere"], "not used"),
