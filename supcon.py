@@ -489,6 +489,21 @@ class ContrastiveModel(nn.Module):
         return self.head(self.encoder(x))
 
 
+def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim=128, pretrained=False):
+    """Encoder + the head the loss needs, and the linear classifier on the encoder features.
+
+    supcon / simclr: the MLP projection head (normalised); triplet / cosine: the 3-layer embedding
+    head; ce: no head (the classifier sits directly on the encoder)."""
+    encoder = build_encoder(model, in_channels, image_size, pretrained)
+    if loss in ("supcon", "simclr"):
+        head = ProjectionHead(encoder.out_dim, embedding_dim)
+    elif loss in ("triplet", "cosine"):
+        head = EmbeddingHead(encoder.out_dim, embedding_dim)
+    else:
+        head = nn.Identity()
+    return ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
+
+
 if __name__ == "__main__":
     # A tiny demonstration: 8 images x 2 views, 2 classes, 2 near-OOD negatives.
     torch.manual_seed(0)

@@ -91,6 +91,7 @@ def build_parser():
     r.add_argument("--out", default="runs", help="parent folder of run folders")
     r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
     r.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
+    r.add_argument("--no-report", action="store_true", help="metrics only: no pictures, no report.md")
     return p
 
 
@@ -136,18 +137,6 @@ class Diverged(RuntimeError):
 
 # -----------------------------------------------------------------------------
 # Model and loss
-
-
-def build_model(args, in_channels, image_size, num_classes):
-    """Encoder + the head the loss needs, and the linear classifier on the encoder features."""
-    encoder = supcon.build_encoder(args.model, in_channels, image_size, args.pretrained)
-    if args.loss in ("supcon", "simclr"):
-        head = supcon.ProjectionHead(encoder.out_dim, args.embedding_dim)
-    elif args.loss in ("triplet", "cosine"):
-        head = supcon.EmbeddingHead(encoder.out_dim, args.embedding_dim)
-    else:
-        head = nn.Identity()  # ce: the classifier sits directly on the encoder
-    return supcon.ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
 
 
 def compute_loss(args, model, classifier, views, labels, negative_only, generator):
@@ -303,7 +292,7 @@ def run(args, run_dir):
 
     mean, std = data.channel_stats(splits.train.images)
     mean, std = mean.to(device), std.to(device)
-    model, classifier = build_model(args, C, H, K)
+    model, classifier = supcon.build_model(args.model, args.loss, C, H, K, args.embedding_dim, args.pretrained)
     model, classifier = model.to(device), classifier.to(device)
     params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
     if args.optimizer == "adamw":
@@ -431,17 +420,20 @@ def run(args, run_dir):
     if args.loss != "ce":
         features = evaluate.extract_features(model, labelled.images, mean, std, device)
         classifier = train_linear(args, features, labelled.labels, K, device, args.seed)
-    results = evaluate.summary_metrics(model, classifier, splits, labelled, mean, std, device)
-    results["train_minutes"] = train_minutes
-    results["epochs"] = args.epochs
     atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
                  "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes},
                 os.path.join(run_dir, "model.pt"))
+    # ---- the evaluation of evaluate.py: metrics.json, and report.md with the pictures
+    synthetic = train_set.subset(torch.nonzero(train_set.kind != data.KIND_REAL).squeeze(1))
+    results = {"train_minutes": train_minutes, "epochs": args.epochs,
+               **evaluate.evaluate(model, classifier, splits, labelled, mean, std, device, run_dir,
+                                   synthetic, pictures=not args.no_report, seed=args.seed)}
     atomic_write_text(json.dumps(results, indent=2), os.path.join(run_dir, "metrics.json"))
     line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
     if "ood_auroc_knn" in results:
         line += f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN {results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}"
-    print(f"{line}; training {train_minutes:.2f} min; results in {run_dir}")
+    print(f"{line}; training {train_minutes:.2f} min; results in {run_dir}"
+          + ("" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"))
     return results
 
 

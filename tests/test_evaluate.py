@@ -1,5 +1,7 @@
 """evaluate.py metrics against scikit-learn, hand-computed examples and brute-force loops."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,66 @@ def test_classification_metrics_against_sklearn():
     assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr"))
     assert np.trace(m["confusion"]) == (pred == y).sum() and np.sum(m["confusion"]) == 100
+
+
+def test_few_shot_episodes_are_disjoint_and_balanced():
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3 + [3] * 1)  # class 3 too small for 1-shot
+    episodes = evaluate.few_shot_episodes(labels, n_shot=2, episodes=120, n_query=5, seed=0)
+    assert len(episodes) == 120
+    for support, s_lab, query, q_lab in episodes:
+        assert set(support.tolist()).isdisjoint(query.tolist())
+        assert torch.bincount(s_lab).tolist() == [2, 2, 2]  # classes 0, 1, 2: 3-way
+        assert torch.bincount(q_lab).tolist() == [5, 5, 1]
+        ways = sorted(set(labels.tolist()) - {3})
+        assert all(labels[i].item() == ways[w] for i, w in zip(support.tolist(), s_lab.tolist()))
+        assert all(labels[i].item() == ways[w] for i, w in zip(query.tolist(), q_lab.tolist()))
+
+
+def test_few_shot_accuracy_brute_force():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 8 + [1] * 8)
+    features = torch.randn(16, 5, generator=g) + labels[:, None] * 0.8
+    result = evaluate.few_shot_accuracy(features, labels, n_shot=3, episodes=100, seed=4)
+    episodes = evaluate.few_shot_episodes(labels, 3, 100, seed=4)
+    z = features / features.norm(dim=1, keepdim=True)
+    proto, nn_ = [], []
+    for support, s_lab, query, q_lab in episodes:
+        correct_p = correct_n = 0
+        for q, y in zip(query.tolist(), q_lab.tolist()):
+            means = [z[support[s_lab == w]].mean(0) for w in (0, 1)]
+            sims = [float(z[q] @ (m / m.norm())) for m in means]
+            correct_p += int(np.argmax(sims) == y)
+            best = max(range(len(support)), key=lambda i: float(z[q] @ z[support[i]]))
+            correct_n += int(s_lab[best].item() == y)
+        proto.append(correct_p / len(query))
+        nn_.append(correct_n / len(query))
+    assert result["prototype"]["mean"] == pytest.approx(np.mean(proto))
+    assert result["nearest_neighbour"]["mean"] == pytest.approx(np.mean(nn_))
+    assert result["prototype"]["ci95"] == pytest.approx(1.96 * np.std(proto, ddof=1) / np.sqrt(100))
+    # perfectly separated classes: every episode right
+    far = torch.cat([torch.eye(2)[labels]], 1)
+    assert evaluate.few_shot_accuracy(far, labels, 1, 100)["prototype"]["mean"] == 1.0
+
+
+def test_evaluate_cli_writes_metrics_report_and_pictures(tmp_path):
+    import train
+    from PIL import Image
+    train.main(["--examples-per-class", "10", "--epochs", "1", "--batch-size", "40", "--linear-epochs", "2",
+                "--device", "cpu", "--out", str(tmp_path), "--name", "r", "--no-report"])
+    run = tmp_path / "r"
+    assert not (run / "report.md").exists()
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8)).save(ood / f"{i}.png")
+    evaluate.main([str(run), "--ood-data", str(ood), "--episodes", "100"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["ood"]) == {"held-out classes 8,9", "external"}
+    for scores in metrics["ood"].values():
+        assert set(scores) == {"MSP", "k-NN", "Mahalanobis"}
+        assert all(0 <= v["auroc"] <= 1 and 0 <= v["fpr95"] <= 1 for v in scores.values())
+    assert metrics["few_shot"]["1-shot"]["episodes"] == 100 and metrics["train_minutes"] > 0
+    report = (run / "report.md").read_text()
+    for picture in ("tsne.png", "ood_curves.png", "classification_curves.png", "confusion.png", "grad_cam.png"):
+        assert (run / picture).stat().st_size > 1000 and f"({picture})" in report
+    assert "positive class" in report

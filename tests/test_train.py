@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import supcon
 import train
 
 TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--linear-epochs", "3",
@@ -19,7 +20,7 @@ def test_each_loss_falls_on_a_fixed_batch(loss):
     train.check_args(args)
     torch.manual_seed(0)
     s = data.load_data("digits", examples_per_class=8, ood_classes="")
-    model, classifier = train.build_model(args, 1, 16, 10)
+    model, classifier = supcon.build_model(args.model, args.loss, 1, 16, 10)
     model.eval()  # no dropout noise: the same batch gives the same loss
     params = list(model.parameters()) + list(classifier.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
