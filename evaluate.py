@@ -482,7 +482,8 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", k=50, ep
         setattr(args, key, value)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     state = torch.load(model_path, map_location=dev, weights_only=True)
-    splits = data.splits_from_args(args)
+    import train  # the same training set the run saw (real, synthetic positives and negatives)
+    splits, train_set = train.load_training_data(args)
     if splits.classes != state["classes"]:
         raise SystemExit(f"the data's classes {splits.classes} differ from the run's {state['classes']}")
     _, C, H, _ = splits.train.images.shape
@@ -490,15 +491,8 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", k=50, ep
     model.load_state_dict(state["model"])
     classifier.load_state_dict(state["classifier"])
     model, classifier = model.to(dev).eval(), classifier.to(dev).eval()
-    synthetic, labelled = None, splits.train
-    if args.synthetic and os.path.exists(os.path.join(args.synthetic, "manifest.csv")):
-        synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize, args.synthetic_margin, args.seed)
-        if args.positives == "id":
-            labelled = data.ImageSet.concat([splits.train, synthetic.subset(torch.nonzero(synthetic.kind == data.KIND_ID).squeeze(1))])
-        keep = torch.zeros(len(synthetic), dtype=torch.bool)
-        keep |= (synthetic.kind == data.KIND_ID) & (args.positives == "id")
-        keep |= (synthetic.kind == data.KIND_NEAR_OOD) & (args.negatives == "near_ood")
-        synthetic = synthetic.subset(torch.nonzero(keep).squeeze(1))
+    labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
+    synthetic = train_set.subset(torch.nonzero(train_set.kind != data.KIND_REAL).squeeze(1))
     external = load_ood_folder(ood_data, C, H, args.resize) if ood_data else None
     metrics = evaluate(model, classifier, splits, labelled, state["mean"], state["std"], dev, run_dir,
                        synthetic, external, k, episodes, pictures, args.seed)

@@ -45,8 +45,11 @@ def build_parser():
     s.add_argument("--synthetic", default=None,
                    help="folder with manifest.csv written by dafusion.py; without it, --positives / "
                         "--negatives generate with the ddpm generator into a cache (.cache/dafusion)")
-    s.add_argument("--positives", choices=["none", "id"], default="none",
-                   help="id: add the in-distribution synthetic images as labelled training samples")
+    s.add_argument("--positives", choices=["none", "id", "id+near_ood"], default="none",
+                   help="id: add the in-distribution synthetic images as labelled training samples; "
+                        "id+near_ood: the near-OOD ones too, as plain positives (an ablation)")
+    s.add_argument("--no-real", action="store_true",
+                   help="train on the synthetic positives alone (the seed fruit project's 'synthetic only')")
     s.add_argument("--negatives", choices=["none", "near_ood"], default="none",
                    help="near_ood: add the near-OOD synthetic images as negative-only samples")
     s.add_argument("--negatives-per-batch", type=float, default=0.25,
@@ -92,6 +95,8 @@ def build_parser():
     r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
     r.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
     r.add_argument("--no-report", action="store_true", help="metrics only: no pictures, no report.md")
+    r.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the weights of a finished run (pre-train on synthetic, fine-tune on real)")
     return p
 
 
@@ -179,6 +184,12 @@ def check_args(args):
         args.hard_negatives = "all"  # SimCLR has no classes to mask by
     if args.synthetic and not uses_synthetic:
         raise SystemExit("--synthetic DIR given but not used: add --positives id and/or --negatives near_ood")
+    if args.positives == "id+near_ood" and args.negatives != "none":
+        raise SystemExit("--positives id+near_ood uses the near-OOD images as positives; drop --negatives")
+    if args.no_real and args.positives == "none":
+        raise SystemExit("--no-real leaves nothing to train on: add --positives id")
+    if args.init_from and not os.path.exists(os.path.join(args.init_from, "model.pt")):
+        raise SystemExit(f"--init-from {args.init_from}: no model.pt there; pass a finished run folder")
     if args.mining_scope == "dataset" and args.loss != "triplet":
         raise SystemExit("--mining-scope dataset is for --loss triplet")
     if not 0 <= args.negatives_per_batch < 1:
@@ -200,11 +211,14 @@ def load_training_data(args):
         synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize,
                                        args.synthetic_margin, args.seed)
         keep = torch.zeros(len(synthetic), dtype=torch.bool)
-        if args.positives == "id":
+        if args.positives in ("id", "id+near_ood"):
             keep |= synthetic.kind == data.KIND_ID
-        if args.negatives == "near_ood":
+        if args.negatives == "near_ood" or args.positives == "id+near_ood":
             keep |= synthetic.kind == data.KIND_NEAR_OOD
-        train_set = data.ImageSet.concat([train_set, synthetic.subset(torch.nonzero(keep).squeeze(1))])
+        synthetic = synthetic.subset(torch.nonzero(keep).squeeze(1))
+        if args.positives == "id+near_ood":  # the ablation: near-OOD images as labelled positives
+            synthetic.negative_only = torch.zeros_like(synthetic.negative_only)
+        train_set = data.ImageSet.concat([None if args.no_real else train_set, synthetic])
     return splits, train_set
 
 
@@ -293,6 +307,10 @@ def run(args, run_dir):
     mean, std = data.channel_stats(splits.train.images)
     mean, std = mean.to(device), std.to(device)
     model, classifier = supcon.build_model(args.model, args.loss, C, H, K, args.embedding_dim, args.pretrained)
+    if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
+        init = torch.load(os.path.join(args.init_from, "model.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(init["model"])
+        classifier.load_state_dict(init["classifier"])
     model, classifier = model.to(device), classifier.to(device)
     params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
     if args.optimizer == "adamw":
