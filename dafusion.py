@@ -194,11 +194,12 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     x_all = images.float().div(127.5).sub(1).to(device)  # (N, C, H, W) in [-1, 1]
     y_all = labels.to(device)
     for _ in tqdm(range(steps), desc="train ddpm", dynamic_ncols=True, disable=None):
-        idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)
-        x0, y = x_all[idx], y_all[idx].clone()
+        idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)  # (B,) a random batch
+        x0, y = x_all[idx], y_all[idx].clone()  # (B, C, H, W), (B,)
         y[torch.rand(batch_size, generator=g).to(device) < null_share] = num_classes  # null class
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)  # epsilon ~ N(0, I)
+        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)  # (B,) random timesteps
+        # || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, y) ||^2   (Ho et al. 2020, Eq. 14)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,26 +225,28 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
     if strength == 0:
         return sources.clone()
     device = next(unet.parameters()).device
+    # DDIM over the same noise schedule the DDPM was trained with; clip x0 to the image range
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True)
     scheduler.set_timesteps(steps)
     n = max(1, int(round(strength * steps)))  # how many of the `steps` denoising steps to re-run
     timesteps = scheduler.timesteps[steps - n:]  # from t0 = strength * T down to 0
-    x0 = sources.float().div(127.5).sub(1).to(device)
+    x0 = sources.float().div(127.5).sub(1).to(device)  # (B, C, H, W) in [-1, 1]
+    # each image's noise from its own seed: the same image whatever batch it is made in
     noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(device)
     x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))  # (B, C, H, W) at t0
-    y = labels.to(device)
-    null = torch.full_like(y, num_classes)
-    for t in timesteps:
+    y = labels.to(device)  # (B,) the class to denoise towards
+    null = torch.full_like(y, num_classes)  # (B,) the null class: the unconditional model
+    for t in timesteps:  # from t0 down to 0
         if guidance == 1.0:
             eps = unet(x, t, class_labels=y).sample
         else:
             eps_cond = unet(x, t, class_labels=y).sample  # two passes: cheaper than one of 2B on CPU
             eps_null = unet(x, t, class_labels=null).sample
             eps = eps_null + guidance * (eps_cond - eps_null)
-        x = scheduler.step(eps, t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        x = scheduler.step(eps, t, x).prev_sample  # (B, C, H, W) one step less noisy
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # back to uint8 pixels
 
 
 def to_pil(image):

@@ -398,11 +398,11 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     `negatives_share` of each batch is negative-only, drawn from the classes in that batch so that
     same-class hard-negative masking has something to contrast. Every labelled sample appears once.
     """
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    real = torch.nonzero(~negative_only).squeeze(1)
-    negatives = torch.nonzero(negative_only).squeeze(1)
-    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0
-    n_real = max(m_per_class, batch_size - n_neg)
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)  # one stream per (seed, epoch)
+    real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
+    negatives = torch.nonzero(negative_only).squeeze(1)  # near-OOD samples
+    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # per batch
+    n_real = max(m_per_class, batch_size - n_neg)  # labelled samples per batch
     groups = []  # chunks of m same-class indices
     for c in torch.unique(labels[real]).tolist():
         idx = real[labels[real] == c]
@@ -411,6 +411,7 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
         if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
             chunks[-2:] = [torch.cat(chunks[-2:])]
         groups += chunks
+    # shuffle the groups and pack them into batches of about n_real labelled samples
     order = torch.randperm(len(groups), generator=g).tolist()
     batches, current = [], []
     for gi in order:
@@ -420,11 +421,11 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
             current = []
     if current:
         batches.append(torch.cat(current))
-    if n_neg:
-        neg_labels = labels[negatives]
+    if n_neg:  # add the negatives: sampled with replacement, from the classes the batch holds
+        neg_labels = labels[negatives]  # the source class of each near-OOD image
         for b, batch in enumerate(batches):
             pool = negatives[torch.isin(neg_labels, labels[batch])]
-            pool = pool if len(pool) else negatives
+            pool = pool if len(pool) else negatives  # no match at all: any negative will do
             pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]
             batches[b] = torch.cat([batch, pick])
     return batches
@@ -451,9 +452,11 @@ def _uniform(n, low, high, g, device):
 def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
     """The seed Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
     B, dev = x.shape[0], x.device
+    # per-sample parameters, all (B,): angle in radians, zoom, shift (in units of half the image)
     angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180
-    s = 1.0 / _uniform(B, *scale, g, dev)
+    s = 1.0 / _uniform(B, *scale, g, dev)  # the sampling grid shrinks when the image grows
     tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
+    # one affine map per sample; zeros padding is the "pad" of the seed project's rotation
     theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
                          torch.stack([s * angle.sin(), s * angle.cos(), ty], 1)], 1)  # (B, 2, 3)
     return _affine(x, theta)
@@ -466,15 +469,16 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     B, C, H, W = x.shape
     dev = x.device
     # ---- random resized crop (area in crop_scale, aspect ratio 3/4..4/3) + flip, one affine map
-    area = _uniform(B, *crop_scale, g, dev)
-    log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)
+    area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
+    log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
     sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
     sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    # crop centre, anywhere the crop still fits inside the image (normalised coordinates)
     cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
     sign = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
     zero = torch.zeros(B, device=dev)
     theta = torch.stack([torch.stack([sw * sign, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
-    x = _affine(x, theta)
+    x = _affine(x, theta)  # (B, C, H, W): crop, resize back to H x W, flip, in one resampling
     # ---- colour jitter with probability 0.8 (each factor per sample)
     jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()
     s = 0.8 * strength

@@ -57,6 +57,7 @@ def _flatten_views(features, labels, negative_only, name="features"):
     With views, row v*B + b holds view v of image b (view-major, like the reference code),
     and the per-image labels / negative_only flags are repeated for every view.
     """
+    # the only two layouts with a meaning: rows of embeddings, or views of images
     if not torch.is_tensor(features) or features.dim() not in (2, 3):
         shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
         raise ValueError(f"{name} must be a tensor of shape (N, D) or (B, V, D); got {shape}")
@@ -64,27 +65,27 @@ def _flatten_views(features, labels, negative_only, name="features"):
         B, V, D = features.shape
         z = features.transpose(0, 1).reshape(V * B, D)  # (V*B, D), view-major
     else:
-        B, V = features.shape[0], 1
+        B, V = features.shape[0], 1  # every row is its own "image" with one view
         z = features  # (N, D)
     device = features.device
     image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
 
     def per_row(x, what):
-        # per-image vectors (length B) are repeated for each view -> (N,)
+        """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
         if x is None:
             return None
-        x = torch.as_tensor(x, device=device)
+        x = torch.as_tensor(x, device=device)  # lists and numpy arrays are fine too
         if x.dim() != 1 or x.shape[0] != B:
             raise ValueError(
                 f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
                 f"of {name}: expected length {B}, got shape {tuple(x.shape)}")
-        return x.repeat(V)
+        return x.repeat(V)  # (V*B,): [x, x, ..., x] matches the view-major rows
 
-    labels = per_row(labels, "labels")
-    negative_only = per_row(negative_only, "negative_only")
-    if negative_only is None:
+    labels = per_row(labels, "labels")  # (N,) or None
+    negative_only = per_row(negative_only, "negative_only")  # (N,) or None
+    if negative_only is None:  # no negative-only samples: every row may be an anchor
         negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
-    elif negative_only.dtype != torch.bool:
+    elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
         raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
     return z, labels, negative_only, image_id
 
@@ -116,7 +117,7 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     Returns a scalar: the mean of L_i (Eq. 1) over anchors that have at least one positive,
     or 0 (with zero gradients) when no anchor has one. Half-precision input is computed in fp32.
     """
-    # ---- check and flatten the inputs: z (N, D), per-row labels / flags
+    # ---- check the settings: every mistake is a ValueError that says what was expected
     if hard_negatives not in ("same_class", "all"):
         raise ValueError(f"hard_negatives must be 'same_class' or 'all'; got {hard_negatives!r}")
     if not temperature > 0:
@@ -125,8 +126,10 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+    # ---- flatten: z (N, D) with N = V*B rows; labels, negative_only, image_id (N,)
     z, labels, negative_only, image_id = _flatten_views(features, labels, negative_only)
     if labels is None:
+        # SimCLR needs at least two views, or no row would have a positive
         if features.dim() != 3 or features.shape[1] < 2:
             raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
                              "views; pass labels for (N, D) features")
@@ -143,6 +146,8 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     z = F.normalize(_at_least_fp32(z), dim=1)  # (N, D), unit rows: z_i . z_j is the cosine similarity
 
     # ---- anchors and positives, from the group sizes alone (O(N), no N x N matrix)
+    # The thesis's defects 2 and 3 end here: negative-only rows are neither anchors (not in
+    # real_rows) nor positives (not counted in any group), whatever label they carry.
     is_anchor = ~negative_only  # (N,) negative-only samples are never anchors
     real_rows = torch.nonzero(is_anchor).squeeze(1)  # (R,) the samples that can be anchors
     # group_index[r] = which group real sample r is in; group_size = real samples per group
@@ -154,33 +159,34 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         # nothing to contrast: 0, with a graph so that backward() gives zero gradients (not NaN)
         return features.sum() * 0.0
     anchors = real_rows[has_positive]  # (M,) row indices of the anchors that count
-    num_positives = num_positives[has_positive]  # (M,)
+    num_positives = num_positives[has_positive]  # (M,) |P(i)| >= 1 for each of them
 
     # ---- the positive term of Eq. 1: 1/|P(i)| sum_{p in P(i)} s_ip                     (M,)
     # sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), where S_g is the sum of the (non-negative-only)
     # embeddings of i's group g. So the numerator needs no N x N matrix at all.
-    group_sum = torch.zeros(group_size.numel(), z.shape[1], dtype=z.dtype, device=z.device)
-    group_sum = group_sum.index_add(0, group_index, z[real_rows])  # (G, D) S_g
-    z_anchor = z[anchors]  # (M, D)
+    group_sum = torch.zeros(group_size.numel(), z.shape[1], dtype=z.dtype, device=z.device)  # (G, D)
+    group_sum = group_sum.index_add(0, group_index, z[real_rows])  # (G, D) S_g = sum of z in group g
+    z_anchor = z[anchors]  # (M, D) the anchors' embeddings
     positive_sum = group_sum[group_index[has_positive]] - z_anchor  # (M, D) sum of i's positives
     mean_positive_logit = (z_anchor * positive_sum).sum(1) / temperature / num_positives  # (M,)
 
     # ---- the denominator of Eq. 1: log sum_{a in A(i)} w_a exp(s_ia)                  (M,)
     # log of each column's weight: log w for negative-only columns, 0 for the rest (None if all 0)
-    log_weight = None
+    log_weight = None  # w = 1 everywhere: nothing to add (the common case, one pass saved)
     if negative_weight != 1.0 and negative_only.any():
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)  # (N,)
         log_weight[negative_only] = math.log(negative_weight) if negative_weight > 0 else -math.inf
-    masks = (neg_class, negative_only, hard_negatives)
-    if chunk_size is None:
+    masks = (neg_class, negative_only, hard_negatives)  # what decides A(i), per anchor
+    if chunk_size is None:  # the readable specification: one (M, N) matrix, autograd
         log_denominator = _log_denominator(z, anchors, log_weight, temperature, *masks)
-    else:
+    else:  # the same numbers block by block: (chunk_size, N) at a time, analytic gradient
         log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
                                                        chunk_size, *masks)
 
     # ---- L = mean over anchors of L_i = log denominator_i - mean positive logit_i
-    loss = (log_denominator - mean_positive_logit).mean()
-    if base_temperature is not None:
+    # -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip                (Eq. 1)
+    loss = (log_denominator - mean_positive_logit).mean()  # scalar, mean over the M anchors
+    if base_temperature is not None:  # the reference code's constant factor tau / base_tau
         loss = loss * (temperature / base_temperature)
     return loss
 
@@ -195,7 +201,7 @@ def _masked_logits(z, rows, log_weight, temperature, neg_class, negative_only, h
     logits = (z[rows] / temperature) @ z.T  # (c, N) s_ia = z_i . z_a / tau
     if log_weight is not None:
         logits = logits + log_weight  # (c, N) adds log w_a: exp(s + log w) = w exp(s)
-    columns = torch.arange(z.shape[0], device=z.device)
+    columns = torch.arange(z.shape[0], device=z.device)  # (N,)
     excluded = rows[:, None] == columns[None, :]  # (c, N) a = i: the anchor itself
     if negative_only.any():
         if hard_negatives == "same_class":
@@ -203,7 +209,9 @@ def _masked_logits(z, rows, log_weight, temperature, neg_class, negative_only, h
             other_class = neg_class[rows][:, None] != neg_class[None, :]  # (c, N)
             excluded |= negative_only[None, :] & other_class
         # "all": every negative-only sample stays in every anchor's denominator
-    return logits.masked_fill(excluded, -math.inf)
+    # exclusion by -inf, not by multiplying logits with 0 after the max-shift (the thesis's
+    # defect 1, which kept masked terms in the denominator at full weight)
+    return logits.masked_fill(excluded, -math.inf)  # (c, N)
 
 
 def _log_denominator(z, anchors, log_weight, temperature, *masks):
@@ -224,16 +232,20 @@ class _LogDenominatorChunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, anchors, log_weight, temperature, chunk_size, *masks):
+        """(M,) log-denominators, computed `chunk_size` anchor rows at a time."""
+        # each block: (c, N) masked logits -> (c,) log-sum-exp; the block is freed at once
         log_denominator = torch.cat([
             torch.logsumexp(_masked_logits(z, anchors[s:s + chunk_size], log_weight, temperature,
                                            *masks), dim=1)
             for s in range(0, anchors.numel(), chunk_size)])  # (M,)
+        # keep only O(N D + M) for backward: the embeddings and each row's log-denominator
         ctx.save_for_backward(z, anchors, log_weight, log_denominator)
-        ctx.settings = (temperature, chunk_size, masks)
-        return log_denominator
+        ctx.settings = (temperature, chunk_size, masks)  # plain Python values and mask tensors
+        return log_denominator  # (M,)
 
     @staticmethod
     def backward(ctx, grad_log_denominator):
+        """dL/dZ = (G + G^T) Z / tau with G_ia = g_i p_ia, accumulated block by block."""
         z, anchors, log_weight, log_denominator = ctx.saved_tensors
         temperature, chunk_size, masks = ctx.settings
         grad_z = torch.zeros_like(z)  # (N, D)
@@ -245,7 +257,7 @@ class _LogDenominatorChunked(torch.autograd.Function):
             g.mul_(grad_log_denominator[s:s + chunk_size, None] / temperature)  # g_i p_ia / tau
             grad_z.index_add_(0, rows, g @ z)  # G Z: the anchors' own rows              (c, D)
             grad_z.addmm_(g.T, z[rows])  # G^T Z: every column                           (N, D)
-        return grad_z, None, None, None, None, None, None, None
+        return grad_z, None, None, None, None, None, None, None  # only z needs a gradient
 
 
 # -----------------------------------------------------------------------------
@@ -257,10 +269,10 @@ MINING = ("random", "batch_hard", "hard_negative", "semi_hard", "mixed")
 def pairwise_distances(x, distance="euclidean"):
     """(N, D) -> (N, N) distances: euclidean ||x_i - x_j||_2, or cosine 1 - cos(x_i, x_j)."""
     if distance == "euclidean":
-        return torch.cdist(x, x)
+        return torch.cdist(x, x)  # (N, N) ||x_i - x_j||_2
     if distance == "cosine":
-        x = F.normalize(x, dim=1)
-        return 1.0 - x @ x.T
+        x = F.normalize(x, dim=1)  # (N, D) unit rows
+        return 1.0 - x @ x.T  # (N, N) in [0, 2]
     raise ValueError(f"distance must be 'euclidean' or 'cosine'; got {distance!r}")
 
 
@@ -289,24 +301,27 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
     """
     if mining not in MINING:
         raise ValueError(f"mining must be one of {MINING}; got {mining!r}")
+    # per-row labels and flags (the same checks and messages as supcon_loss)
     z, labels, negative_only, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
     if labels is None:
         raise ValueError("triplet mining needs labels")
     if z.dim() != 2 or embeddings.dim() != 2:
         raise ValueError("triplet mining takes (N, D) embeddings")
     N = z.shape[0]
-    dist = pairwise_distances(_at_least_fp32(z), distance)  # (N, N)
-    eye = torch.eye(N, dtype=torch.bool, device=z.device)
-    real = ~negative_only
-    same = labels[:, None] == labels[None, :]
+    dist = pairwise_distances(_at_least_fp32(z), distance)  # (N, N), no gradient: only for choosing
+    eye = torch.eye(N, dtype=torch.bool, device=z.device)  # (N, N) i == j
+    real = ~negative_only  # (N,) may be an anchor or a positive
+    same = labels[:, None] == labels[None, :]  # (N, N) same label
     positive = same & ~eye & real[None, :] & real[:, None]  # (N, N) candidate positives
     negative = (~same | negative_only[None, :]) & real[:, None]  # (N, N) candidate negatives
     valid = positive.any(1) & negative.any(1)  # (N,) anchors with at least one triplet
 
+    # ---- the positive of each anchor                                                 (N,)
     if mining == "batch_hard":
         pos = torch.where(positive, dist, -math.inf).argmax(1)  # farthest positive
     else:
-        pos = _random_choice(positive, generator)
+        pos = _random_choice(positive, generator)  # a uniformly random positive
+    # ---- the negative of each anchor                                                 (N,)
     if mining == "random":
         neg = _random_choice(negative, generator)
     elif mining in ("batch_hard", "hard_negative"):
@@ -315,11 +330,11 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
         neg = torch.where(negative, dist[pos], math.inf).argmin(1)  # closest to the positive
     else:  # semi_hard: negatives farther than the positive, but inside the margin
         d_ap = dist.gather(1, pos[:, None])  # (N, 1)
-        semi = negative & (dist > d_ap) & (dist < d_ap + margin)
+        semi = negative & (dist > d_ap) & (dist < d_ap + margin)  # (N, N) semi-hard candidates
         neg = _random_choice(semi, generator)
-        valid &= semi.any(1)
-    anchor = torch.nonzero(valid).squeeze(1)
-    return anchor, pos[anchor], neg[anchor]
+        valid &= semi.any(1)  # no semi-hard negative: the anchor sits this batch out
+    anchor = torch.nonzero(valid).squeeze(1)  # (T,) anchors with a triplet
+    return anchor, pos[anchor], neg[anchor]  # three (T,) index tensors
 
 
 def triplet_loss(embeddings, labels, negative_only=None, *, margin=0.5, mining="random",
@@ -341,13 +356,13 @@ def triplet_loss(embeddings, labels, negative_only=None, *, margin=0.5, mining="
 
 def triplet_margin(anchor, positive, negative, *, margin=0.5, distance="euclidean"):
     """mean over T given triplets (each (T, D)) of max(d(a,p) - d(a,n) + margin, 0)."""
-    if distance == "euclidean":
-        d_ap = F.pairwise_distance(anchor, positive)  # (T,)
-        d_an = F.pairwise_distance(anchor, negative)
+    if distance == "euclidean":  # the eps of F.pairwise_distance keeps the gradient finite at 0
+        d_ap = F.pairwise_distance(anchor, positive)  # (T,) d(a, p)
+        d_an = F.pairwise_distance(anchor, negative)  # (T,) d(a, n)
     else:
-        d_ap = 1.0 - F.cosine_similarity(anchor, positive)
-        d_an = 1.0 - F.cosine_similarity(anchor, negative)
-    return F.relu(d_ap - d_an + margin).mean()
+        d_ap = 1.0 - F.cosine_similarity(anchor, positive)  # (T,)
+        d_an = 1.0 - F.cosine_similarity(anchor, negative)  # (T,)
+    return F.relu(d_ap - d_an + margin).mean()  # mean of the hinge over the T triplets
 
 
 # -----------------------------------------------------------------------------
@@ -366,19 +381,19 @@ def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, bala
     if labels is None:
         raise ValueError("cosine_pair_loss needs labels")
     N = z.shape[0]
-    x = F.normalize(_at_least_fp32(z), dim=1)
-    cos = x @ x.T  # (N, N)
-    i, j = torch.triu_indices(N, N, offset=1, device=z.device)  # every pair once
-    keep = ~(negative_only[i] & negative_only[j])
-    i, j = i[keep], j[keep]
+    x = F.normalize(_at_least_fp32(z), dim=1)  # (N, D) unit rows
+    cos = x @ x.T  # (N, N) cosine similarities
+    i, j = torch.triu_indices(N, N, offset=1, device=z.device)  # (2, N(N-1)/2) every pair once
+    keep = ~(negative_only[i] & negative_only[j])  # a pair of two negatives teaches nothing
+    i, j = i[keep], j[keep]  # (P,) each
     if i.numel() == 0:
         return embeddings.sum() * 0.0
     similar = (labels[i] == labels[j]) & ~negative_only[i] & ~negative_only[j]  # (P,)
-    c = cos[i, j]
-    per_pair = torch.where(similar, 1.0 - c, F.relu(c - margin))  # (P,)
-    if not balance or similar.all() or not similar.any():
+    c = cos[i, j]  # (P,)
+    per_pair = torch.where(similar, 1.0 - c, F.relu(c - margin))  # (P,) y=+1: 1-cos; y=-1: hinge
+    if not balance or similar.all() or not similar.any():  # one kind of pair only: plain mean
         return per_pair.mean()
-    return 0.5 * (per_pair[similar].mean() + per_pair[~similar].mean())
+    return 0.5 * (per_pair[similar].mean() + per_pair[~similar].mean())  # each kind weighs half
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +407,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, in_channels=3, image_size=32, dropout=0.5):
+        """in_channels: 1 (grey) or 3 (RGB); image_size: the side in pixels (a multiple of 4)."""
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (32, H/2, W/2)
@@ -401,7 +417,8 @@ class SmallCNN(nn.Module):
         )
         self.out_dim = 128
 
-    def forward(self, x):  # (B, C, H, W) -> (B, 128)
+    def forward(self, x):
+        """(B, C, H, W) images -> (B, 128) features."""
         return self.features(x)
 
 
@@ -427,7 +444,7 @@ def resnet(name="resnet18", in_channels=3, small_images=True, pretrained=False):
             f"--pretrained: could not load torchvision's ImageNet weights for {name} ({error}). "
             f"Download them once with network access (they go to $TORCH_HOME), or train from "
             f"scratch without --pretrained.") from error
-    if small_images:
+    if small_images:  # 32 px: a 7x7/2 stem + pool would leave a 1x1 map after layer4
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     elif in_channels != 3:
@@ -435,8 +452,8 @@ def resnet(name="resnet18", in_channels=3, small_images=True, pretrained=False):
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         if pretrained:  # grey input: the sum of the RGB filters sees the same brightness
             net.conv1.weight.data = old.weight.data.sum(1, keepdim=True)
-    net.fc = nn.Identity()
-    net.out_dim = RESNETS[name]
+    net.fc = nn.Identity()  # the encoder ends at the pooled features; heads come separately
+    net.out_dim = RESNETS[name]  # 512 (ResNet-18/34) or 2048 (ResNet-50)
     return net
 
 
@@ -453,11 +470,13 @@ class ProjectionHead(nn.Module):
     """SupCon's MLP projection head: Linear-ReLU-Linear, output L2-normalised (B, out_dim)."""
 
     def __init__(self, in_dim, out_dim=128):
+        """in_dim: the encoder's feature size; out_dim: the embedding size the loss sees."""
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True),
                                  nn.Linear(in_dim, out_dim))
 
     def forward(self, h):
+        """(B, in_dim) features -> (B, out_dim) unit-length embeddings (the z of Eq. 1)."""
         return F.normalize(self.net(h), dim=1)
 
 
@@ -465,12 +484,14 @@ class EmbeddingHead(nn.Module):
     """The seed metric-learning project's 3 linear layers (in-512-256-d), for triplet/cosine losses."""
 
     def __init__(self, in_dim, out_dim=128):
+        """in_dim: the encoder's feature size; out_dim: d (16, 64 or 128 in the seed project)."""
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(inplace=True),
-                                 nn.Linear(512, 256), nn.ReLU(inplace=True),
-                                 nn.Linear(256, out_dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(inplace=True),  # (B, 512)
+                                 nn.Linear(512, 256), nn.ReLU(inplace=True),  # (B, 256)
+                                 nn.Linear(256, out_dim))  # (B, d)
 
     def forward(self, h):
+        """(B, in_dim) features -> (B, out_dim) embeddings, not normalised (p-norm distances)."""
         return self.net(h)
 
 
@@ -479,13 +500,16 @@ class ContrastiveModel(nn.Module):
     (what the linear classifier and the evaluation use, as in the SupCon paper)."""
 
     def __init__(self, encoder, head):
+        """encoder: images -> (B, F) features; head: features -> the loss's embeddings."""
         super().__init__()
         self.encoder, self.head = encoder, head
 
     def encode(self, x):
+        """(B, C, H, W) -> (B, F) encoder features (the representation that is evaluated)."""
         return self.encoder(x)
 
     def forward(self, x):
+        """(B, C, H, W) -> (B, D) embeddings for the contrastive loss."""
         return self.head(self.encoder(x))
 
 

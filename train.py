@@ -293,10 +293,11 @@ def main(argv=None):
 
 def run(args, run_dir):
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # model initialisation and dropout
+    # ---- data: real training images (+ synthetic ID positives, + near-OOD negative-only images)
     splits, train_set = load_training_data(args)
-    _, C, H, _ = train_set.images.shape
-    K = len(splits.classes)
+    _, C, H, _ = train_set.images.shape  # channels and side of every image
+    K = len(splits.classes)  # training classes (held-out OOD classes excluded)
     augment = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     print(f"data {args.data}: {len(splits.train)} real training images, {len(train_set) - len(splits.train)} "
           f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
@@ -304,8 +305,10 @@ def run(args, run_dir):
     if not args.resume:
         atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
 
+    # normalisation statistics of the real training images (synthetic ones do not shift them)
     mean, std = data.channel_stats(splits.train.images)
     mean, std = mean.to(device), std.to(device)
+    # ---- model: encoder + the loss's head; the linear classifier (trained here only for ce)
     model, classifier = supcon.build_model(args.model, args.loss, C, H, K, args.embedding_dim, args.pretrained)
     if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
         init = torch.load(os.path.join(args.init_from, "model.pt"), map_location="cpu", weights_only=True)
@@ -317,11 +320,14 @@ def run(args, run_dir):
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    # the schedule needs the number of steps; dataset-scope mining only knows it after mining,
+    # so it is estimated there from one triplet per training image
     steps_per_epoch = len(epoch_batches(args, train_set, 0, model, mean, std, device)) \
         if args.mining_scope != "dataset" else math.ceil(len(train_set) / max(1, args.batch_size // 3))
     total = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * steps_per_epoch)))
+    # own generators for augmentation and mining, so a checkpoint can store and restore them
     aug_gen = torch.Generator(device=device).manual_seed(args.seed)
     mine_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
 
@@ -368,10 +374,11 @@ def run(args, run_dir):
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
 
+    # ---- the training set lives on the device as uint8, decoded once; views are made per batch
     images = train_set.images.to(device)  # uint8, decoded once
     labels, negative_only = train_set.labels.to(device), train_set.negative_only.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    views = 1 if args.loss == "ce" else 2
+    views = 1 if args.loss == "ce" else 2  # two augmented views per image for contrastive losses
     metrics_log = os.path.join(run_dir, "metrics.jsonl")
     t_start = time.time()
     model.train()
@@ -380,13 +387,14 @@ def run(args, run_dir):
     epoch, step, updating, rng_at_step = start_epoch, start_step, False, rng_states()
     try:
         for epoch in range(start_epoch, args.epochs):
+            # index batches of this epoch: m images per class + a share of negative-only ones
             batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
             losses = []
             for step in range(start_step if epoch == start_epoch else 0, len(batches)):
                 rng_at_step = rng_states()  # what a checkpoint taken before this step holds
                 if stop["requested"]:
                     raise KeyboardInterrupt
-                batch = batches[step].to(device)
+                batch = batches[step].to(device)  # (B,) indices into the training set
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
                     x = data.augment(images[batch.flatten()], augment, aug_gen, mean, std)
                     with autocast:
@@ -412,7 +420,8 @@ def run(args, run_dir):
                 losses.append(loss.item())
                 progress.update(1)
                 progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-            step = 0
+            step = 0  # the next epoch starts at its first step
+            # one line per epoch in metrics.jsonl, and a checkpoint --resume can continue from
             record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                       "lr": sched.get_last_lr()[0], "minutes": (time.time() - t_start) / 60}
             with open(metrics_log, "a") as f:
