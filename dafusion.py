@@ -29,6 +29,7 @@ Run:  python dafusion.py --out synthetic/digits                     # ddpm on sk
       python dafusion.py --data PATH --generator stable-diffusion --model CompVis/stable-diffusion-v1-4 \\
              --out synthetic/parts --image-size 512
       python train.py --synthetic synthetic/digits --positives id --negatives near_ood
+      torchrun --nproc_per_node=4 dafusion.py ...   # 4 processes (GPUs) share the images
 """
 
 import argparse
@@ -134,22 +135,33 @@ def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
     """Generate the jobs whose file is missing (or unreadable), batch by batch, same strength per
     batch; save each image atomically and rewrite the manifest after every batch."""
     todo = [j for j in jobs if not is_valid_image(os.path.join(out, j.path))]
-    if len(todo) < len(jobs):
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} images already in {out}")
-    write_manifest(out, jobs, classes, generator_name)  # first, list what an earlier run left
+    missing = len(todo)
+    if missing < len(jobs):
+        print(f"resuming: {len(jobs) - missing} of {len(jobs)} images already in {out}")
+    # under torchrun every process takes every world-th missing image; rank 0 alone writes the
+    # manifest, which lists whatever is on disk, so the ranks' images end up in one manifest
+    rank, world = data.distributed()
+    data.barrier()  # every rank has listed the missing images before any rank writes one
+    todo = todo[rank::world]
+
+    def update_manifest():
+        if rank == 0:
+            write_manifest(out, jobs, classes, generator_name)
+
+    update_manifest()  # first, list what an earlier run left
     try:
-        with tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=None) as bar:
+        with tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=None if rank == 0 else True) as bar:
             for strength in sorted({j.strength for j in todo}):
                 same = [j for j in todo if j.strength == strength]
                 for start in range(0, len(same), batch_size):
                     batch = same[start:start + batch_size]
                     for job, image in zip(batch, make_images(batch)):
                         save_image_atomic(image, os.path.join(out, job.path))
-                    write_manifest(out, jobs, classes, generator_name)
+                    update_manifest()
                     bar.update(len(batch))
     finally:  # also on Ctrl-C or an error: the manifest lists exactly the files on disk
-        write_manifest(out, jobs, classes, generator_name)
-    return len(todo)
+        update_manifest()
+    return missing
 
 
 # -----------------------------------------------------------------------------
@@ -570,21 +582,28 @@ def generation_settings(args):
 
 def generate(args, splits=None):
     """Make the synthetic set for the training split that the data arguments describe; returns how
-    many images were made now (0 when everything was already on disk)."""
+    many images were made now (0 when everything was already on disk). Under torchrun the ranks
+    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
     kinds = generation_settings(args)
     splits = splits or data.splits_from_args(args)
     train_set = splits.train
     device = torch.device(args.gen_device if args.gen_device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = data.distributed()
     os.makedirs(args.out, exist_ok=True)
     jobs = plan_jobs(train_set, args.per_image, args.id_strength, args.ood_strength, args.seed, kinds)
     t0 = time.time()
     if all(is_valid_image(os.path.join(args.out, j.path)) for j in jobs):
-        write_manifest(args.out, jobs, train_set.classes, args.generator)
-        if not os.path.exists(os.path.join(args.out, "contact_sheet.png")):
-            contact_sheet(args.out, jobs, train_set)
+        data.barrier()  # all ranks agree before rank 0 rewrites the manifest
+        if rank == 0:
+            write_manifest(args.out, jobs, train_set.classes, args.generator)
+            if not os.path.exists(os.path.join(args.out, "contact_sheet.png")):
+                contact_sheet(args.out, jobs, train_set)
+        data.barrier()
         print(f"all {len(jobs)} images are already in {args.out}")
         return 0
+    if rank > 0:  # wait for rank 0 to train the DDPM / learn the tokens, then load them
+        data.barrier()
     if args.generator == "ddpm":
         unet = train_ddpm(train_set.images, train_set.labels, len(train_set.classes),
                           os.path.join(args.out, "ddpm"), steps=args.ddpm_steps,
@@ -599,8 +618,15 @@ def generate(args, splits=None):
         name = "ddpm"
     else:
         make_images, name = sd_generator(args, train_set, args.out, device)
+    if rank == 0:
+        data.barrier()
     made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
-    sheet = contact_sheet(args.out, jobs, train_set)
+    data.barrier()  # every rank's images are on disk: rank 0 writes the final manifest
+    sheet = os.path.join(args.out, "contact_sheet.png")
+    if rank == 0:
+        write_manifest(args.out, jobs, train_set.classes, name)
+        contact_sheet(args.out, jobs, train_set, path=sheet)
+    data.barrier()  # nobody reads the manifest before it is complete
     print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} s; "
           f"manifest {os.path.join(args.out, 'manifest.csv')}; contact sheet {sheet}")
     return made
@@ -629,6 +655,10 @@ def cached_synthetic_set(args, splits, cache_root=os.path.join(".cache", "dafusi
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # torchrun --nproc_per_node=N dafusion.py ...: N processes share the images (one manifest)
+    if args.gen_device == "auto":
+        args.gen_device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.gen_device = str(data.init_distributed(torch.device(args.gen_device)))
     try:
         generate(args)
     except (GenerationError, data.DataError) as error:

@@ -21,6 +21,7 @@ OOD classes) and write a grid of augmented views to data_preview.png.
 import argparse
 import csv
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -534,6 +535,40 @@ def channel_stats(images):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     x = images.float() / 255.0
     return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# Several processes (torchrun): which share of the work is this process's
+
+
+def init_distributed(device):
+    """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment): join the process
+    group -- NCCL on CUDA, gloo on CPU -- and return this process's device (cuda:LOCAL_RANK);
+    processes other than rank 0 print nothing from then on (rank 0 alone logs). In a plain
+    `python` run it changes nothing and returns device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if torch.distributed.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def distributed():
+    """(rank, world size) of this process; (0, 1) when not running under torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    """Wait until every process gets here (no-op in a single process)."""
+    if distributed()[1] > 1:
+        torch.distributed.barrier()
 
 
 def add_data_arguments(parser):

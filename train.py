@@ -13,7 +13,13 @@ Run:   python train.py                                  # SupCon on sklearn's di
        python train.py --data PATH --model resnet18 --image-size 64
        python train.py --synthetic DIR --positives id --negatives near_ood
        python train.py --resume runs/<name>             # continue an interrupted run exactly
+       torchrun --nproc_per_node=4 train.py --model resnet18 ...   # DistributedDataParallel
 Results go to runs/<name>/: config.json, metrics.jsonl (per epoch), metrics.json, checkpoint.pt.
+
+Several GPUs (torchrun): every process holds the data, cuts the same global batch into one shard
+per process, and gathers the embeddings of all shards *with* their gradients before the loss, so
+every anchor contrasts the whole global batch and the gradients equal one process on that batch.
+Rank 0 alone writes files and prints.
 """
 
 import argparse
@@ -26,8 +32,10 @@ import threading
 import time
 
 import torch
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import dafusion
@@ -90,6 +98,9 @@ def build_parser():
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     o.add_argument("--linear-epochs", type=int, default=100, help="linear classifier on frozen features")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
+    o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
+    o.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs", help="parent folder of run folders")
     r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
@@ -144,13 +155,41 @@ class Diverged(RuntimeError):
 # Model and loss
 
 
-def compute_loss(args, model, classifier, views, labels, negative_only, generator):
-    """One batch's loss. views: (B, V, C, H, W) augmented images; labels, negative_only: (B,)."""
-    B, V = views.shape[:2]
-    x = views.flatten(0, 1)  # (B*V, C, H, W), image-major
-    if args.loss == "ce":
-        return F.cross_entropy(classifier(model.encode(x)), labels.repeat_interleave(V))
-    z = model(x).float().view(B, V, -1)  # (B, V, D)
+def gather_rows(z, sizes):
+    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
+
+    z: (sizes[rank], ...) this rank's rows; returns (sum(sizes), ...) in rank order. A plain
+    torch.distributed.all_gather returns tensors without gradients; torch.distributed.nn's version
+    sends each rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
+    Shards may differ in size by one, so they are padded to the largest and cut back after."""
+    pad = max(sizes) - z.shape[0]
+    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
+    parts = dist_nn.all_gather(z)  # world x (max(sizes), ...), differentiable
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes=None):
+    """One batch's loss. views: (b, V, C, H, W) augmented images of this process's rows of the
+    batch; labels, negative_only: (B,) for the whole batch. sizes: the rows of each process
+    under torchrun (None in one process: b = B).
+
+    Under torchrun every rank returns a loss whose gradient, after DDP's *average* over ranks,
+    equals one process's gradient on the whole batch:
+    - contrastive losses gather all embeddings (gather_rows), so every rank computes the same
+      loss L on all B rows; backward sums the W ranks' gradients into each rank's rows (W dL/dz),
+      and DDP's average divides the W back out: no scaling;
+    - cross-entropy is a mean over rows, computed on this rank's b rows and scaled by b W / B, so
+      the average over ranks is the mean over the whole batch."""
+    b, V = views.shape[:2]
+    rank, world = data.distributed() if sizes else (0, 1)
+    start = sum(sizes[:rank]) if sizes else 0
+    x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
+    if args.loss == "ce":  # the head is nn.Identity for ce: model(x) is the encoder's features
+        local = labels[start:start + b].repeat_interleave(V)  # (b*V,)
+        return F.cross_entropy(classifier(model(x)), local) * (b * world / len(labels))
+    z = model(x).float().view(b, V, -1)  # (b, V, D)
+    if sizes:
+        z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
     if args.loss == "supcon":
         return supcon.supcon_loss(z, labels, negative_only, temperature=args.temperature,
                                   base_temperature=args.base_temperature,
@@ -272,6 +311,9 @@ def train_linear(args, features, labels, num_classes, device, seed):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # under torchrun: join the process group (rank 0 alone prints from here on)
+    device = data.init_distributed(pick_device(args.device))
+    rank, world = data.distributed()
     if args.resume:
         config_path = os.path.join(args.resume, "config.json")
         if not os.path.exists(config_path):
@@ -282,17 +324,25 @@ def main(argv=None):
         run_dir = args.resume
     else:
         check_args(args)
-        name = args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = os.path.join(args.out, name)
+        name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if world > 1:  # the clocks of the ranks may differ by a second: rank 0's name for all
+            torch.distributed.broadcast_object_list(name, src=0)
+        run_dir = os.path.join(args.out, name[0])
         if os.path.exists(os.path.join(run_dir, "config.json")):
             raise SystemExit(f"{run_dir} already holds a run; choose another --name, or continue "
                              f"it with --resume {run_dir}")
-        os.makedirs(run_dir, exist_ok=True)
-    return run(args, run_dir)
+        data.barrier()  # every rank has checked before rank 0 writes
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+    try:
+        return run(args, run_dir, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
-def run(args, run_dir):
-    device = pick_device(args.device)
+def run(args, run_dir, device):
+    rank, world = data.distributed()
     torch.manual_seed(args.seed)  # model initialisation and dropout
     # ---- data: real training images (+ synthetic ID positives, + near-OOD negative-only images)
     splits, train_set = load_training_data(args)
@@ -302,7 +352,7 @@ def run(args, run_dir):
     print(f"data {args.data}: {len(splits.train)} real training images, {len(train_set) - len(splits.train)} "
           f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
           f"{K} classes; held out as OOD: {splits.ood_classes or 'none'}; device {device}")
-    if not args.resume:
+    if not args.resume and rank == 0:
         atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
 
     # normalisation statistics of the real training images (synthetic ones do not shift them)
@@ -315,6 +365,10 @@ def run(args, run_dir):
         model.load_state_dict(init["model"])
         classifier.load_state_dict(init["classifier"])
     model, classifier = model.to(device), classifier.to(device)
+    if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -348,6 +402,17 @@ def run(args, run_dir):
         start_epoch, start_step = state["epoch"], state["step"]
         print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {start_step}")
 
+    # what the training step calls: DDP wrappers under torchrun (they average the gradients over
+    # ranks), torch.compile on request; `model` and `classifier` stay the plain modules that are saved
+    net, head = model, classifier
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+        if args.loss == "ce":
+            head = DistributedDataParallel(classifier, device_ids=ids)
+    if args.compile:
+        net = torch.compile(net)
+
     def rng_states():
         states = {"augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
                   "cpu_rng": torch.get_rng_state()}
@@ -357,6 +422,8 @@ def run(args, run_dir):
 
     def save_checkpoint(epoch, step, rng):
         """Everything --resume needs to continue at (epoch, step) as if never stopped."""
+        if rank > 0:
+            return
         atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch, "step": step, **rng}, checkpoint_path)
@@ -374,6 +441,24 @@ def run(args, run_dir):
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
 
+    def stopping(requested):
+        """Ctrl-C reaches every rank, not always at the same step: all stop when one asks."""
+        if world == 1:
+            return requested
+        flag = torch.tensor(float(requested), device=device)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def mean_over_ranks(value):
+        """The whole batch's loss from this rank's (the scaling of compute_loss makes it the mean)."""
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value = value / world
+        return value
+
+    def to_layout(x):
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
     # ---- the training set lives on the device as uint8, decoded once; views are made per batch
     images = train_set.images.to(device)  # uint8, decoded once
     labels, negative_only = train_set.labels.to(device), train_set.negative_only.to(device)
@@ -383,7 +468,7 @@ def run(args, run_dir):
     t_start = time.time()
     model.train()
     progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc="train",
-                    dynamic_ncols=True, disable=None)
+                    dynamic_ncols=True, disable=None if rank == 0 else True)
     epoch, step, updating, rng_at_step = start_epoch, start_step, False, rng_states()
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -392,23 +477,28 @@ def run(args, run_dir):
             losses = []
             for step in range(start_step if epoch == start_epoch else 0, len(batches)):
                 rng_at_step = rng_states()  # what a checkpoint taken before this step holds
-                if stop["requested"]:
+                if stopping(stop["requested"]):
                     raise KeyboardInterrupt
                 batch = batches[step].to(device)  # (B,) indices into the training set
+                # under torchrun this rank embeds its shard of the batch: (b,) of (B,)
+                sizes = [len(part) for part in batch.tensor_split(world)] if world > 1 else None
+                local = batch.tensor_split(world)[rank] if world > 1 else batch
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
-                    x = data.augment(images[batch.flatten()], augment, aug_gen, mean, std)
+                    x = data.augment(images[local.flatten()], augment, aug_gen, mean, std)
                     with autocast:
-                        z = model(x).float().view(len(batch), 3, -1)
+                        z = net(to_layout(x)).float().view(len(local), 3, -1)
+                    # mean over this rank's triplets, scaled as in compute_loss
                     loss = supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                                 distance=args.distance)
+                                                 distance=args.distance) * (len(local) * world / len(batch))
                 else:
-                    x = torch.stack([data.augment(images[batch], augment, aug_gen, mean, std)
-                                     for _ in range(views)], 1)  # (B, V, C, H, W)
+                    x = torch.stack([to_layout(data.augment(images[local], augment, aug_gen, mean, std))
+                                     for _ in range(views)], 1)  # (b, V, C, H, W)
                     with autocast:
-                        loss = compute_loss(args, model, classifier, x, labels[batch],
-                                            negative_only[batch], mine_gen)
-                if not torch.isfinite(loss):
-                    raise Diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}. Stopped; "
+                        loss = compute_loss(args, net, head, x, labels[batch],
+                                            negative_only[batch], mine_gen, sizes)
+                value = mean_over_ranks(loss.detach())  # the loss of the whole batch
+                if not torch.isfinite(value):
+                    raise Diverged(f"loss is {value.item()} at epoch {epoch + 1}, step {step}. Stopped; "
                                    f"the last good checkpoint {checkpoint_path} is kept. Try a lower "
                                    f"--lr or a higher --temperature.")
                 opt.zero_grad(set_to_none=True)
@@ -417,21 +507,22 @@ def run(args, run_dir):
                 opt.step()
                 sched.step()
                 updating = False
-                losses.append(loss.item())
+                losses.append(value.item())
                 progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+                progress.set_postfix(epoch=epoch + 1, loss=f"{value.item():.4f}")
             step = 0  # the next epoch starts at its first step
             # one line per epoch in metrics.jsonl, and a checkpoint --resume can continue from
             record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                       "lr": sched.get_last_lr()[0], "minutes": (time.time() - t_start) / 60}
-            with open(metrics_log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if rank == 0:
+                with open(metrics_log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             save_checkpoint(epoch + 1, 0, rng_states())
     except KeyboardInterrupt:
         progress.close()
         if updating:  # stopped inside an optimiser step: the last checkpoint stays as it was
             print(f"\ninterrupted during an update: kept {checkpoint_path} as it was")
-        else:  # everything up to the last finished step; --resume continues from there exactly
+        elif rank == 0:  # everything up to the last finished step; --resume continues from there exactly
             save_checkpoint(epoch, step, rng_at_step)
             print(f"\ninterrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {step}. "
                   f"Continue with: python train.py --resume {run_dir}")
@@ -441,6 +532,8 @@ def run(args, run_dir):
             signal.signal(signal.SIGINT, previous_handler)
     progress.close()
     train_minutes = (time.time() - t_start) / 60
+    if rank > 0:  # rank 0 alone trains the linear classifier, evaluates and writes the results
+        return {}
 
     # ---- linear classifier on the frozen encoder (real + ID images; never near-OOD ones)
     labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
