@@ -63,6 +63,7 @@ class GenerationError(ValueError):
 
 @dataclass
 class Job:
+    """One image to generate: source index, class, kind, m, strength, seed, output path, source name."""
     index: int  # row of the real training set it varies
     label: int
     kind: str  # "id" or "near_ood"
@@ -74,6 +75,7 @@ class Job:
 
 
 def safe_name(text):
+    """A string usable as a file or folder name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
 
 
@@ -98,6 +100,7 @@ def plan_jobs(train_set, per_image, id_strength, ood_strength, seed, kinds=("id"
 
 
 def is_valid_image(path):
+    """True if the file exists and decodes completely (a resume keeps it)."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -107,6 +110,7 @@ def is_valid_image(path):
 
 
 def save_image_atomic(image, path):
+    """Save a PIL image under a temporary name, then rename it into place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.png"
     image.save(tmp)
@@ -127,6 +131,7 @@ def write_manifest(out, jobs, classes, generator_name):
 
 
 def check_strength(value, name):
+    """Refuse a strength outside (0, 1] with a message naming the argument."""
     if not 0 < value <= 1:
         raise GenerationError(f"{name} must be in (0, 1] (the share of the diffusion to re-run); got {value}")
 
@@ -506,6 +511,7 @@ def contact_sheet(out, jobs, train_set, per_class=2, path=None):
 
 
 def build_parser():
+    """dafusion.py's command line: data, generation and Stable Diffusion options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_arguments(p)
     add_generation_arguments(p)
@@ -536,6 +542,7 @@ def add_generation_arguments(p):
 
 
 def add_stable_diffusion_arguments(p):
+    """The options of --generator stable-diffusion (textual inversion, img2img)."""
     s = p.add_argument_group("stable-diffusion generator")
     s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm")
     s.add_argument("--model", default=None, help="Stable Diffusion v1.x: hub id in your local cache, or a folder")
@@ -654,6 +661,7 @@ def cached_synthetic_set(args, splits, cache_root=os.path.join(".cache", "dafusi
 
 
 def main(argv=None):
+    """Generate the synthetic set the arguments describe (torchrun: the ranks share it)."""
     args = build_parser().parse_args(argv)
     # torchrun --nproc_per_node=N dafusion.py ...: N processes share the images (one manifest)
     if args.gen_device == "auto":

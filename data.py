@@ -68,6 +68,7 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, index):
+        """The images at `index` (a LongTensor), with their labels, flags and names."""
         index = torch.as_tensor(index, dtype=torch.long)
         return ImageSet(self.images[index], self.labels[index], self.classes,
                         self.negative_only[index], self.kind[index],
@@ -75,6 +76,7 @@ class ImageSet:
 
     @staticmethod
     def concat(sets):
+        """One ImageSet from several (None and empty entries are skipped); they share the class list."""
         sets = [s for s in sets if s is not None and len(s)]
         return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
                         sets[0].classes, torch.cat([s.negative_only for s in sets]),
@@ -214,6 +216,7 @@ def stratified_split(labels, fraction, seed):
 
 
 def load_digits(val_fraction, seed, size):
+    """sklearn's 8x8 digits, upscaled to `size` px; a seeded, stratified train/test split."""
     from sklearn.datasets import load_digits as sklearn_digits
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
@@ -227,6 +230,7 @@ def load_digits(val_fraction, seed, size):
 
 
 def load_torchvision(name, root, download, size):
+    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision's files under `root` (downloads only if asked)."""
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
@@ -250,6 +254,7 @@ def load_torchvision(name, root, download, size):
 
 
 def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
+    """An ImageFolder-layout folder: PATH/train + PATH/test, or PATH/<class>/ split by `val_fraction`."""
     if not os.path.isdir(path):
         raise DataError(f"--data {path}: not a folder and not one of {', '.join(BUILTIN)}.")
     train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
@@ -442,11 +447,13 @@ def to_float(images, mean, std):
 
 
 def _affine(images, theta):
+    """Resample (B, C, H, W) images through per-sample affine maps theta (B, 2, 3); zeros outside."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _uniform(n, low, high, g, device):
+    """(n,) samples from U(low, high) drawn with generator g on device."""
     return torch.rand(n, generator=g, device=device) * (high - low) + low
 
 
@@ -599,6 +606,7 @@ def add_data_arguments(parser):
 
 
 def splits_from_args(args):
+    """load_data with the data arguments of add_data_arguments."""
     return load_data(args.data, args.data_root, args.download, args.image_size, args.val_fraction,
                      args.seed, args.examples_per_class, args.ood_classes, args.resize,
                      args.skip_bad_images, args.masks)

@@ -234,7 +234,11 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
                for i, c in enumerate(classes)]
     legend1 = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="colour")
     ax.add_artist(legend1)
-    ax.legend(loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8, title="marker")
+    # the marker legend in grey: the colour of a class-coloured group says nothing by itself
+    markers = [plt.Line2D([], [], ls="", color="dimgrey" if name in style else "black",
+                          marker=style[name]["marker"] if name in style else "^", label=name)
+               for name in dict.fromkeys(names)]
+    ax.legend(handles=markers, loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8, title="marker")
     ax.set_title("t-SNE of the normalised encoder embeddings")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
@@ -282,6 +286,7 @@ def plot_classification_curves(y_true, probabilities, classes, path):
 
 
 def plot_confusion(confusion, classes, path, title):
+    """One confusion matrix (rows: true class, columns: predicted; counts written in the cells)."""
     plt = _plt()
     c = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2.5, 0.5 * len(classes) + 2))
@@ -327,6 +332,7 @@ def grad_cam(model, classifier, x):
 
 
 def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per_class=2):
+    """Grad-CAM heat-maps (Selvaraju et al. 2017) of the linear head on a few test images per class."""
     plt = _plt()
     idx = torch.cat([torch.nonzero(test.labels == c).squeeze(1)[:per_class] for c in range(len(classes))])
     x = test.images[idx].to(device)
@@ -509,6 +515,7 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", k=50, ep
 
 
 def main(argv=None):
+    """evaluate.py's command line: re-evaluate a run folder, optionally on other data."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run folder written by train.py (runs/<name>)")
     p.add_argument("--data", default=None, help="evaluate on another source with the same classes")

@@ -47,6 +47,7 @@ LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")
 
 
 def build_parser():
+    """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_arguments(p)
     s = p.add_argument_group("synthetic data (DA-Fusion, see dafusion.py)")
@@ -116,6 +117,7 @@ def build_parser():
 
 
 def pick_device(name):
+    """--device auto: CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -133,6 +135,7 @@ def atomic_save(obj, path):
 
 
 def atomic_write_text(text, path):
+    """Write text to a temporary name, then rename (never a half-written file)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -148,6 +151,7 @@ def lr_factor(step, total_steps, warmup_steps):
 
 
 class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to try."""
     pass
 
 
@@ -310,6 +314,7 @@ def train_linear(args, features, labels, num_classes, device, seed):
 
 
 def main(argv=None):
+    """Parse the arguments, set up the run folder (or reopen it for --resume) and train."""
     args = build_parser().parse_args(argv)
     # under torchrun: join the process group (rank 0 alone prints from here on)
     device = data.init_distributed(pick_device(args.device))
@@ -320,7 +325,9 @@ def main(argv=None):
             raise SystemExit(f"--resume {args.resume}: no config.json there; is it a run folder?")
         with open(config_path) as f:
             saved = json.load(f)
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device})
+        # the saved configuration; options added to train.py after the run started get their defaults
+        defaults = vars(build_parser().parse_args([]))
+        args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume, "device": args.device})
         run_dir = args.resume
     else:
         check_args(args)
@@ -342,6 +349,7 @@ def main(argv=None):
 
 
 def run(args, run_dir, device):
+    """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
     rank, world = data.distributed()
     torch.manual_seed(args.seed)  # model initialisation and dropout
     # ---- data: real training images (+ synthetic ID positives, + near-OOD negative-only images)
@@ -414,6 +422,7 @@ def run(args, run_dir, device):
         net = torch.compile(net)
 
     def rng_states():
+        """The random states a checkpoint stores, so --resume draws the same numbers."""
         states = {"augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
                   "cpu_rng": torch.get_rng_state()}
         if device.type == "cuda":
@@ -432,6 +441,7 @@ def run(args, run_dir, device):
     stop = {"requested": False}
 
     def on_ctrl_c(signum, frame):
+        """SIGINT handler: the first Ctrl-C asks to stop at the next step boundary."""
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
@@ -457,6 +467,7 @@ def run(args, run_dir, device):
         return value
 
     def to_layout(x):
+        """channels_last on CUDA (faster convolutions), unchanged elsewhere."""
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
     # ---- the training set lives on the device as uint8, decoded once; views are made per batch
