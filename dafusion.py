@@ -268,7 +268,7 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
 
 def to_pil(image):
     """(C, H, W) uint8 -> PIL (L or RGB)."""
-    array = image.permute(1, 2, 0).numpy()
+    array = image.permute(1, 2, 0).numpy()  # (H, W, C) as PIL expects
     return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
 
 
@@ -312,14 +312,14 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     from diffusers import DDPMScheduler
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     device = unet.device
-    tokens = placeholder_tokens(token, num_vectors)
+    tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one embedding row each
     if tokenizer.add_tokens(tokens) != num_vectors:
         raise GenerationError(f"token {token} already exists in the tokenizer; choose another name")
-    init_ids = tokenizer.encode(init_token, add_special_tokens=False)
+    init_ids = tokenizer.encode(init_token, add_special_tokens=False)  # the word the new rows start from
     if len(init_ids) != 1:
         raise GenerationError(f"--init-token {init_token!r} is {len(init_ids)} tokens; it must be one token")
-    token_ids = tokenizer.convert_tokens_to_ids(tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)  # (num_vectors,) their rows in the matrix
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # (V + num_vectors, dim)
     # a fresh Parameter: the resize may swap the tensor under the old one, which autograd then
     # still believes has the old number of rows
     embedding_layer = text_encoder.get_input_embeddings()
@@ -328,6 +328,7 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     with torch.no_grad():
         embeddings[token_ids] = embeddings[init_ids[0]].clone()  # start from the initializer word
     frozen_rows = embeddings.detach().clone()  # what every other row must stay
+    # (V,) True = a row that must not change
     keep = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
     keep[token_ids] = False
 
@@ -337,23 +338,24 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     embeddings.requires_grad_(True)
     text_encoder.train()
     opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompt = template.format(" ".join(tokens))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of this model
+    prompt = template.format(" ".join(tokens))  # e.g. "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)  # (1, 77)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc=f"textual inversion {token}", dynamic_ncols=True, disable=None):
-        x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)
+        x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)  # (B, 3, R, R)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, R/8, R/8)
-        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)  # epsilon ~ N(0, I)
+        # (B,) random timesteps
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
         hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample  # (B, 4, R/8, R/8)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" \
             else noise_scheduler.get_velocity(latents, noise, t)
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())  # the diffusion loss; gradients reach only the embeddings
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -370,7 +372,7 @@ def save_embedding(path, token, vectors):
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
-    save_file({token: vectors.float().cpu().contiguous()}, tmp)
+    save_file({token: vectors.float().cpu().contiguous()}, tmp)  # fp32 on disk whatever the pipeline's dtype
     os.replace(tmp, path)
 
 
@@ -392,23 +394,23 @@ def pipeline_images(train_set, index, resolution, resize):
 
 def load_mask(masks_dir, source, resolution, dilate=15):
     """The object mask of a source image (white = object), dilated, at the pipeline's resolution."""
-    stem = os.path.splitext(os.path.basename(source))[0]
+    stem = os.path.splitext(os.path.basename(source))[0]  # masks are named after their image
     path = os.path.join(masks_dir, stem + ".png")
     if not os.path.exists(path):
         raise GenerationError(f"{path}: no mask for {source}; --masks DIR needs DIR/<image stem>.png")
     with Image.open(path) as mask:
-        mask = mask.convert("L").resize((resolution, resolution), Image.NEAREST)
-    return mask.filter(ImageFilter.MaxFilter(dilate))
+        mask = mask.convert("L").resize((resolution, resolution), Image.NEAREST)  # NEAREST: stays a 0/255 mask
+    return mask.filter(ImageFilter.MaxFilter(dilate))  # dilated: the repainted region covers the object's edge
 
 
 def sd_generator(args, train_set, out, device):
     """Set up DA-Fusion on Stable Diffusion; returns make_images(batch of jobs) -> list of PIL."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or
                                                                                    ("fp16" if device.type == "cuda" else "fp32")]
-    pipe = load_sd_pipeline(args.model, device, dtype)
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = load_sd_pipeline(args.model, device, dtype)  # fails at once if the model is not on disk
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # 512 for SD v1.x
     classes = train_set.classes
-    prompts = {}
+    prompts = {}  # class id -> prompt
     if args.mode == "txt2img":
         prompts = {c: args.prompt.format(name) for c, name in enumerate(classes)}  # the class name
     else:
@@ -419,7 +421,8 @@ def sd_generator(args, train_set, out, device):
             if os.path.exists(path):
                 print(f"reusing the learned token {token} from {path}")
             else:
-                index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()
+                index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()  # the real images of class c
+                # PIL RGB at the pipeline's resolution
                 real = pipeline_images(train_set, index, resolution, args.resize)
                 x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in real])
                 x = x.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
@@ -429,32 +432,33 @@ def sd_generator(args, train_set, out, device):
                     batch_size=args.ti_batch, template=args.prompt, seed=args.seed + c)
                 save_embedding(path, token, vectors)
                 print(f"{token}: textual inversion loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-            pipe.load_textual_inversion(path, token=token)
+            pipe.load_textual_inversion(path, token=token)  # the same loader a user of diffusers would call
             prompts[c] = args.prompt.format(token)  # the pipeline expands <tok> to its n vectors
     if args.mode == "txt2img":
         from diffusers import StableDiffusionPipeline
-        runner = StableDiffusionPipeline(**pipe.components)
+        runner = StableDiffusionPipeline(**pipe.components)  # shares the weights: no second copy in memory
     elif args.masks:
         from diffusers import StableDiffusionInpaintPipeline
-        runner = StableDiffusionInpaintPipeline(**pipe.components)
+        runner = StableDiffusionInpaintPipeline(**pipe.components)  # shares the weights too
     else:
-        runner = pipe
+        runner = pipe  # img2img: DA-Fusion's own mode
     runner.set_progress_bar_config(disable=True)
 
     def make_images(jobs):
         kwargs = dict(prompt=[prompts[j.label] for j in jobs], guidance_scale=args.guidance,
                       num_inference_steps=args.steps,
+                      # one per image: batch-independent
                       generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs],
                       output_type="pil")
         if args.mode == "txt2img":
             kwargs.update(height=resolution, width=resolution)
         else:
             kwargs.update(image=pipeline_images(train_set, [j.index for j in jobs], resolution, args.resize),
-                          strength=jobs[0].strength)
+                          strength=jobs[0].strength)  # run_jobs batches one strength at a time
             if args.masks:
                 kwargs["mask_image"] = [load_mask(args.masks, j.source, resolution) for j in jobs]
                 kwargs.update(height=resolution, width=resolution)
-        return runner(**kwargs).images
+        return runner(**kwargs).images  # len(jobs) PIL images, in job order
 
     return make_images, f"stable-diffusion:{args.model}"
 
@@ -469,17 +473,17 @@ def contact_sheet(out, jobs, train_set, per_class=2, path=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    by_source = {}
+    by_source = {}  # source index -> kind -> its jobs
     for j in jobs:
         by_source.setdefault(j.index, {}).setdefault(j.kind, []).append(j)
-    chosen = []
+    chosen = []  # the source images shown, per_class of each class
     for c in range(len(train_set.classes)):
         chosen += [i for i in by_source if int(train_set.labels[i]) == c][:per_class]
     if not chosen:
         return None
-    M = max(len(v) for s in by_source.values() for v in s.values())
+    M = max(len(v) for s in by_source.values() for v in s.values())  # variations per kind (--per-image)
     kinds = [k for k in ("id", "near_ood") if any(k in by_source[i] for i in chosen)]
-    cols = 1 + M * len(kinds)
+    cols = 1 + M * len(kinds)  # real | M ID | M near-OOD
     height = len(chosen) * 0.9 + 0.6
     fig, axes = plt.subplots(len(chosen), cols, figsize=(cols * 0.9, height), squeeze=False,
                              gridspec_kw=dict(wspace=0.05, hspace=0.05))
@@ -537,23 +541,24 @@ def add_generation_arguments(p):
     g.add_argument("--gen-device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     d = p.add_argument_group("ddpm generator")
     d.add_argument("--ddpm-steps", type=int, default=400, help="training steps of the small DDPM")
-    d.add_argument("--ddpm-batch-size", type=int, default=64)
+    d.add_argument("--ddpm-batch-size", type=int, default=64, help="images per training step of the small DDPM")
     return p
 
 
 def add_stable_diffusion_arguments(p):
     """The options of --generator stable-diffusion (textual inversion, img2img)."""
     s = p.add_argument_group("stable-diffusion generator")
-    s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm")
+    s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm",
+                   help="ddpm: the small offline DDPM trained here; stable-diffusion: DA-Fusion proper (needs --model)")
     s.add_argument("--model", default=None, help="Stable Diffusion v1.x: hub id in your local cache, or a folder")
     s.add_argument("--mode", choices=["img2img", "txt2img"], default="img2img",
                    help="img2img: DA-Fusion on each real image; txt2img: from the class name alone")
     s.add_argument("--prompt", default="a photo of a {}", help="prompt template; {} = class token or name")
     s.add_argument("--num-vectors", type=int, default=4, help="textual inversion: vectors per class token")
     s.add_argument("--init-token", default="a", help="textual inversion: one-token word to start from")
-    s.add_argument("--ti-steps", type=int, default=1000)
-    s.add_argument("--ti-lr", type=float, default=5e-4)
-    s.add_argument("--ti-batch", type=int, default=4)
+    s.add_argument("--ti-steps", type=int, default=1000, help="textual inversion: optimiser steps per class")
+    s.add_argument("--ti-lr", type=float, default=5e-4, help="textual inversion: learning rate (AdamW)")
+    s.add_argument("--ti-batch", type=int, default=4, help="textual inversion: real images per step")
     s.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's, 512 for v1.x)")
     s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default fp16 on CUDA, fp32 elsewhere")

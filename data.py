@@ -92,26 +92,26 @@ def resize_pil(image, size, mode="crop"):
     to fit and paste centred on a black canvas (keeps the aspect ratio, the seed fruit project)."""
     w, h = image.size
     if mode == "letterbox":
-        scale = size / max(w, h)
+        scale = size / max(w, h)  # the long side becomes `size`
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-        canvas = Image.new(image.mode, (size, size))
+        canvas = Image.new(image.mode, (size, size))  # black, same mode (L or RGB)
         canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
         return canvas
-    scale = size / min(w, h)
+    scale = size / min(w, h)  # the short side becomes `size`, the long one is cropped
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2  # centre crop
     return image.crop((left, top, left + size, top + size))
 
 
 def crop_to_mask(image, mask, dilation=0.1):
     """The thesis's preprocessing: a square crop around the object mask, its box dilated by
     `dilation` of its size on every side (clipped to the image)."""
-    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)
+    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)  # (P, 2) (row, col) of object pixels
     if len(box) == 0:
         return image
-    (top, left), (bottom, right) = box.min(0), box.max(0) + 1
-    side = max(bottom - top, right - left) * (1 + 2 * dilation)
-    cy, cx = (top + bottom) / 2, (left + right) / 2
+    (top, left), (bottom, right) = box.min(0), box.max(0) + 1  # the object's bounding box
+    side = max(bottom - top, right - left) * (1 + 2 * dilation)  # a square around the box, with margin
+    cy, cx = (top + bottom) / 2, (left + right) / 2  # centred on the box
     return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
 
 
@@ -121,7 +121,7 @@ def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
     w, h = image.size
     if w != h:
         return image
-    cut = round(h * rng.uniform(low, high) / 2)
+    cut = round(h * rng.uniform(low, high) / 2)  # pixels off the top and off the bottom each
     return image.crop((0, cut, w, h - cut))
 
 
@@ -139,22 +139,24 @@ def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=N
             raise DataError(f"{mask_path}: no mask for {path}. --masks DIR needs one mask per "
                             f"image at DIR/<same relative path>.png (white = object).")
         with Image.open(mask_path) as mask:
-            img = crop_to_mask(img, mask)
+            img = crop_to_mask(img, mask)  # the thesis: crop around the object first
     if margin_rng is not None:
         img = synthetic_margin_crop(img, margin_rng)
-    array = np.asarray(resize_pil(img, size, resize), dtype=np.uint8)
-    return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)
+    array = np.asarray(resize_pil(img, size, resize), dtype=np.uint8)  # (size, size) or (size, size, 3)
+    return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)  # (C, size, size) uint8
 
 
 def list_class_folders(root):
     """ImageFolder layout: root/<class>/<images>. Returns (class names, [(path, class index)])."""
+    # sorted: class ids do not depend on the file system
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root}: no class folders. Expected ImageFolder layout: "
                         f"{root}/<class name>/<image files>.")
-    items = []
+    items = []  # (path, class index) for every image
     for index, name in enumerate(classes):
         folder = os.path.join(root, name)
+        # sorted: repeatable order
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}). "
@@ -177,10 +179,11 @@ def guess_channels(paths):
 
 def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None, root=None):
     """[(path, label)] -> ImageSet; with skip_bad, unreadable files are dropped and counted."""
-    images, labels, names, bad = [], [], [], []
+    images, labels, names, bad = [], [], [], []  # (C, H, W) tensors, ints, paths, skipped paths
     for path, label in items:
         mask_path = None
         if masks_dir is not None:
+            # DIR/<relative path>.png
             mask_path = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, root))[0] + ".png")
         try:
             images.append(open_image(path, channels, size, resize, mask_path))
@@ -195,7 +198,7 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
         print(f"--skip-bad-images: left out {len(bad)} unreadable file(s), e.g. {bad[0]}")
     if not images:
         raise DataError(f"no readable images under {root}")
-    return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)
+    return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)  # images (N, C, H, W) uint8
 
 
 # -----------------------------------------------------------------------------
@@ -209,9 +212,10 @@ def stratified_split(labels, fraction, seed):
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n_held = int(round(len(idx) * fraction))
+        n_held = int(round(len(idx) * fraction))  # the same share of every class (stratified)
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
+    # sorted: the original order within each split
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
 
 
@@ -220,9 +224,9 @@ def load_digits(val_fraction, seed, size):
     from sklearn.datasets import load_digits as sklearn_digits
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    labels = torch.tensor(digits.target)
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)  # (1797, 1, size, size)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # uint8 like every other source
+    labels = torch.tensor(digits.target)  # (1797,) 0..9
     full = ImageSet(images, labels, [str(i) for i in range(10)],
                     names=[f"digits/{i:04d}" for i in range(len(labels))])
     train_idx, test_idx = stratified_split(labels, val_fraction, seed)
@@ -242,12 +246,12 @@ def load_torchvision(name, root, download, size):
             raise DataError(
                 f"--data {name}: not found under --data-root {root} ({error}). Either pass "
                 f"--download to fetch it, or point --data-root at a folder that holds it.") from error
-        x = torch.as_tensor(np.asarray(ds.data))
+        x = torch.as_tensor(np.asarray(ds.data))  # (N, H, W) grey or (N, H, W, 3) colour, uint8
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
         if x.shape[-1] != size:
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        labels = torch.as_tensor(np.asarray(ds.targets))
+        labels = torch.as_tensor(np.asarray(ds.targets))  # (N,)
         splits.append(ImageSet(x, labels, list(ds.classes),
                                names=[f"{name}/{'train' if train else 'test'}/{i}" for i in range(len(x))]))
     return splits
@@ -264,7 +268,7 @@ def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
         if test_classes != classes:
             raise DataError(f"{test_dir}: its class folders {test_classes} differ from "
                             f"{train_dir}'s {classes}; both splits need the same classes.")
-        channels = guess_channels([p for p, _ in train_items])
+        channels = guess_channels([p for p, _ in train_items])  # one channel count for both splits
         train = load_files(train_items, classes, channels, size, resize, skip_bad, masks_dir, path)
         test = load_files(test_items, classes, channels, size, resize, skip_bad, masks_dir, path)
         return train, test
@@ -313,9 +317,9 @@ class Splits:
 
 def remap(s, keep_classes):
     """Keep only images of keep_classes and renumber their labels 0..len(keep_classes)-1."""
-    lookup = torch.full((len(s.classes),), -1, dtype=torch.long)
+    lookup = torch.full((len(s.classes),), -1, dtype=torch.long)  # old class id -> new id, -1 = dropped
     lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
-    idx = torch.nonzero(lookup[s.labels] >= 0).squeeze(1)
+    idx = torch.nonzero(lookup[s.labels] >= 0).squeeze(1)  # images of the kept classes
     sub = s.subset(idx)
     return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
                     sub.negative_only, sub.kind, sub.names)
@@ -357,18 +361,18 @@ MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed")
 def read_manifest(folder, classes, image_size, channels, resize="crop", margin=False, seed=0):
     """DIR/manifest.csv -> ImageSet of synthetic images. kind "id" rows are labelled training
     samples; "near_ood" rows are negative-only samples carrying their source class."""
-    manifest = os.path.join(folder, "manifest.csv")
+    manifest = os.path.join(folder, "manifest.csv")  # written by dafusion.py
     if not os.path.exists(manifest):
         raise DataError(f"--synthetic {folder}: no manifest.csv there. Generate the images with "
                         f"`python dafusion.py --out {folder}` or point --synthetic at such a folder.")
-    rng = np.random.default_rng(seed)
-    images, labels, kinds, names = [], [], [], []
+    rng = np.random.default_rng(seed)  # the random margin crops (--synthetic-margin), repeatable
+    images, labels, kinds, names = [], [], [], []  # one entry per manifest row
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{manifest}: missing column(s) {missing}; needs {list(MANIFEST_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(reader, start=2):  # line 1 is the header: numbers match an editor's
             if row["label"] not in classes:
                 raise DataError(f"{manifest}, line {line}: class {row['label']!r} is not a class of "
                                 f"the real training data {classes}. Regenerate the synthetic set for "
@@ -381,12 +385,12 @@ def read_manifest(folder, classes, image_size, channels, resize="crop", margin=F
                                 f"on {folder} to regenerate missing images (it resumes).")
             images.append(open_image(path, channels, image_size, resize,
                                      margin_rng=rng if margin else None))
-            labels.append(classes.index(row["label"]))
+            labels.append(classes.index(row["label"]))  # the class name -> this run's class id
             kinds.append(KIND_ID if row["kind"] == "id" else KIND_NEAR_OOD)
             names.append(path)
     if not images:
         raise DataError(f"{manifest}: no rows")
-    kind = torch.tensor(kinds, dtype=torch.int8)
+    kind = torch.tensor(kinds, dtype=torch.int8)  # (N,) KIND_ID or KIND_NEAR_OOD
     return ImageSet(torch.stack(images), torch.tensor(labels), list(classes),
                     kind == KIND_NEAR_OOD, kind, names)
 
@@ -419,7 +423,7 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
         groups += chunks
     # shuffle the groups and pack them into batches of about n_real labelled samples
     order = torch.randperm(len(groups), generator=g).tolist()
-    batches, current = [], []
+    batches, current = [], []  # finished batches; groups of the batch being filled
     for gi in order:
         current.append(groups[gi])
         if sum(map(len, current)) >= n_real:
@@ -430,10 +434,11 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     if n_neg:  # add the negatives: sampled with replacement, from the classes the batch holds
         neg_labels = labels[negatives]  # the source class of each near-OOD image
         for b, batch in enumerate(batches):
-            pool = negatives[torch.isin(neg_labels, labels[batch])]
+            pool = negatives[torch.isin(neg_labels, labels[batch])]  # near-OOD images of the classes in this batch
             pool = pool if len(pool) else negatives  # no match at all: any negative will do
+            # (n_neg,) with replacement: negatives can be few
             pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]
-            batches[b] = torch.cat([batch, pick])
+            batches[b] = torch.cat([batch, pick])  # (n_real + n_neg,) labelled first, then negatives
     return batches
 
 
@@ -513,14 +518,17 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
         x = torch.where(to_grey, grey, x)
     # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the image (large images only)
     if H >= 64:
-        k = int(0.1 * H) // 2 * 2 + 1
-        sigma = _uniform(B, 0.1, 2.0, g, dev)
+        k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size, about 10% of the side (SimCLR)
+        sigma = _uniform(B, 0.1, 2.0, g, dev)  # (B,) blur strength per image
+        # p 0.5: tiny sigma = no blur
         sigma = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, sigma, torch.full_like(sigma, 1e-3))
-        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
-        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,) offsets from the kernel centre
+        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, k) one 1-D Gaussian per image
         kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-        y = x.reshape(1, B * C, H, W)
+        y = x.reshape(1, B * C, H, W)  # every (image, channel) its own group: per-image kernels in one conv
+        # horizontal pass
         y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=B * C)
+        # vertical pass (separable)
         y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kernel[:, None, :, None], groups=B * C)
         x = y.reshape(B, C, H, W)
     return x
@@ -535,13 +543,13 @@ def augment(images, how, g, mean, std):
         x = augment_simclr(x, g)
     elif how != "none":
         raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # normalised with the real images' statistics
 
 
 def channel_stats(images):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     x = images.float() / 255.0
-    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)
+    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # (C,), (C,); clamp: a constant channel
 
 
 # -----------------------------------------------------------------------------

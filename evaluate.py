@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+
 # -----------------------------------------------------------------------------
 # Features
 
@@ -36,9 +38,9 @@ def extract_features(model, images, mean, std, device, batch_size=512):
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device)
-        x = (x.float() / 255.0 - mean.to(device).view(1, -1, 1, 1)) / std.to(device).view(1, -1, 1, 1)
-        out.append(model.encode(x).float().cpu())
+        x = images[start:start + batch_size].to(device)  # (b, C, H, W) uint8
+        x = data.to_float(x, mean.to(device), std.to(device))  # the training normalisation, no augmentation
+        out.append(model.encode(x).float().cpu())  # (b, F) encoder features, not the head's output
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -52,30 +54,30 @@ def knn_score(train_features, test_features, k=50, batch_size=2048):
     normalised training embedding. (N_test,)"""
     train = F.normalize(train_features.float(), dim=1)
     k = min(k, len(train))
-    scores = []
+    scores = []  # (b,) blocks: a (b, N_train) distance matrix at a time bounds the memory
     for start in range(0, len(test_features), batch_size):
-        test = F.normalize(test_features[start:start + batch_size].float(), dim=1)
+        test = F.normalize(test_features[start:start + batch_size].float(), dim=1)  # (b, F) unit rows
         distances = torch.cdist(test, train)  # (b, N_train)
-        scores.append(-distances.topk(k, dim=1, largest=False).values[:, -1])
+        scores.append(-distances.topk(k, dim=1, largest=False).values[:, -1])  # (b,) minus the k-th smallest distance
     return torch.cat(scores)
 
 
 def msp_score(logits):
     """Maximum softmax probability of the linear head. (N,)"""
-    return logits.float().softmax(1).max(1).values
+    return logits.float().softmax(1).max(1).values  # (N,) max_k p(k | x)
 
 
 def mahalanobis_score(train_features, train_labels, test_features):
     """Max over classes of minus the squared Mahalanobis distance to the class mean, with one
     covariance shared by all classes (estimated on normalised training embeddings). (N_test,)"""
-    train = F.normalize(train_features.double(), dim=1)
-    test = F.normalize(test_features.double(), dim=1)
-    classes = torch.unique(train_labels)
+    train = F.normalize(train_features.double(), dim=1)  # (N_train, F); float64 for the inverse below
+    test = F.normalize(test_features.double(), dim=1)  # (N_test, F)
+    classes = torch.unique(train_labels)  # (K,) sorted class ids present in training
     means = torch.stack([train[train_labels == c].mean(0) for c in classes])  # (K, F)
-    centred = train - means[torch.searchsorted(classes, train_labels)]
+    centred = train - means[torch.searchsorted(classes, train_labels)]  # (N_train, F) x - mu_{y(x)}
     precision = torch.linalg.pinv(centred.T @ centred / len(train), hermitian=True)  # (F, F)
     diff = test[:, None, :] - means[None]  # (N, K, F)
-    d2 = torch.einsum("nkf,fg,nkg->nk", diff, precision, diff)
+    d2 = torch.einsum("nkf,fg,nkg->nk", diff, precision, diff)  # (N, K) (x - mu_k)^T Sigma^-1 (x - mu_k)
     return (-d2.min(1).values).float()  # max over classes of -d^2
 
 
@@ -110,8 +112,8 @@ def classification_metrics(y_true, probabilities):
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     probabilities = probabilities / probabilities.sum(1, keepdims=True)  # rows sum to 1 (sklearn's OvR needs it)
-    y_pred = probabilities.argmax(1)
-    K = probabilities.shape[1]
+    y_pred = probabilities.argmax(1)  # (N,) predicted class ids
+    K = probabilities.shape[1]  # number of classes
     p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(K), average="macro",
                                                   zero_division=0)
     try:
@@ -128,7 +130,7 @@ def knn_probabilities(train_features, train_labels, test_features, num_classes, 
     """k-NN classifier on normalised embeddings (cosine similarity): the class shares among the k
     nearest training embeddings, as (N_test, K) probabilities."""
     train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)  # (N_test, F)
     k = min(k, len(train))
     neighbours = (test @ train.T).topk(k, dim=1).indices  # (N, k)
     votes = F.one_hot(train_labels[neighbours], num_classes).float().mean(1)  # (N, K)
@@ -145,6 +147,7 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
     Classes with fewer than n_shot + 1 images are left out. Returns [(support, support_labels,
     query, query_labels)] as index / label tensors."""
     g = torch.Generator().manual_seed(seed)
+    # need a query left after the support
     classes = [c for c in torch.unique(labels).tolist() if (labels == c).sum() > n_shot]
     if len(classes) < 2:
         return []
@@ -152,11 +155,11 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
     for _ in range(episodes):
         support, s_lab, query, q_lab = [], [], [], []
         for way, c in enumerate(classes):
-            idx = torch.nonzero(labels == c).squeeze(1)
-            idx = idx[torch.randperm(len(idx), generator=g)]
+            idx = torch.nonzero(labels == c).squeeze(1)  # (n_c,) images of class c
+            idx = idx[torch.randperm(len(idx), generator=g)]  # shuffled: support and query are disjoint slices
             support.append(idx[:n_shot])
             query.append(idx[n_shot:n_shot + n_query])
-            s_lab += [way] * n_shot
+            s_lab += [way] * n_shot  # labels are ways 0..N-1, not the class ids
             q_lab += [way] * len(query[-1])
         out.append((torch.cat(support), torch.tensor(s_lab), torch.cat(query), torch.tensor(q_lab)))
     return out
@@ -165,13 +168,13 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
 def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
     """Nearest-prototype (class mean of the normalised support embeddings) and nearest-neighbour
     accuracy over episodes, cosine similarity; mean and 95% confidence interval (1.96 sd / sqrt n)."""
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(features.float(), dim=1)  # (N, F) unit rows
     runs = few_shot_episodes(labels, n_shot, episodes, seed=seed)
     if not runs:
         return None
-    proto_acc, nn_acc = [], []
+    proto_acc, nn_acc = [], []  # one accuracy per episode, each
     for support, s_lab, query, q_lab in runs:
-        ways = int(s_lab.max()) + 1
+        ways = int(s_lab.max()) + 1  # N of the N-way episodes
         prototypes = F.normalize(torch.stack([z[support][s_lab == w].mean(0) for w in range(ways)]), dim=1)
         proto_acc.append(((z[query] @ prototypes.T).argmax(1) == q_lab).float().mean().item())
         nn_acc.append((s_lab[(z[query] @ z[support].T).argmax(1)] == q_lab).float().mean().item())
@@ -306,28 +309,32 @@ def grad_cam(model, classifier, x):
     """Grad-CAM (Selvaraju et al. 2017) on the encoder's last convolution: ReLU of the activation
     maps weighted by the spatially averaged gradient of the predicted class's logit.
     x: (B, C, H, W) normalised -> (B, H, W) heat-maps in [0, 1] and the predicted classes."""
+    # the last conv: the finest map that still knows the class
     conv = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    saved = {}
+    saved = {}  # "a": activations (B, K, h, w); "g": their gradient
 
     def keep_activation_and_its_gradient(module, inputs, output):
         saved["a"] = output
-        output.register_hook(lambda grad: saved.__setitem__("g", grad))
+        output.register_hook(lambda grad: saved.__setitem__("g", grad))  # dy_c / dA, filled in by backward
 
     handle = conv.register_forward_hook(keep_activation_and_its_gradient)
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
+            # (B, classes); requires_grad so the hook fires even for a frozen encoder
             logits = classifier(model.encode(x.requires_grad_()))
-            predicted = logits.argmax(1)
+            predicted = logits.argmax(1)  # (B,) the class each heat-map explains
+            # d y_c / dA for every image at once (the sum separates by image)
             logits.gather(1, predicted[:, None]).sum().backward()
     finally:
         handle.remove()
         model.train(was_training)
     weights = saved["g"].mean((2, 3), keepdim=True)  # (B, K, 1, 1)
     cam = F.relu((weights * saved["a"]).sum(1, keepdim=True))  # (B, 1, h, w)
+    # (B, H, W) up to the image size
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    cam = cam / cam.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]
+    cam = cam / cam.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]  # each map scaled to [0, 1]
     return cam.detach(), predicted.detach()
 
 
@@ -336,7 +343,7 @@ def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per
     plt = _plt()
     idx = torch.cat([torch.nonzero(test.labels == c).squeeze(1)[:per_class] for c in range(len(classes))])
     x = test.images[idx].to(device)
-    xn = (x.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    xn = data.to_float(x, mean, std)  # (B, C, H, W) normalised
     cam, predicted = grad_cam(model, classifier, xn)
     cols = min(8, len(idx))
     rows = (len(idx) + cols - 1) // cols
@@ -367,30 +374,33 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
     mean, std = mean.to(device), std.to(device)
     feats = lambda images: extract_features(model, images, mean, std, device)  # noqa: E731
     logits_of = lambda f: classifier(f.to(device)).float().cpu()  # noqa: E731
-    train_f, test_f = feats(labelled.images), feats(splits.test.images)
+    train_f, test_f = feats(labelled.images), feats(splits.test.images)  # (N_train, F), (N_test, F) encoder features
     with torch.no_grad():
-        test_logits = logits_of(test_f)
-    K = len(splits.classes)
+        test_logits = logits_of(test_f)  # (N_test, K) the linear head's logits
+    K = len(splits.classes)  # training classes (the held-out ones excluded)
+    # the linear probe (the thesis's classifier)
     linear = classification_metrics(splits.test.labels, test_logits.softmax(1))
+    # a classifier on the embeddings
     knn = classification_metrics(splits.test.labels, knn_probabilities(train_f, labelled.labels, test_f, K))
     out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
            "classification": {"linear": linear, "knn": knn}, "ood": {},
            "ood_convention": "in-distribution is the positive class; higher score = more in-distribution"}
     # ---- OOD detection
-    ood_sets = {}
+    ood_sets = {}  # name -> ImageSet of OOD test images
     if splits.ood_test is not None:
         ood_sets[f"held-out classes {','.join(splits.ood_classes)}"] = splits.ood_test
     if external_ood is not None:
         ood_sets["external"] = external_ood
-    curves, ood_feats = {}, {}
+    curves, ood_feats = {}, {}  # for the pictures and the few-shot episodes
     in_scores = {"MSP": msp_score(test_logits), "k-NN": knn_score(train_f, test_f, k),
                  "Mahalanobis": mahalanobis_score(train_f, labelled.labels, test_f)}
     for name, images in ood_sets.items():
-        f = feats(images.images)
+        f = feats(images.images)  # (N_ood, F)
         ood_feats[name] = (f, images.labels)
         with torch.no_grad():
             out_scores = {"MSP": msp_score(logits_of(f)), "k-NN": knn_score(train_f, f, k),
                           "Mahalanobis": mahalanobis_score(train_f, labelled.labels, f)}
+        # ID test vs this OOD set, per score
         out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
         curves[name] = {s: (in_scores[s].numpy(), out_scores[s].numpy()) for s in in_scores}
     if splits.ood_test is not None:
@@ -398,18 +408,19 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
         out["ood_auroc_knn"], out["ood_auroc_msp"] = held["k-NN"]["auroc"], held["MSP"]["auroc"]
     # ---- few-shot on the unseen classes
     if splits.ood_test is not None:
+        # unseen classes: the model never trained on them
         f, labels = ood_feats[f"held-out classes {','.join(splits.ood_classes)}"]
         out["few_shot"] = {f"{n}-shot": few_shot_accuracy(f, labels, n, episodes, seed) for n in (1, 5)}
     if run_dir is None or not pictures:
         return out
     # ---- pictures and report
-    files = {}
+    files = {}  # picture title -> file, in report order
     groups = {"test (ID)": (test_f, splits.test.labels),
               "training (real)": (train_f[labelled.kind == 0], labelled.labels[labelled.kind == 0])}
     if synthetic is not None and len(synthetic):
-        syn_f = feats(synthetic.images)
+        syn_f = feats(synthetic.images)  # (N_syn, F) where the synthetic images land
         for kind, name in ((1, "synthetic ID"), (2, "synthetic near-OOD (negatives)")):
-            sel = synthetic.kind == kind
+            sel = synthetic.kind == kind  # 1 = ID, 2 = near-OOD (data.KIND_*)
             if sel.any():
                 groups[name] = (syn_f[sel], synthetic.labels[sel])
     for name, (f, _) in ood_feats.items():
@@ -465,7 +476,6 @@ def write_report(metrics, files, run_dir):
 
 def load_ood_folder(path, channels, size, resize):
     """Every image under `path` (any layout) as an OOD ImageSet (labels 0)."""
-    import data
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                    if f.lower().endswith(data.IMAGE_EXTENSIONS))
     if not files:
@@ -476,7 +486,6 @@ def load_ood_folder(path, channels, size, resize):
 
 def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", k=50, episodes=200, pictures=True):
     """Load runs/<name> (config.json + model.pt), evaluate, write metrics.json and report.md."""
-    import data
     import supcon
     config_path, model_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "model.pt")
     for p in (config_path, model_path):

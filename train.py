@@ -74,7 +74,8 @@ def build_parser():
     m.add_argument("--pretrained", action="store_true", help="ImageNet weights (ResNets; must be cached)")
     m.add_argument("--embedding-dim", type=int, default=128, help="output size of the projection head")
     l = p.add_argument_group("loss")
-    l.add_argument("--loss", choices=LOSSES, default="supcon")
+    l.add_argument("--loss", choices=LOSSES, default="supcon",
+                   help="supcon (Eq. 1), simclr (labels ignored), triplet, cosine (pairs), ce (end-to-end baseline)")
     l.add_argument("--temperature", type=float, default=0.1, help="SupCon / SimCLR tau")
     l.add_argument("--base-temperature", type=float, default=None,
                    help="multiply the SupCon loss by tau/base (the reference code's 0.07); default off")
@@ -91,11 +92,11 @@ def build_parser():
     l.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
                    help="views for training (auto: rotation for greyscale data, simclr for colour)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--epochs", type=int, default=30, help="passes over the labelled training images")
     o.add_argument("--batch-size", type=int, default=256, help="images per batch (x2 views)")
-    o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="SGD has momentum 0.9")
     o.add_argument("--lr", type=float, default=None, help="default: 1e-3 AdamW, 0.05 SGD")
-    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the optimiser")
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     o.add_argument("--linear-epochs", type=int, default=100, help="linear classifier on frozen features")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
@@ -271,18 +272,20 @@ def epoch_batches(args, train_set, epoch, model, mean, std, device):
     if args.mining_scope == "dataset":
         with torch.no_grad():
             model.eval()
-            z = torch.cat([model(((train_set.images[s:s + 512].to(device).float() / 255)
-                                  - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).float().cpu()
+            # (N, D) embeddings of the whole training set, no augmentation, 512 images at a time
+            z = torch.cat([model(data.to_float(train_set.images[s:s + 512].to(device), mean, std)).float().cpu()
                            for s in range(0, len(train_set), 512)])
             model.train()
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        # (T,) each: one triplet per anchor
         a, p, n = supcon.mine_triplets(z, train_set.labels, train_set.negative_only,
                                        margin=args.margin, mining=args.mining,
                                        distance=args.distance, generator=g)
-        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]
-        return list(torch.split(triplets, max(1, args.batch_size // 3)))
+        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3) shuffled
+        return list(torch.split(triplets, max(1, args.batch_size // 3)))  # about batch_size images per step
     if args.loss == "ce":
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        # plain shuffled batches
         return list(torch.split(torch.randperm(len(train_set), generator=g), args.batch_size))
     return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
                                     args.m_per_class, args.negatives_per_batch, args.seed, epoch)
@@ -290,25 +293,26 @@ def epoch_batches(args, train_set, epoch, model, mean, std, device):
 
 def train_linear(args, features, labels, num_classes, device, seed):
     """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the batch order of the linear probe
+    torch.manual_seed(seed)  # its initial weights
     classifier = nn.Linear(features.shape[1], num_classes).to(device)
     # standardise the features (the statistics are folded into the layer at the end)
     mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)
-    x, y = ((features - mu) / sigma).to(device), labels.to(device)
+    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,)
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
-    steps = args.linear_epochs * math.ceil(len(x) / 256)
+    steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
     for _ in range(args.linear_epochs):
         for idx in torch.split(torch.randperm(len(x), generator=g), 256):
+            # the probe never changes the encoder
             loss = F.cross_entropy(classifier(x[idx.to(device)]), y[idx.to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     with torch.no_grad():  # fold the standardisation in: W (x - mu)/sigma + b
-        w = classifier.weight / sigma.to(device)
-        classifier.bias -= (w * mu.to(device)).sum(1)
+        w = classifier.weight / sigma.to(device)  # (K, F) W / sigma
+        classifier.bias -= (w * mu.to(device)).sum(1)  # b - (W / sigma) mu
         classifier.weight.copy_(w)
     return classifier
 
@@ -356,6 +360,7 @@ def run(args, run_dir, device):
     splits, train_set = load_training_data(args)
     _, C, H, _ = train_set.images.shape  # channels and side of every image
     K = len(splits.classes)  # training classes (held-out OOD classes excluded)
+    # the seed projects' choices
     augment = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     print(f"data {args.data}: {len(splits.train)} real training images, {len(train_set) - len(splits.train)} "
           f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
@@ -365,7 +370,7 @@ def run(args, run_dir, device):
 
     # normalisation statistics of the real training images (synthetic ones do not shift them)
     mean, std = data.channel_stats(splits.train.images)
-    mean, std = mean.to(device), std.to(device)
+    mean, std = mean.to(device), std.to(device)  # (C,), (C,)
     # ---- model: encoder + the loss's head; the linear classifier (trained here only for ce)
     model, classifier = supcon.build_model(args.model, args.loss, C, H, K, args.embedding_dim, args.pretrained)
     if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
@@ -376,7 +381,8 @@ def run(args, run_dir, device):
     if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks' shards
+    # contrastive: the probe trains later
     params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -386,7 +392,7 @@ def run(args, run_dir, device):
     # so it is estimated there from one triplet per training image
     steps_per_epoch = len(epoch_batches(args, train_set, 0, model, mean, std, device)) \
         if args.mining_scope != "dataset" else math.ceil(len(train_set) / max(1, args.batch_size // 3))
-    total = args.epochs * steps_per_epoch
+    total = args.epochs * steps_per_epoch  # optimiser steps of the whole run
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * steps_per_epoch)))
     # own generators for augmentation and mining, so a checkpoint can store and restore them
@@ -397,6 +403,7 @@ def run(args, run_dir, device):
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     start_epoch, start_step = 0, 0
     if args.resume and os.path.exists(checkpoint_path):
+        # tensors and plain containers only: never arbitrary pickles
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         classifier.load_state_dict(state["classifier"])
@@ -407,7 +414,7 @@ def run(args, run_dir, device):
         torch.set_rng_state(state["cpu_rng"].cpu())
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-        start_epoch, start_step = state["epoch"], state["step"]
+        start_epoch, start_step = state["epoch"], state["step"]  # where the interrupted run stopped
         print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {start_step}")
 
     # what the training step calls: DDP wrappers under torchrun (they average the gradients over
