@@ -99,6 +99,8 @@ def build_parser():
     o.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the optimiser")
     o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
     o.add_argument("--linear-epochs", type=int, default=100, help="linear classifier on frozen features")
+    o.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N epochs, a linear probe's test accuracy in metrics.jsonl (accuracy vs minutes)")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
     o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
     o.add_argument("--sync-bn", action="store_true",
@@ -317,6 +319,20 @@ def train_linear(args, features, labels, num_classes, device, seed):
     return classifier
 
 
+def probe_accuracy(args, model, classifier, labelled, test, mean, std, device, num_classes):
+    """Test accuracy of a linear probe on the current encoder (ce: of its own head), for
+    --eval-every. It runs on its own copy of the random state, so evaluating during training
+    changes nothing that training draws afterwards (resume stays exact)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
+        if args.loss != "ce":  # a fresh probe on the frozen features, as at the end of the run
+            train_f = evaluate.extract_features(model, labelled.images, mean, std, device)
+            classifier = train_linear(args, train_f, labelled.labels, num_classes, device, args.seed)
+        with torch.no_grad():
+            predicted = classifier(test_f.to(device)).argmax(1).cpu()  # (N_test,)
+    return (predicted == test.labels).float().mean().item()
+
+
 def main(argv=None):
     """Parse the arguments, set up the run folder (or reopen it for --resume) and train."""
     args = build_parser().parse_args(argv)
@@ -483,6 +499,13 @@ def run(args, run_dir, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     views = 1 if args.loss == "ce" else 2  # two augmented views per image for contrastive losses
     metrics_log = os.path.join(run_dir, "metrics.jsonl")
+    # the images the linear classifier trains on: real + ID, never the negative-only ones
+    labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
+    # training minutes: continued across --resume, without the time of --eval-every probes
+    minutes_before, probe_seconds = 0.0, 0.0
+    if start_epoch > 0 and os.path.exists(metrics_log):
+        with open(metrics_log) as f:
+            minutes_before = json.loads(f.read().splitlines()[-1])["minutes"]
     t_start = time.time()
     model.train()
     progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc="train",
@@ -530,8 +553,15 @@ def run(args, run_dir, device):
                 progress.set_postfix(epoch=epoch + 1, loss=f"{value.item():.4f}")
             step = 0  # the next epoch starts at its first step
             # one line per epoch in metrics.jsonl, and a checkpoint --resume can continue from
-            record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
-                      "lr": sched.get_last_lr()[0], "minutes": (time.time() - t_start) / 60}
+            record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)), "lr": sched.get_last_lr()[0],
+                      "minutes": minutes_before + (time.time() - t_start - probe_seconds) / 60}
+            if args.eval_every and (epoch + 1) % args.eval_every == 0 and rank == 0:
+                t_probe = time.time()
+                record["probe_accuracy"] = probe_accuracy(args, model, classifier, labelled, splits.test,
+                                                          mean, std, device, K)
+                probe_seconds += time.time() - t_probe
+                progress.write(f"epoch {epoch + 1}: linear probe test accuracy {record['probe_accuracy']:.4f} "
+                               f"after {record['minutes']:.2f} min of training")
             if rank == 0:
                 with open(metrics_log, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -549,12 +579,11 @@ def run(args, run_dir, device):
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     progress.close()
-    train_minutes = (time.time() - t_start) / 60
+    train_minutes = minutes_before + (time.time() - t_start - probe_seconds) / 60
     if rank > 0:  # rank 0 alone trains the linear classifier, evaluates and writes the results
         return {}
 
     # ---- linear classifier on the frozen encoder (real + ID images; never near-OOD ones)
-    labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
     if args.loss != "ce":
         features = evaluate.extract_features(model, labelled.images, mean, std, device)
         classifier = train_linear(args, features, labelled.labels, K, device, args.seed)

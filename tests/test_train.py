@@ -85,6 +85,25 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypa
         assert torch.equal(a["classifier"][key], b["classifier"][key]), key
 
 
+@pytest.mark.parametrize("loss", ["supcon", "ce"])
+def test_eval_every_logs_probe_accuracy_and_changes_no_weight(tmp_path, loss):
+    args = TINY + ["--loss", loss, "--epochs", "2", "--no-report", "--out", str(tmp_path)]
+    plain = train.main(args + ["--name", "plain"])
+    probed = train.main(args + ["--name", "probed", "--eval-every", "1"])
+    records = [json.loads(line) for line in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["probe_accuracy"] <= 1 for r in records)
+    assert records[0]["minutes"] <= records[1]["minutes"]
+    # the last probe is the same probe as the end of the run: the same accuracy
+    assert records[-1]["probe_accuracy"] == pytest.approx(probed["test_accuracy"], abs=1e-6)
+    # probing draws from its own random state: the trained weights are those of a run without it
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "probed" / "model.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert plain["test_accuracy"] == probed["test_accuracy"]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real_loss, calls = train.compute_loss, {"n": 0}
 
