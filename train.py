@@ -521,9 +521,10 @@ def run(args, run_dir, device):
                 if stopping(stop["requested"]):
                     raise KeyboardInterrupt
                 batch = batches[step].to(device)  # (B,) indices into the training set
-                # under torchrun this rank embeds its shard of the batch: (b,) of (B,)
-                sizes = [len(part) for part in batch.tensor_split(world)] if world > 1 else None
-                local = batch.tensor_split(world)[rank] if world > 1 else batch
+                # under torchrun this rank embeds its shard of the batch, (b,) of (B,); in one
+                # process the shard is the whole batch
+                shards = batch.tensor_split(world)
+                local, sizes = shards[rank], ([len(s) for s in shards] if world > 1 else None)
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
                     x = data.augment(images[local.flatten()], augment, aug_gen, mean, std)
                     with autocast:
