@@ -470,9 +470,8 @@ def sd_generator(args, train_set, out, device):
 def contact_sheet(out, jobs, train_set, per_class=2, path=None):
     """A picture a person can check: for a few images per class, the real image, its ID variations
     and its near-OOD variations side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import evaluate  # its figure helpers (imported here: evaluate is not needed to generate)
+    plt = evaluate.pyplot()
     by_source = {}  # source index -> kind -> its jobs
     for j in jobs:
         by_source.setdefault(j.index, {}).setdefault(j.kind, []).append(j)
@@ -504,9 +503,7 @@ def contact_sheet(out, jobs, train_set, per_class=2, path=None):
     fig.suptitle("DA-Fusion variations: real image | ID variations | near-OOD variations", fontsize=9,
                  y=1 - 0.1 / height)
     path = path or os.path.join(out, "contact_sheet.png")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    evaluate.save_figure(fig, path, dpi=110)
     return path
 
 

@@ -552,6 +552,15 @@ def channel_stats(images):
     return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # (C,), (C,); clamp: a constant channel
 
 
+def atomic_write_text(text, path):
+    """Write text to a temporary name beside `path`, then rename: a reader (or a crash) never
+    sees half a file. Used for every config, metrics, report and results file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 # -----------------------------------------------------------------------------
 # Several processes (torchrun): which share of the work is this process's
 

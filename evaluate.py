@@ -190,16 +190,18 @@ def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
 # Pictures
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path):
-    fig.savefig(path + ".tmp.png", dpi=120, bbox_inches="tight")
-    _plt().close(fig)
+def save_figure(fig, path, dpi=120):
+    """Save a figure as PNG under a temporary name, then rename; close it. Returns the file name."""
+    fig.savefig(path + ".tmp.png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
     os.replace(path + ".tmp.png", path)
     return os.path.basename(path)
 
@@ -208,7 +210,7 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
     """t-SNE of embeddings. groups: {name: (features, labels or None)}; test ID points are coloured
     by class, the other groups get their own marker."""
     from sklearn.manifold import TSNE
-    plt = _plt()
+    plt = pyplot()
     g = torch.Generator().manual_seed(seed)
     names, feats, labs = [], [], []
     for name, (f, l) in groups.items():
@@ -245,13 +247,13 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
     ax.set_title("t-SNE of the normalised encoder embeddings")
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ood_curves(results, path):
     """ROC and precision-recall curves of every OOD score (in-distribution = positive)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
-    plt = _plt()
+    plt = pyplot()
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
     for set_name, scores in results.items():
         for score_name, (s_in, s_out) in scores.items():
@@ -268,13 +270,13 @@ def plot_ood_curves(results, path):
     pr.set(xlabel="recall (ID)", ylabel="precision (ID)", title="OOD detection: precision-recall (AUPR-In)")
     roc.legend(fontsize=7)
     pr.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_classification_curves(y_true, probabilities, classes, path):
     """One-vs-rest ROC and precision-recall curves of the linear head, per class."""
     from sklearn.metrics import precision_recall_curve, roc_curve
-    plt = _plt()
+    plt = pyplot()
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
     y_true = np.asarray(y_true)
     for k, name in enumerate(classes):
@@ -285,12 +287,12 @@ def plot_classification_curves(y_true, probabilities, classes, path):
     roc.set(xlabel="false positive rate", ylabel="true positive rate", title="Classification: one-vs-rest ROC")
     pr.set(xlabel="recall", ylabel="precision", title="Classification: one-vs-rest precision-recall")
     roc.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(confusion, classes, path, title):
     """One confusion matrix (rows: true class, columns: predicted; counts written in the cells)."""
-    plt = _plt()
+    plt = pyplot()
     c = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2.5, 0.5 * len(classes) + 2))
     im = ax.imshow(c, cmap="Blues")
@@ -302,7 +304,7 @@ def plot_confusion(confusion, classes, path, title):
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="test images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def grad_cam(model, classifier, x):
@@ -340,7 +342,7 @@ def grad_cam(model, classifier, x):
 
 def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per_class=2):
     """Grad-CAM heat-maps (Selvaraju et al. 2017) of the linear head on a few test images per class."""
-    plt = _plt()
+    plt = pyplot()
     idx = torch.cat([torch.nonzero(test.labels == c).squeeze(1)[:per_class] for c in range(len(classes))])
     x = test.images[idx].to(device)
     xn = data.to_float(x, mean, std)  # (B, C, H, W) normalised
@@ -358,7 +360,7 @@ def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per
         true, pred = classes[int(test.labels[idx[k]])], classes[int(predicted[k])]
         ax.set_title(f"{true} -> {pred}", fontsize=7, color="black" if true == pred else "red")
     fig.suptitle("Grad-CAM of the linear head on the last conv layer (true -> predicted)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -468,10 +470,7 @@ def write_report(metrics, files, run_dir):
     lines += ["", "## Pictures", ""]
     for title, name in files.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
-    tmp = os.path.join(run_dir, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(run_dir, "report.md"))
+    data.atomic_write_text("\n".join(lines) + "\n", os.path.join(run_dir, "report.md"))
 
 
 def load_ood_folder(path, channels, size, resize):
@@ -516,10 +515,7 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", k=50, ep
         with open(os.path.join(run_dir, "metrics.json")) as f:
             previous = json.load(f)
     metrics = {**{k: previous[k] for k in ("train_minutes", "epochs") if k in previous}, **metrics}
-    tmp = os.path.join(run_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "metrics.json"))
+    data.atomic_write_text(json.dumps(metrics, indent=2), os.path.join(run_dir, "metrics.json"))
     return metrics
 
 

@@ -137,14 +137,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def atomic_write_text(text, path):
-    """Write text to a temporary name, then rename (never a half-written file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def lr_factor(step, total_steps, warmup_steps):
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -382,7 +374,7 @@ def run(args, run_dir, device):
           f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
           f"{K} classes; held out as OOD: {splits.ood_classes or 'none'}; device {device}")
     if not args.resume and rank == 0:
-        atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
+        data.atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
 
     # normalisation statistics of the real training images (synthetic ones do not shift them)
     mean, std = data.channel_stats(splits.train.images)
@@ -596,7 +588,7 @@ def run(args, run_dir, device):
     results = {"train_minutes": train_minutes, "epochs": args.epochs,
                **evaluate.evaluate(model, classifier, splits, labelled, mean, std, device, run_dir,
                                    synthetic, pictures=not args.no_report, seed=args.seed)}
-    atomic_write_text(json.dumps(results, indent=2), os.path.join(run_dir, "metrics.json"))
+    data.atomic_write_text(json.dumps(results, indent=2), os.path.join(run_dir, "metrics.json"))
     line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
     if "ood_auroc_knn" in results:
         line += f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN {results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}"

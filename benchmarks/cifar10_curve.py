@@ -21,6 +21,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+import data  # noqa: E402
+import evaluate  # noqa: E402
 import train  # noqa: E402
 
 # SupCon, ResNet-18 with the small-image stem, 32 px, batch 512 x 2 views, SGD with warm-up and
@@ -51,12 +53,8 @@ def main():
     text = "\n".join(rows) + "\n"
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "cifar10_curve.md"), "w") as f:
-        f.write(text)
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    data.atomic_write_text(text, os.path.join(HERE, "results", "cifar10_curve.md"))
+    plt = evaluate.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["minutes"] for r in records], [r["probe_accuracy"] for r in records], marker="o")
     ax.axhline(0.9, ls=":", c="grey", label="90%")
@@ -65,8 +63,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(HERE, "results", "cifar10_curve.png")
-    fig.savefig(path + ".tmp.png", dpi=120, bbox_inches="tight")
-    os.replace(path + ".tmp.png", path)
+    evaluate.save_figure(fig, path)
     print(f"curve: {path}")
 
 

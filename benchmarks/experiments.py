@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+import evaluate  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -145,10 +147,8 @@ def fs(metrics, key):
 
 
 def tsne_sheet(pictures, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
+    plt = evaluate.pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(18, 10.5))
     for ax, (title, file) in zip(axes.flat, pictures):
         ax.imshow(Image.open(file))
@@ -156,8 +156,7 @@ def tsne_sheet(pictures, path):
         ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=80)
-    os.replace(path + ".tmp.png", path)
+    evaluate.save_figure(fig, path, dpi=80)
     return path
 
 
@@ -179,10 +178,8 @@ def main():
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     tag = args.tag or args.experiment
-    with open(os.path.join(HERE, "results", f"{tag}.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(HERE, "results", f"{tag}.json"), "w") as f:
-        json.dump(raw, f, indent=1, default=float)
+    data.atomic_write_text(text, os.path.join(HERE, "results", f"{tag}.md"))
+    data.atomic_write_text(json.dumps(raw, indent=1, default=float), os.path.join(HERE, "results", f"{tag}.json"))
 
 
 if __name__ == "__main__":
