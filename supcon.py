@@ -228,36 +228,105 @@ class _LogDenominatorChunked(torch.autograd.Function):
         dL/ds_ia = g_i p_ia,      dL/dZ = (G + G^T) Z / tau   (G the (M, N) matrix g_i p_ia,
     scattered to anchor rows), which backward accumulates block by block after recomputing each
     block's logits (like flash-attention: recompute instead of store).
+
+    This is the path train.py uses, so it touches each (c, N) block as few times as possible
+    (the block is far larger than anything else here; the time goes into reading it):
+      - the columns are split into real samples (R) and negative-only ones (K). The only masks
+        that depend on the anchor are then its own column (c entries, set by index) and, with
+        "same_class", a (c, K) class mask on the negative-only block;
+      - rows are unit vectors, so s_ia <= 1/tau and every real term exp(s_ia - 1/tau) lies in
+        [exp(-2/tau), 1]: nothing overflows, and for tau >= 2/77 (fp32; fp64: tau >= 2/698)
+        nothing underflows either. The shift 1/tau is then a constant that rides in the bias of
+        the matrix product (addmm) with log w_a, and no row maximum is needed. For smaller tau
+        each row is shifted by its own maximum, as logsumexp does (two passes more);
+      - backward scales the small (c, D) matrices by g_i / (tau den_i), never the block itself.
     """
 
     @staticmethod
-    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, *masks):
+    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, neg_class, negative_only,
+                hard_negatives):
         """(M,) log-denominators, computed `chunk_size` anchor rows at a time."""
-        # each block: (c, N) masked logits -> (c,) log-sum-exp; the block is freed at once
-        log_denominator = torch.cat([
-            torch.logsumexp(_masked_logits(z, anchors[s:s + chunk_size], log_weight, temperature,
-                                           *masks), dim=1)
-            for s in range(0, anchors.numel(), chunk_size)])  # (M,)
+        columns = _DenominatorColumns(z, log_weight, temperature, neg_class, negative_only,
+                                      hard_negatives)
+        log_denominator = []
+        for s in range(0, anchors.numel(), chunk_size):
+            blocks = columns.logits(anchors[s:s + chunk_size])  # (c, R), (c, K): s_ia + log w_a - shift
+            row_shift = 0.0  # fixed shift: every term is already in [exp(-2/tau), w], exp() is safe
+            if not columns.fixed_shift:  # small tau: each row's own maximum              (c,)
+                row_shift = torch.stack([b.amax(1) for b in blocks]).amax(0)
+                blocks = [b.sub_(row_shift[:, None]) for b in blocks]
+            denominator = sum(b.exp_().sum(1) for b in blocks)  # (c,) sum_a w_a exp(s_ia - shifts)
+            log_denominator.append(denominator.log() + row_shift + columns.shift)  # (c,)
+        log_denominator = torch.cat(log_denominator)  # (M,)
         # keep only O(N D + M) for backward: the embeddings and each row's log-denominator
-        ctx.save_for_backward(z, anchors, log_weight, log_denominator)
-        ctx.settings = (temperature, chunk_size, masks)  # plain Python values and mask tensors
+        ctx.save_for_backward(z, anchors, log_weight, log_denominator, neg_class, negative_only)
+        ctx.settings = (temperature, chunk_size, hard_negatives)  # plain Python values
         return log_denominator  # (M,)
 
     @staticmethod
     def backward(ctx, grad_log_denominator):
         """dL/dZ = (G + G^T) Z / tau with G_ia = g_i p_ia, accumulated block by block."""
-        z, anchors, log_weight, log_denominator = ctx.saved_tensors
-        temperature, chunk_size, masks = ctx.settings
+        z, anchors, log_weight, log_denominator, neg_class, negative_only = ctx.saved_tensors
+        temperature, chunk_size, hard_negatives = ctx.settings
+        columns = _DenominatorColumns(z, log_weight, temperature, neg_class, negative_only,
+                                      hard_negatives)
         grad_z = torch.zeros_like(z)  # (N, D)
+        grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
         for s in range(0, anchors.numel(), chunk_size):
             rows = anchors[s:s + chunk_size]  # (c,)
-            # p_ia = exp(masked logits - log denominator): recomputed, exactly 0 off A(i)  (c, N)
-            g = _masked_logits(z, rows, log_weight, temperature, *masks)
-            g.sub_(log_denominator[s:s + chunk_size, None]).exp_()
-            g.mul_(grad_log_denominator[s:s + chunk_size, None] / temperature)  # g_i p_ia / tau
-            grad_z.index_add_(0, rows, g @ z)  # G Z: the anchors' own rows              (c, D)
-            grad_z.addmm_(g.T, z[rows])  # G^T Z: every column                           (N, D)
+            blocks = columns.logits(rows)  # recomputed: (c, R), (c, K)
+            log_den = log_denominator[s:s + chunk_size] - columns.shift  # (c,) in shifted units
+            g = grad_log_denominator[s:s + chunk_size]  # (c,) g_i
+            if columns.fixed_shift:
+                blocks = [b.exp_() for b in blocks]  # E_ia = p_ia den_i, exactly 0 off A(i)
+                scale = g * (-log_den).exp() / temperature  # (c,) g_i / (den_i tau)
+            else:
+                blocks = [b.sub_(log_den[:, None]).exp_() for b in blocks]  # E_ia = p_ia
+                scale = g / temperature  # (c,)
+            scale = scale[:, None]  # (c, 1): G_ia / tau = scale_i E_ia
+            # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a                  (c, D)
+            grad_z.index_add_(0, rows, scale * sum(b @ z_cols for b, z_cols in zip(blocks, columns.z)))
+            # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                     (R|K, D)
+            scaled_rows = scale * z[rows]  # (c, D)
+            for grad, b in zip(grad_columns, blocks):
+                grad.addmm_(b.T, scaled_rows)
+        for index, grad in zip(columns.index, grad_columns):
+            grad_z.index_add_(0, index, grad)  # back to each sample's own row
         return grad_z, None, None, None, None, None, None, None  # only z needs a gradient
+
+
+class _DenominatorColumns:
+    """The columns a of the chunked denominator, split into real samples and negative-only ones,
+    with what every block of anchors needs: their embeddings, the bias log w_a - shift, masks."""
+
+    def __init__(self, z, log_weight, temperature, neg_class, negative_only, hard_negatives):
+        self.z_full, self.temperature = z, temperature
+        # exp(s - 1/tau) >= exp(-2/tau) must stay a normal float (10: a margin of e^10)
+        self.fixed_shift = 2 / temperature <= -math.log(torch.finfo(z.dtype).tiny) - 10
+        self.shift = 1 / temperature if self.fixed_shift else 0.0
+        real = torch.nonzero(~negative_only).squeeze(1)  # (R,) real samples; anchors are among them
+        negative = torch.nonzero(negative_only).squeeze(1)  # (K,) negative-only samples
+        self.index = [real] + ([negative] if negative.numel() else [])  # no empty (c, 0) block
+        self.z = [z[i] for i in self.index]  # (R, D), (K, D)
+        bias = torch.full((z.shape[0],), -self.shift, dtype=z.dtype, device=z.device)  # (N,)
+        if log_weight is not None:
+            bias = bias + log_weight  # log w_a on negative-only columns
+        self.bias = [bias[i] for i in self.index]  # (R,), (K,): contiguous, fused into addmm
+        self.position = torch.cumsum(~negative_only, 0) - 1  # (N,) each sample's real column
+        self.neg_class = neg_class  # (N,) the class hard-negative masking compares
+        # "same_class": a negative-only column counts only for anchors of its class
+        self.negative_class = neg_class[negative] if hard_negatives == "same_class" else None  # (K,)
+
+    def logits(self, rows):
+        """[(c, R), (c, K)] of s_ia + log w_a - shift for anchors `rows` (c,), -inf off A(i)."""
+        z_rows = self.z_full[rows] / self.temperature  # (c, D) z_i / tau
+        blocks = [torch.addmm(bias, z_rows, z_cols.T) for bias, z_cols in zip(self.bias, self.z)]
+        # a = i: the anchor's own column (c entries, by index: no (c, R) mask is built)
+        blocks[0][torch.arange(len(rows), device=rows.device), self.position[rows]] = -math.inf
+        if len(blocks) > 1 and self.negative_class is not None:
+            # a negative-only sample of another class than the anchor's is not in A(i)   (c, K)
+            blocks[1].masked_fill_(self.neg_class[rows][:, None] != self.negative_class[None, :], -math.inf)
+        return blocks
 
 
 # -----------------------------------------------------------------------------

@@ -297,9 +297,10 @@ def train_linear(args, features, labels, num_classes, device, seed):
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
     for _ in range(args.linear_epochs):
-        for idx in torch.split(torch.randperm(len(x), generator=g), 256):
+        # the order is drawn on the CPU (the same on every device) and moved over once per epoch
+        for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
             # the probe never changes the encoder
-            loss = F.cross_entropy(classifier(x[idx.to(device)]), y[idx.to(device)])
+            loss = F.cross_entropy(classifier(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -3,12 +3,14 @@ benchmarks/bench_generate.py -- DA-Fusion generation throughput (images per seco
 
 1. Stable Diffusion img2img (the DA-Fusion step of dafusion.py): a v1-architecture pipeline built
    from configs with random weights -- the compute is the real model's (UNet about 860M
-   parameters, CLIP ViT-L/14 text encoder, the SD VAE), nothing is downloaded. 512 px,
-   strength 0.5, 50 DDIM steps, guidance 15, in one process:
+   parameters, CLIP ViT-L/14 text encoder, the SD VAE), nothing is downloaded. It is saved once in
+   diffusers' folder layout (.cache/bench_generate) and then goes through dafusion.py's own path:
+   sd_generator loads it like a downloaded model (fp16 and channels_last on CUDA, PyTorch's fused
+   attention), loads the class token (random vectors stand in for textual inversion) and returns
+   make_images, which both settings call with jobs from plan_jobs. 512 px, strength 0.5, 50 DDIM
+   steps, guidance 15, in one process:
      (a) one image per call, as DA-Fusion's own code generates;
-     (b) dafusion.py's path: --batch-size images per call (one prompt per image, one seeded
-         generator per image), fp16 on CUDA, PyTorch's fused attention; --compile adds
-         torch.compile of the UNet.
+     (b) --batch-size images per call (one prompt and one seeded generator per image).
    The printed ratio is (b) / (a).
 2. The offline ddpm generator (dafusion.py's default): train it on digits once (cached in
    .cache/bench_generate), then SDEdit images per second at the ID and near-OOD strengths.
@@ -18,13 +20,13 @@ Run:   python benchmarks/bench_generate.py --device cuda                 # both,
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
 import time
 
 import torch
-from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -47,14 +49,15 @@ SIZES = {
 }
 
 
-def build_pipeline(size, device, dtype, folder):
-    """StableDiffusionImg2ImgPipeline with SD v1's architecture and random weights."""
+def build_model_folder(size, folder, dtype):
+    """Save a StableDiffusionImg2ImgPipeline with SD v1's architecture and random weights in
+    diffusers' folder layout, so that dafusion.py loads it the way it loads a downloaded model."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     torch.manual_seed(0)
     spec = SIZES[size]
-    write_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    write_tokenizer(folder + "-tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder + "-tokenizer", model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, max_position_embeddings=77, bos_token_id=512,
                                                 eos_token_id=513, pad_token_id=513, **spec["text"]))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
@@ -66,29 +69,51 @@ def build_pipeline(size, device, dtype, folder):
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, {spec['pixels']} px")
-    return pipe.to(device, dtype), spec["pixels"]
+    pipe.to(dtype).save_pretrained(folder)
 
 
-def images_per_second(pipe, pixels, batch, total, args, device):
-    """Generate `total` images in calls of `batch`, the way dafusion.sd_generator calls the pipeline."""
-    source = Image.new("RGB", (pixels, pixels), (120, 90, 60))
+def sd_images_per_second(args, device):
+    """(a) and (b) through dafusion.sd_generator: the model loaded from its folder, the class token
+    loaded from OUT/embeddings (random vectors stand in for textual inversion), jobs from plan_jobs."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    root = os.path.join(".cache", "bench_generate")
+    folder = os.path.join(root, f"sd-{args.size}-{str(dtype).split('.')[-1]}")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        build_model_folder(args.size, folder, dtype)
+    out = os.path.join(root, "out")
+    n = max(args.images, args.batch_size)
+    g = torch.Generator().manual_seed(0)
+    # one class of 32 px images (noise): pipeline_images upsamples them to the model's resolution
+    train_set = data.ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+                              torch.zeros(n, dtype=torch.long), ["part"])
+    gen_args = dafusion.build_parser().parse_args(
+        ["--out", out, "--generator", "stable-diffusion", "--model", folder, "--guidance", str(args.guidance),
+         "--steps", str(args.steps), "--ood-strength", str(args.strength), "--num-vectors", "4"])
+    dafusion.generation_settings(gen_args)
+    with open(os.path.join(folder, "text_encoder", "config.json")) as f:
+        hidden = json.load(f)["hidden_size"]
+    dafusion.save_embedding(os.path.join(out, "embeddings", "part.safetensors"), "<part>",
+                            0.01 * torch.randn(4, hidden, generator=g))
+    make_images, _ = dafusion.sd_generator(gen_args, train_set, out, device)
+    jobs = dafusion.plan_jobs(train_set, 1, args.strength, args.strength, 0, kinds=("near_ood",))
+    pixels = SIZES[args.size]["pixels"]
+    print(f"img2img through dafusion.py, {pixels} px, strength {args.strength}, {args.steps} steps, "
+          f"guidance {args.guidance}, {dtype}")
 
-    def call(n, seed0):
-        pipe(prompt=["a photo of a <part>"] * n, image=[source] * n, strength=args.strength,
-             guidance_scale=args.guidance, num_inference_steps=args.steps, output_type="pil",
-             generator=[torch.Generator(device="cpu").manual_seed(seed0 + i) for i in range(n)])
+    def rate(batch, total):
+        make_images(jobs[:batch])  # warm-up (cudnn's algorithm search)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for start in range(0, total, batch):
+            images = make_images(jobs[start:min(start + batch, total)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert images[0].size == (pixels, pixels)
+        return total / (time.perf_counter() - t0)
 
-    call(batch, 0)  # warm-up (cudnn, compile)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for start in range(0, total, batch):
-        call(min(batch, total - start), start)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return total / (time.perf_counter() - t0)
+    return rate(1, max(2, args.images // 8)), rate(args.batch_size, args.images)
 
 
 def ddpm_images_per_second(args, device):
@@ -120,7 +145,6 @@ def main():
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=15.0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet in (b)")
     p.add_argument("--ddpm-images", type=int, default=1024, help="images timed for the ddpm generator")
     p.add_argument("--skip", choices=["sd", "ddpm"], default=None, help="leave one of the two parts out")
     args = p.parse_args()
@@ -129,15 +153,9 @@ def main():
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"{machine}, torch {torch.__version__}")
     if args.skip != "sd":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe, pixels = build_pipeline(args.size, device, dtype, os.path.join(".cache", "bench_generate", "tokenizer"))
-        print(f"img2img, strength {args.strength}, {args.steps} steps, guidance {args.guidance}, {dtype}")
-        one = images_per_second(pipe, pixels, 1, max(2, args.images // 8), args, device)
+        one, batched = sd_images_per_second(args, device)
         print(f"(a) one image per call:        {one:7.2f} images/s")
-        if args.compile:
-            pipe.unet = torch.compile(pipe.unet)
-        batched = images_per_second(pipe, pixels, args.batch_size, args.images, args, device)
-        print(f"(b) {args.batch_size} images per call{' (compiled)' if args.compile else ''}: {batched:7.2f} images/s")
+        print(f"(b) {args.batch_size} images per call:       {batched:7.2f} images/s")
         print(f"ratio (b)/(a): {batched / one:.2f}x")
     if args.skip != "ddpm":
         rates = ddpm_images_per_second(args, device)

@@ -8,7 +8,7 @@ pipelines in one process, on the same data, model and batch:
   (b) this project's path (train.py): the training set decoded once into a uint8 tensor on the
       device, the same augmentations batched on the device with per-sample parameters
       (data.augment_simclr), bf16 autocast and channels_last on CUDA, the chunked supcon_loss;
-      --compile adds torch.compile.
+      --compile adds (c): (b) with torch.compile, as train.py --compile.
 
 Both train a ResNet-18 with the small-image stem (3x3 conv, no max-pool) and the SupCon projection
 head with SGD; only the timed steps after --warmup steps count. The printed ratio is (b) / (a).
@@ -114,7 +114,7 @@ def reference_pipeline(args, splits, mean, std, device):
     return timed(run_steps, args.warmup, args.steps, device)
 
 
-def project_pipeline(args, splits, mean, std, device):
+def project_pipeline(args, splits, mean, std, device, compile=False):
     """(b): uint8 images on the device, batched augmentations, bf16 + channels_last on CUDA."""
     s = splits.train
     model, opt = build(args, s.images.shape[1], s.images.shape[2], len(splits.classes), device)
@@ -122,7 +122,7 @@ def project_pipeline(args, splits, mean, std, device):
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model) if compile else model
     images, labels = s.images.to(device), s.labels.to(device)  # decoded once
     mean, std = mean.to(device), std.to(device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -151,7 +151,7 @@ def main():
     p.add_argument("--steps", type=int, default=50, help="timed steps per pipeline")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn, workers, compile)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers of (a)")
-    p.add_argument("--compile", action="store_true", help="torch.compile in (b)")
+    p.add_argument("--compile", action="store_true", help="also (c): (b) with torch.compile (train.py --compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -169,9 +169,11 @@ def main():
     print(f"(a) reference-style (PIL in {args.workers} workers, fp32): {images / seconds_a:9.0f} images/s")
     seconds_b = project_pipeline(args, splits, mean, std, device)
     label = "bf16, channels_last" if device.type == "cuda" else "fp32"
-    print(f"(b) this project (uint8 on device, batched augment, {label}"
-          f"{', compiled' if args.compile else ''}): {images / seconds_b:9.0f} images/s")
+    print(f"(b) this project (uint8 on device, batched augment, {label}): {images / seconds_b:9.0f} images/s")
     print(f"ratio (b)/(a): {seconds_a / seconds_b:.2f}x")
+    if args.compile:  # train.py --compile
+        seconds_c = project_pipeline(args, splits, mean, std, device, compile=True)
+        print(f"(c) as (b), torch.compile: {images / seconds_c:9.0f} images/s; ratio (c)/(a): {seconds_a / seconds_c:.2f}x")
 
 
 if __name__ == "__main__":

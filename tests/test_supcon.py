@@ -40,9 +40,13 @@ def brute_force_supcon(features, labels=None, negative_only=None, temperature=0.
             continue
         A = [r for j, r in enumerate(rows) if j != i and
              (not r[2] or hard_negatives == "all" or r[1] == li)]
-        denominator = sum((negative_weight if r[2] else 1.0) * math.exp(float(zi @ r[0]) / temperature)
-                          for r in A)
-        L_i = -sum(math.log(math.exp(float(zi @ p[0]) / temperature) / denominator) for p in P) / len(P)
+        # log sum_a w_a exp(s_ia), with the largest s_ia taken out so tiny tau cannot overflow
+        logits = [float(zi @ r[0]) / temperature for r in A]
+        top = max(logits)
+        log_denominator = top + math.log(sum((negative_weight if r[2] else 1.0) * math.exp(s - top)
+                                             for r, s in zip(A, logits)))
+        # log(exp(s_ip) / denominator) = s_ip - log denominator
+        L_i = -sum(float(zi @ p[0]) / temperature - log_denominator for p in P) / len(P)
         per_anchor.append(L_i)
     if not per_anchor:
         return 0.0
@@ -337,3 +341,27 @@ def test_invalid_inputs_raise_clear_errors():
         supcon_loss(x, torch.zeros(4), negative_weight=-1)
     with pytest.raises(ValueError, match="chunk_size"):
         supcon_loss(x, torch.zeros(4), chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.5, 0.03, 0.02, 0.005, 0.002])
+@pytest.mark.parametrize("hard_negatives", ["same_class", "all"])
+def test_chunked_on_both_sides_of_the_fixed_shift(dtype, temperature, hard_negatives):
+    """The chunked path shifts by the constant 1/tau while exp(-2/tau) is a normal float (fp32:
+    tau >= 2/77, fp64: tau >= 2/698) and by each row's maximum below that; both sides must give
+    Eq. 1's value and the plain path's gradient (autograd through logsumexp)."""
+    feats, labels, neg = random_batch(B=14, V=2, D=6, seed=23, dtype=dtype)
+    feats[0, 1] = -feats[0, 0]  # an anchor whose positive is as far away as it can be (cos = -1)
+    expected = brute_force_supcon(feats.double(), labels, neg, temperature, None, hard_negatives, 0.5)
+    grads = []
+    for chunk_size in (None, 5):
+        x = feats.clone().requires_grad_()
+        loss = supcon_loss(x, labels, neg, temperature=temperature, hard_negatives=hard_negatives,
+                           negative_weight=0.5, chunk_size=chunk_size)
+        loss.backward()
+        assert torch.isfinite(x.grad).all()
+        assert loss.item() == pytest.approx(expected, rel=1e-9 if dtype == torch.float64 else 1e-4)
+        grads.append(x.grad)
+    scale = grads[0].abs().max()
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(grads[1], grads[0], rtol=tolerance, atol=tolerance * scale)
