@@ -437,6 +437,8 @@ def sd_generator(args, train_set, out, device):
                 print(f"{token}: textual inversion loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
             pipe.load_textual_inversion(path, token=token)  # the same loader a user of diffusers would call
             prompts[c] = args.prompt.format(token)  # the pipeline expands <tok> to its n vectors
+    if args.compile:  # after textual inversion, which trains through the eager UNet
+        pipe.unet = torch.compile(pipe.unet)
     if args.mode == "txt2img":
         from diffusers import StableDiffusionPipeline
         runner = StableDiffusionPipeline(**pipe.components)  # shares the weights: no second copy in memory
@@ -463,6 +465,7 @@ def sd_generator(args, train_set, out, device):
                 kwargs.update(height=resolution, width=resolution)
         return runner(**kwargs).images  # len(jobs) PIL images, in job order
 
+    make_images.pipeline = runner  # for benchmarks/bench_generate.py
     return make_images, f"stable-diffusion:{args.model}"
 
 
@@ -562,6 +565,9 @@ def add_stable_diffusion_arguments(p):
     s.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's, 512 for v1.x)")
     s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default fp16 on CUDA, fp32 elsewhere")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for generation (GPU): the first batch compiles for a "
+                        "minute or two, later batches run faster (benchmarks/bench_generate.py)")
     return p
 
 

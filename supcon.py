@@ -177,11 +177,13 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)  # (N,)
         log_weight[negative_only] = math.log(negative_weight) if negative_weight > 0 else -math.inf
     masks = (neg_class, negative_only, hard_negatives)  # what decides A(i), per anchor
-    if chunk_size is None:  # the readable specification: one (M, N) matrix, autograd
-        log_denominator = _log_denominator(z, anchors, log_weight, temperature, *masks)
-    else:  # the same numbers block by block: (chunk_size, N) at a time, analytic gradient
-        log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
-                                                       chunk_size, *masks)
+    # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
+    with torch.autocast(z.device.type, enabled=False):
+        if chunk_size is None:  # the readable specification: one (M, N) matrix, autograd
+            log_denominator = _log_denominator(z, anchors, log_weight, temperature, *masks)
+        else:  # the same numbers block by block: (chunk_size, N) at a time, analytic gradient
+            log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
+                                                           chunk_size, *masks)
 
     # ---- L = mean over anchors of L_i = log denominator_i - mean positive logit_i
     # -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip                (Eq. 1)
@@ -270,6 +272,13 @@ class _LogDenominatorChunked(torch.autograd.Function):
         temperature, chunk_size, hard_negatives = ctx.settings
         columns = _DenominatorColumns(z, log_weight, temperature, neg_class, negative_only,
                                       hard_negatives)
+        with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast too
+            return _LogDenominatorChunked.gradient(z, anchors, log_denominator, grad_log_denominator,
+                                                   columns, temperature, chunk_size)
+
+    @staticmethod
+    def gradient(z, anchors, log_denominator, grad_log_denominator, columns, temperature, chunk_size):
+        """The body of backward, in fp32."""
         grad_z = torch.zeros_like(z)  # (N, D)
         grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
         for s in range(0, anchors.numel(), chunk_size):

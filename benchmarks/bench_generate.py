@@ -10,7 +10,9 @@ benchmarks/bench_generate.py -- DA-Fusion generation throughput (images per seco
    make_images, which both settings call with jobs from plan_jobs. 512 px, strength 0.5, 50 DDIM
    steps, guidance 15, in one process:
      (a) one image per call, as DA-Fusion's own code generates;
-     (b) --batch-size images per call (one prompt and one seeded generator per image).
+     (b) --batch-size images per call (one prompt and one seeded generator per image); on CUDA
+         also with the UNet and VAE in the NCHW layout instead of channels_last;
+     (c) with --compile: as (b), dafusion.py --compile (torch.compile of the UNet).
    The printed ratio is (b) / (a).
 2. The offline ddpm generator (dafusion.py's default): train it on digits once (cached in
    .cache/bench_generate), then SDEdit images per second at the ID and near-OOD strengths.
@@ -96,13 +98,17 @@ def sd_images_per_second(args, device):
     dafusion.save_embedding(os.path.join(out, "embeddings", "part.safetensors"), "<part>",
                             0.01 * torch.randn(4, hidden, generator=g))
     make_images, _ = dafusion.sd_generator(gen_args, train_set, out, device)
+    compiled = None
+    if args.compile:  # a second generator, as `dafusion.py --compile` builds it
+        gen_args.compile = True
+        compiled = dafusion.sd_generator(gen_args, train_set, out, device)[0]
     jobs = dafusion.plan_jobs(train_set, 1, args.strength, args.strength, 0, kinds=("near_ood",))
     pixels = SIZES[args.size]["pixels"]
     print(f"img2img through dafusion.py, {pixels} px, strength {args.strength}, {args.steps} steps, "
           f"guidance {args.guidance}, {dtype}")
 
-    def rate(batch, total):
-        make_images(jobs[:batch])  # warm-up (cudnn's algorithm search)
+    def rate(batch, total, make_images=make_images):
+        make_images(jobs[:batch])  # warm-up (cudnn's algorithm search; compiling)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -113,7 +119,16 @@ def sd_images_per_second(args, device):
         assert images[0].size == (pixels, pixels)
         return total / (time.perf_counter() - t0)
 
-    return rate(1, max(2, args.images // 8)), rate(args.batch_size, args.images)
+    rates = {"(a) one image per call": rate(1, max(2, args.images // 8)),
+             f"(b) {args.batch_size} images per call": rate(args.batch_size, args.images)}
+    if device.type == "cuda":  # (b) with the UNet and VAE in the default (NCHW) layout
+        for module in (make_images.pipeline.unet, make_images.pipeline.vae):
+            module.to(memory_format=torch.contiguous_format)
+        rates["(b) in NCHW layout instead of channels_last"] = rate(args.batch_size, args.images)
+    if compiled is not None:
+        del make_images
+        rates[f"(c) {args.batch_size} images per call, --compile"] = rate(args.batch_size, args.images, compiled)
+    return rates
 
 
 def ddpm_images_per_second(args, device):
@@ -146,6 +161,7 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=15.0)
     p.add_argument("--ddpm-images", type=int, default=1024, help="images timed for the ddpm generator")
+    p.add_argument("--compile", action="store_true", help="also (c): dafusion.py --compile (torch.compile of the UNet)")
     p.add_argument("--skip", choices=["sd", "ddpm"], default=None, help="leave one of the two parts out")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -153,10 +169,10 @@ def main():
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"{machine}, torch {torch.__version__}")
     if args.skip != "sd":
-        one, batched = sd_images_per_second(args, device)
-        print(f"(a) one image per call:        {one:7.2f} images/s")
-        print(f"(b) {args.batch_size} images per call:       {batched:7.2f} images/s")
-        print(f"ratio (b)/(a): {batched / one:.2f}x")
+        rates = sd_images_per_second(args, device)
+        one = rates["(a) one image per call"]
+        for name, value in rates.items():
+            print(f"{name:50s} {value:7.2f} images/s   ratio to (a) {value / one:5.2f}x")
     if args.skip != "ddpm":
         rates = ddpm_images_per_second(args, device)
         print("ddpm generator (digits, 16 px, 20 DDIM steps, guidance 2): " +

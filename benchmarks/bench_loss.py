@@ -113,7 +113,7 @@ def main():
     parser.add_argument("--n", type=int, default=4096, help="embeddings for the speed comparison")
     parser.add_argument("--memory-n", type=int, default=16384, help="embeddings for the memory comparison")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024, 4096], help="chunked paths to time")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     dev = args.device
@@ -125,8 +125,9 @@ def main():
     runs = {
         "baseline (reference-style, float masks)": lambda: baseline_supcon(feats, labels, neg),
         "supcon_loss (plain path)": lambda: supcon_loss(feats, labels, neg),
-        f"supcon_loss (chunk_size={args.chunk_size})": lambda: supcon_loss(feats, labels, neg, chunk_size=args.chunk_size),
     }
+    for c in args.chunk_sizes:  # c=c: each lambda keeps its own chunk size
+        runs[f"supcon_loss (chunk_size={c})"] = lambda c=c: supcon_loss(feats, labels, neg, chunk_size=c)
     values, grads = {}, {}
     for k, fn in runs.items():  # the three must agree: same value, same gradient
         feats.grad = None
@@ -148,12 +149,13 @@ def main():
     del feats
     feats, labels, neg = make_batch(args.memory_n, args.dim, dev)
     print(f"\npeak extra memory of one forward+backward, N={args.memory_n}")
-    mem_chunk = peak_extra_memory(lambda: supcon_loss(feats, labels, neg, chunk_size=args.chunk_size), feats, dev)
-    print(f"  supcon_loss chunk_size={args.chunk_size:<6d}  {mem_chunk / 2**20:10.1f} MiB")
+    for c in args.chunk_sizes:
+        mem_chunk = peak_extra_memory(lambda: supcon_loss(feats, labels, neg, chunk_size=c), feats, dev)
+        print(f"  supcon_loss chunk_size={c:<6d}  {mem_chunk / 2**20:10.1f} MiB")
     try:
         mem_base = peak_extra_memory(lambda: baseline_supcon(feats, labels, neg), feats, dev)
         print(f"  baseline                        {mem_base / 2**20:10.1f} MiB   "
-              f"(supcon_loss needs {mem_chunk / mem_base:.3f} of it)")
+              f"(chunk_size={args.chunk_sizes[-1]} needs {mem_chunk / mem_base:.3f} of it)")
     except torch.OutOfMemoryError:  # N x N float matrices: 4 N^2 bytes each, several alive at once
         torch.cuda.empty_cache()
         print(f"  baseline                        out of memory (one N x N fp32 matrix alone is "

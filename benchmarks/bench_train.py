@@ -20,6 +20,7 @@ torchvision's files under --data-root instead; `--data digits` works anywhere.)
 """
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -65,14 +66,16 @@ def build(args, in_channels, image_size, num_classes, device):
     return model, opt
 
 
-def step(model, opt, views, labels, loss_fn, channels_last=False):
-    """One SupCon step on views (B, 2, C, H, W)."""
+def step(model, opt, views, labels, loss_fn, channels_last=False, autocast=contextlib.nullcontext()):
+    """One SupCon step on views (B, 2, C, H, W); the forward pass under `autocast`, backward outside
+    it (as train.py does and PyTorch's autocast documentation asks)."""
     B = views.shape[0]
     x = views.flatten(0, 1)  # (2B, C, H, W)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    z = model(x).float().view(B, 2, -1)  # (B, 2, D)
-    loss = loss_fn(z, labels)
+    with autocast:
+        z = model(x).float().view(B, 2, -1)  # (B, 2, D)
+        loss = loss_fn(z, labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -136,9 +139,8 @@ def project_pipeline(args, splits, mean, std, device, compile=False):
                 order = torch.randperm(len(images), generator=g, device=device)
             batch, order = order[:args.batch_size], order[args.batch_size:]
             views = torch.stack([data.augment(images[batch], "simclr", g, mean, std) for _ in range(2)], 1)
-            with autocast:
-                step(forward, opt, views, labels[batch],
-                     lambda z, y: supcon.supcon_loss(z, y, temperature=0.1, chunk_size=1024), channels_last=cuda)
+            step(forward, opt, views, labels[batch],
+                 lambda z, y: supcon.supcon_loss(z, y, temperature=0.1, chunk_size=1024), cuda, autocast)
     return timed(run_steps, args.warmup, args.steps, device)
 
 

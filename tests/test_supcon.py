@@ -365,3 +365,23 @@ def test_chunked_on_both_sides_of_the_fixed_shift(dtype, temperature, hard_negat
     scale = grads[0].abs().max()
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     assert torch.allclose(grads[1], grads[0], rtol=tolerance, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_autocast_keeps_the_loss_in_fp32(chunk_size):
+    """Under torch.autocast (how train.py runs the encoder) the loss's products must stay fp32,
+    forward and backward, or the chunked gradient would not match its own forward."""
+    feats, labels, neg = random_batch(B=16, V=2, D=32, seed=29, dtype=torch.float32)
+    x = feats.clone().requires_grad_()
+    expected = supcon_loss(x, labels, neg, chunk_size=chunk_size)
+    expected.backward()
+    expected_grad, x.grad = x.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = supcon_loss(x, labels, neg, chunk_size=chunk_size)
+        if chunk_size is not None:
+            loss.backward()  # the chunked gradient is ours: fp32 even if backward runs in autocast
+    if chunk_size is None:
+        loss.backward()  # autograd's own backward: outside autocast, as PyTorch's docs ask
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-7)
