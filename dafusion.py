@@ -408,9 +408,6 @@ def sd_generator(args, train_set, out, device):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or
                                                                                    ("fp16" if device.type == "cuda" else "fp32")]
     pipe = load_sd_pipeline(args.model, device, dtype)  # fails at once if the model is not on disk
-    if device.type == "cuda":  # NHWC convolutions: tensor cores read them without transposes
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # 512 for SD v1.x
     classes = train_set.classes
     prompts = {}  # class id -> prompt

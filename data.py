@@ -20,6 +20,7 @@ OOD classes) and write a grid of augmented views to data_preview.png.
 
 import argparse
 import csv
+import functools
 import multiprocessing
 import os
 import sys
@@ -499,6 +500,21 @@ def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
     return _affine(x, theta)
 
 
+@functools.lru_cache(maxsize=None)
+def _hue_rotation_basis(device):
+    """Hue rotation by angle a in RGB = T^-1 R(a) T, T = RGB -> YIQ, R(a) rotating the (I, Q)
+    plane. R(a) = diag(1, 0, 0) + cos a diag(0, 1, 1) + sin a [[0,0,0],[0,0,-1],[0,1,0]], so the
+    RGB matrix is keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
+    Made once per device: no host-device copy (a synchronisation) in every training step."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=torch.float64)
+    from_yiq = torch.linalg.inv(to_yiq)
+    parts = [torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)),
+             torch.diag(torch.tensor([0, 1.0, 1.0], dtype=torch.float64)),
+             torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64)]
+    return tuple((from_yiq @ r @ to_yiq).float().to(device) for r in parts)
+
+
 def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     """SimCLR's augmentations, batched: random resized crop, horizontal flip, colour jitter
     (0.8 s brightness/contrast/saturation, 0.2 s hue, with p 0.8), grayscale (p 0.2), Gaussian
@@ -530,11 +546,8 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
         x = ((x - grey) * saturation + grey).clamp(0, 1)
         # hue: rotate the chroma plane of YIQ by a random angle (up to 0.2 s of a full turn)
         angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-        cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones(B, device=dev), torch.zeros(B, device=dev)
-        rotate = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
-                              torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
-        matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq  # (B, 3, 3) RGB -> RGB
+        keep, cos_part, sin_part = _hue_rotation_basis(dev)  # (3, 3) each, made once per device
+        matrix = keep + angle.cos().view(B, 1, 1) * cos_part + angle.sin().view(B, 1, 1) * sin_part  # (B, 3, 3)
         x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
         # ---- random grayscale, p 0.2
         to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2

@@ -241,7 +241,8 @@ class _LogDenominatorChunked(torch.autograd.Function):
         nothing underflows either. The shift 1/tau is then a constant that rides in the bias of
         the matrix product (addmm) with log w_a, and no row maximum is needed. For smaller tau
         each row is shifted by its own maximum, as logsumexp does (two passes more);
-      - backward scales the small (c, D) matrices by g_i / (tau den_i), never the block itself.
+      - backward scales the small (c, D) matrices by g_i / (tau den_i), never the block itself;
+      - when every anchor fits in one block, forward keeps it for backward (no recomputation).
     """
 
     @staticmethod
@@ -257,12 +258,16 @@ class _LogDenominatorChunked(torch.autograd.Function):
             if not columns.fixed_shift:  # small tau: each row's own maximum              (c,)
                 row_shift = torch.stack([b.amax(1) for b in blocks]).amax(0)
                 blocks = [b.sub_(row_shift[:, None]) for b in blocks]
-            denominator = sum(b.exp_().sum(1) for b in blocks)  # (c,) sum_a w_a exp(s_ia - shifts)
+            blocks = [b.exp_() for b in blocks]  # E_ia = w_a exp(s_ia - offset_i), 0 off A(i)
+            denominator = sum(b.sum(1) for b in blocks)  # (c,) sum_a E_ia
             log_denominator.append(denominator.log() + row_shift + columns.shift)  # (c,)
         log_denominator = torch.cat(log_denominator)  # (M,)
-        # keep only O(N D + M) for backward: the embeddings and each row's log-denominator
+        # keep only O(N D + M) for backward: the embeddings and each row's log-denominator --
+        # except when all anchors fit in one block: then that block is kept (it is allocated
+        # anyway) and backward skips recomputing it
         ctx.save_for_backward(z, anchors, log_weight, log_denominator, neg_class, negative_only)
         ctx.settings = (temperature, chunk_size, hard_negatives)  # plain Python values
+        ctx.kept = (blocks, row_shift + columns.shift) if anchors.numel() <= chunk_size else None
         return log_denominator  # (M,)
 
     @staticmethod
@@ -272,27 +277,30 @@ class _LogDenominatorChunked(torch.autograd.Function):
         temperature, chunk_size, hard_negatives = ctx.settings
         columns = _DenominatorColumns(z, log_weight, temperature, neg_class, negative_only,
                                       hard_negatives)
+        kept, ctx.kept = ctx.kept, None  # (the block goes with this call)
         with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast too
             return _LogDenominatorChunked.gradient(z, anchors, log_denominator, grad_log_denominator,
-                                                   columns, temperature, chunk_size)
+                                                   columns, temperature, chunk_size, kept)
 
     @staticmethod
-    def gradient(z, anchors, log_denominator, grad_log_denominator, columns, temperature, chunk_size):
+    def gradient(z, anchors, log_denominator, grad_log_denominator, columns, temperature, chunk_size,
+                 kept):
         """The body of backward, in fp32."""
         grad_z = torch.zeros_like(z)  # (N, D)
         grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
         for s in range(0, anchors.numel(), chunk_size):
             rows = anchors[s:s + chunk_size]  # (c,)
-            blocks = columns.logits(rows)  # recomputed: (c, R), (c, K)
-            log_den = log_denominator[s:s + chunk_size] - columns.shift  # (c,) in shifted units
-            g = grad_log_denominator[s:s + chunk_size]  # (c,) g_i
-            if columns.fixed_shift:
-                blocks = [b.exp_() for b in blocks]  # E_ia = p_ia den_i, exactly 0 off A(i)
-                scale = g * (-log_den).exp() / temperature  # (c,) g_i / (den_i tau)
-            else:
-                blocks = [b.sub_(log_den[:, None]).exp_() for b in blocks]  # E_ia = p_ia
-                scale = g / temperature  # (c,)
-            scale = scale[:, None]  # (c, 1): G_ia / tau = scale_i E_ia
+            log_den = log_denominator[s:s + chunk_size]  # (c,)
+            # E_ia = w_a exp(s_ia - offset_i), 0 off A(i): forward's block, or recomputed
+            if kept is not None:
+                blocks, offset = kept
+            elif columns.fixed_shift:
+                blocks, offset = [b.exp_() for b in columns.logits(rows)], columns.shift
+            else:  # offset = the log-denominator itself: E_ia = p_ia, at most 1
+                offset = log_den
+                blocks = [b.sub_(offset[:, None]).exp_() for b in columns.logits(rows)]
+            # p_ia = E_ia exp(offset_i - log den_i), so G_ia / tau = scale_i E_ia with    (c, 1)
+            scale = (grad_log_denominator[s:s + chunk_size] * (offset - log_den).exp() / temperature)[:, None]
             # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a                  (c, D)
             grad_z.index_add_(0, rows, scale * sum(b @ z_cols for b, z_cols in zip(blocks, columns.z)))
             # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                     (R|K, D)

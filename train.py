@@ -475,6 +475,20 @@ def run(args, run_dir, device):
         torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
+    def read_loss(pending):
+        """Read a step's loss (waits for the GPU to get there), log it, stop on inf/nan."""
+        if pending is None:
+            return
+        value, at_epoch, at_step = pending
+        value = value.item()
+        if not math.isfinite(value):
+            raise Diverged(f"loss is {value} at epoch {at_epoch + 1}, step {at_step}. Stopped; "
+                           f"the last good checkpoint {checkpoint_path} is kept. Try a lower "
+                           f"--lr or a higher --temperature.")
+        losses.append(value)
+        progress.update(1)
+        progress.set_postfix(epoch=at_epoch + 1, loss=f"{value:.4f}")
+
     def mean_over_ranks(value):
         """The whole batch's loss from this rank's (the scaling of compute_loss makes it the mean)."""
         if world > 1:
@@ -508,7 +522,7 @@ def run(args, run_dir, device):
         for epoch in range(start_epoch, args.epochs):
             # index batches of this epoch: m images per class + a share of negative-only ones
             batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
-            losses = []
+            losses, pending = [], None  # pending: (loss on the device, epoch, step) not yet read
             for step in range(start_step if epoch == start_epoch else 0, len(batches)):
                 rng_at_step = rng_states()  # what a checkpoint taken before this step holds
                 if stopping(stop["requested"]):
@@ -531,20 +545,19 @@ def run(args, run_dir, device):
                     with autocast:
                         loss = compute_loss(args, net, head, x, labels[batch],
                                             negative_only[batch], mine_gen, sizes)
-                value = mean_over_ranks(loss.detach())  # the loss of the whole batch
-                if not torch.isfinite(value):
-                    raise Diverged(f"loss is {value.item()} at epoch {epoch + 1}, step {step}. Stopped; "
-                                   f"the last good checkpoint {checkpoint_path} is kept. Try a lower "
-                                   f"--lr or a higher --temperature.")
+                value = mean_over_ranks(loss.detach())  # the loss of the whole batch, on the device
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 updating = True  # parameters change now: no checkpoint of a half-done step
                 opt.step()
                 sched.step()
                 updating = False
-                losses.append(value.item())
-                progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{value.item():.4f}")
+                # the previous step's loss is read now, not this one's: reading a value waits for
+                # the GPU, and one step of lag lets it work through this step meanwhile
+                read_loss(pending)
+                pending = (value, epoch, step)
+            read_loss(pending)  # the epoch's last step, before its checkpoint is written
+            pending = None
             step = 0  # the next epoch starts at its first step
             # one line per epoch in metrics.jsonl, and a checkpoint --resume can continue from
             record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)), "lr": sched.get_last_lr()[0],

@@ -83,6 +83,7 @@ def thesis(args, extra):
                     f"{mean_std([r['ood_auroc_knn'] for r in results])} | "
                     f"{mean_std([r['ood_auroc_msp'] for r in results])} | "
                     f"{np.mean([r['seconds'] for r in results]):.0f} s |")
+        args.save(rows, raw, partial=True)  # a long run that is stopped keeps its finished rows
     return rows, raw
 
 
@@ -170,16 +171,23 @@ def main():
     p.add_argument("--tag", default=None, help="name of the results file (default: the experiment)")
     args = p.parse_args(argv)
     t0 = time.time()
-    rows, raw = {"thesis": thesis, "fruit": fruit, "siamese": siamese}[args.experiment](args, extra)
     command = "python benchmarks/experiments.py " + " ".join(sys.argv[1:])
-    header = [f"Machine: {machine()}. Command: `{command}`. Seeds: {args.seeds}. "
-              f"Total wall time {((time.time() - t0) / 60):.1f} min (synthetic sets cached beforehand are not regenerated).", ""]
-    text = "\n".join(header + rows) + "\n"
-    print(text)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     tag = args.tag or args.experiment
-    data.atomic_write_text(text, os.path.join(HERE, "results", f"{tag}.md"))
-    data.atomic_write_text(json.dumps(raw, indent=1, default=float), os.path.join(HERE, "results", f"{tag}.json"))
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+
+    def save(rows, raw, partial=False):
+        """benchmarks/results/<tag>.{md,json}; partial: the rows finished so far."""
+        header = [f"Machine: {machine()}. Command: `{command}`. Seeds: {args.seeds}. "
+                  f"Total wall time {((time.time() - t0) / 60):.1f} min (synthetic sets cached beforehand "
+                  f"are not regenerated){' -- PARTIAL: the rows finished so far' if partial else ''}.", ""]
+        text = "\n".join(header + rows) + "\n"
+        data.atomic_write_text(text, os.path.join(HERE, "results", f"{tag}.md"))
+        data.atomic_write_text(json.dumps(raw, indent=1, default=float), os.path.join(HERE, "results", f"{tag}.json"))
+        return text
+
+    args.save = save
+    rows, raw = {"thesis": thesis, "fruit": fruit, "siamese": siamese}[args.experiment](args, extra)
+    print(save(rows, raw))
 
 
 if __name__ == "__main__":
