@@ -83,7 +83,8 @@ def build_parser():
                    help="which anchors a near-OOD negative contrasts: its source class's, or every one")
     l.add_argument("--negative-weight", type=float, default=1.0, help="weight of near-OOD exp-terms")
     l.add_argument("--chunk-size", type=int, default=1024,
-                   help="SupCon rows per block (exact; less memory, faster); 0 = the plain path")
+                   help="SupCon anchors per block of the exact chunked path (memory about 4 x this x N "
+                        "bytes; larger blocks run faster on a GPU); 0 = the plain path")
     l.add_argument("--margin", type=float, default=None, help="triplet (default 0.5) / cosine (default 0.0)")
     l.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
     l.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean", help="triplet distance")

@@ -9,6 +9,7 @@ probes' own time is not counted). Meant for a GPU; the data is the CIFAR-10 JPEG
 
 Run:   python benchmarks/cifar10_curve.py                          # the recipe below
        python benchmarks/cifar10_curve.py -- --epochs 200 --lr 0.5 # extra train.py arguments
+       python benchmarks/cifar10_curve.py --from-run runs/NAME     # redraw a run's curve only
 Writes benchmarks/results/cifar10_curve.{png,md}.
 """
 
@@ -40,15 +41,30 @@ def main():
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="cifar10-supcon-curve", help="run folder under runs/")
+    p.add_argument("--from-run", default=None, metavar="RUN",
+                   help="no training: draw the curve of the existing run folder RUN (also one that "
+                        "stopped early; its metrics.jsonl is all that is needed)")
+    p.add_argument("--machine", default=None, help="with --from-run: the machine the run trained on")
     args = p.parse_args(argv)
-    run_dir = os.path.join("runs", args.name)
-    results = train.main(RECIPE + extra + ["--name", args.name])
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [r for r in map(json.loads, f.read().splitlines()) if "probe_accuracy" in r]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     command = "python benchmarks/cifar10_curve.py " + " ".join(sys.argv[1:])
-    rows = [f"Machine: {device}. Command: `{command}`. Final linear-probe test accuracy "
-            f"{results['test_accuracy']:.4f} after {results['train_minutes']:.1f} min of training.", "",
+    if args.from_run:
+        run_dir, device = args.from_run, args.machine or "unknown machine"
+        results_path = os.path.join(run_dir, "metrics.json")
+        results = json.load(open(results_path)) if os.path.exists(results_path) else None
+    else:
+        run_dir = os.path.join("runs", args.name)
+        results = train.main(RECIPE + extra + ["--name", args.name])
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        epochs = [json.loads(line) for line in f.read().splitlines()]
+    records = [r for r in epochs if "probe_accuracy" in r]
+    if results is not None:
+        final = (f"Final linear-probe test accuracy {results['test_accuracy']:.4f} after "
+                 f"{results['train_minutes']:.1f} min of training.")
+    else:  # stopped early: say how far it got
+        final = (f"The run did not finish (no metrics.json): it stopped after epoch {epochs[-1]['epoch']} "
+                 f"at {epochs[-1]['minutes']:.2f} min of training; the table holds its probes.")
+    rows = [f"Machine: {device}. Command: `{command}`. {final}", "",
             "| epoch | minutes of training | linear-probe test accuracy |", "|---|---|---|"]
     rows += [f"| {r['epoch']} | {r['minutes']:.2f} | {r['probe_accuracy']:.4f} |" for r in records]
     text = "\n".join(rows) + "\n"
@@ -60,7 +76,8 @@ def main():
     ax.plot([r["minutes"] for r in records], [r["probe_accuracy"] for r in records], marker="o")
     ax.axhline(0.9, ls=":", c="grey", label="90%")
     ax.set(xlabel="minutes of training", ylabel="linear-probe test accuracy",
-           title=f"SupCon ResNet-18 on CIFAR-10 ({device})")
+           title=f"SupCon ResNet-18 on CIFAR-10 ({device.split(',')[0]})"
+                 + ("" if results is not None else f"\nrun stopped after epoch {epochs[-1]['epoch']}"))
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(HERE, "results", "cifar10_curve.png")
