@@ -448,12 +448,13 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
         groups += chunks
     # shuffle the groups and pack them into batches of about n_real labelled samples
     order = torch.randperm(len(groups), generator=g).tolist()
-    batches, current = [], []  # finished batches; groups of the batch being filled
+    batches, current, filled = [], [], 0  # finished batches; groups of the batch being filled; its size
     for gi in order:
         current.append(groups[gi])
-        if sum(map(len, current)) >= n_real:
+        filled += len(groups[gi])
+        if filled >= n_real:
             batches.append(torch.cat(current))
-            current = []
+            current, filled = [], 0
     if current:
         batches.append(torch.cat(current))
     if n_neg:  # add the negatives: sampled with replacement, from the classes the batch holds
