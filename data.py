@@ -37,7 +37,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")
 NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px upscaled
 DEFAULT_OOD = {"digits": "8,9"}  # held-out classes of the default run (open-set OOD test)
-KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2
+KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2  # ImageSet.kind: where an image came from
 
 
 class DataError(ValueError):
@@ -56,7 +56,7 @@ class ImageSet:
     names: list = field(default_factory=list)
 
     def __post_init__(self):
-        n = len(self.images)
+        n = len(self.images)  # every per-image field must have n entries
         if self.negative_only is None:
             self.negative_only = torch.zeros(n, dtype=torch.bool)
         if self.kind is None:
@@ -73,7 +73,7 @@ class ImageSet:
 
     def subset(self, index):
         """The images at `index` (a LongTensor), with their labels, flags and names."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor(index, dtype=torch.long)  # (n,) rows to keep, in this order
         return ImageSet(self.images[index], self.labels[index], self.classes,
                         self.negative_only[index], self.kind[index],
                         [self.names[i] for i in index.tolist()] if self.names else [])
@@ -81,7 +81,7 @@ class ImageSet:
     @staticmethod
     def concat(sets):
         """One ImageSet from several (None and empty entries are skipped); they share the class list."""
-        sets = [s for s in sets if s is not None and len(s)]
+        sets = [s for s in sets if s is not None and len(s)]  # None = a part left out (--no-real)
         return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
                         sets[0].classes, torch.cat([s.negative_only for s in sets]),
                         torch.cat([s.kind for s in sets]), sum((s.names for s in sets), []))
@@ -95,7 +95,7 @@ def resize_pil(image, size, mode="crop"):
     """PIL image -> size x size. mode "crop": scale the short side, centre-crop; "letterbox": scale
     to fit and paste centred on a black canvas (keeps the aspect ratio, the seed fruit project)."""
     w, h = image.size
-    if mode == "letterbox":
+    if mode == "letterbox":  # whole image, padded to a square (the seed fruit project)
         scale = size / max(w, h)  # the long side becomes `size`
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
         canvas = Image.new(image.mode, (size, size))  # black, same mode (L or RGB)
@@ -134,7 +134,7 @@ def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=N
     try:
         with Image.open(path) as img:
             img.load()  # force decoding now: truncated files fail here, not later
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = img.convert("L" if channels == 1 else "RGB")  # one mode for the whole set
     except Exception as error:
         raise DataError(f"{path}: cannot read this image ({error}). Replace or delete the file, "
                         f"or pass --skip-bad-images to leave unreadable files out.") from error
@@ -183,7 +183,7 @@ def guess_channels(paths):
 
 def _read_image(job):
     """open_image for load_files' workers: (C, size, size) uint8 numpy array, or the DataError."""
-    path, channels, size, resize, mask_path = job
+    path, channels, size, resize, mask_path = job  # one picklable tuple per image
     try:
         return open_image(path, channels, size, resize, mask_path).numpy()
     except DataError as error:
@@ -199,7 +199,7 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
             # DIR/<relative path>.png
             mask_path = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, root))[0] + ".png")
         jobs.append((path, channels, size, resize, mask_path))
-    workers = min(16, os.cpu_count() or 1)
+    workers = min(16, os.cpu_count() or 1)  # processes for decoding
     if len(jobs) >= 5000 and workers > 1:
         # large folders in worker processes: decoding small JPEGs is mostly Python work in PIL,
         # which threads cannot share (the GIL). CIFAR-10's 60,000 files: seconds on 16 cores.
@@ -208,7 +208,7 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
             decoded = list(tqdm(pool.map(_read_image, jobs, chunksize=256), total=len(jobs),
                                 desc=f"reading {root}", leave=False))
     else:
-        decoded = [_read_image(job) for job in jobs]
+        decoded = [_read_image(job) for job in jobs]  # small sets: no process start-up cost
     images, labels, names, bad = [], [], [], []  # (C, H, W) tensors, ints, paths, skipped paths
     for (path, label), image in zip(items, decoded):
         if isinstance(image, DataError):
@@ -247,14 +247,14 @@ def stratified_split(labels, fraction, seed):
 def load_digits(val_fraction, seed, size):
     """sklearn's 8x8 digits, upscaled to `size` px; a seeded, stratified train/test split."""
     from sklearn.datasets import load_digits as sklearn_digits
-    digits = sklearn_digits()
+    digits = sklearn_digits()  # 1,797 8x8 images shipped inside scikit-learn
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)  # (1797, 1, size, size)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # uint8 like every other source
     labels = torch.tensor(digits.target)  # (1797,) 0..9
     full = ImageSet(images, labels, [str(i) for i in range(10)],
                     names=[f"digits/{i:04d}" for i in range(len(labels))])
-    train_idx, test_idx = stratified_split(labels, val_fraction, seed)
+    train_idx, test_idx = stratified_split(labels, val_fraction, seed)  # the same share of every class
     return full.subset(train_idx), full.subset(test_idx)
 
 
@@ -273,7 +273,7 @@ def load_torchvision(name, root, download, size):
                 f"--download to fetch it, or point --data-root at a folder that holds it.") from error
         x = torch.as_tensor(np.asarray(ds.data))  # (N, H, W) grey or (N, H, W, 3) colour, uint8
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
-        if x.shape[-1] != size:
+        if x.shape[-1] != size:  # resized once here, not per batch
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         labels = torch.as_tensor(np.asarray(ds.targets))  # (N,)
@@ -286,19 +286,19 @@ def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
     """An ImageFolder-layout folder: PATH/train + PATH/test, or PATH/<class>/ split by `val_fraction`."""
     if not os.path.isdir(path):
         raise DataError(f"--data {path}: not a folder and not one of {', '.join(BUILTIN)}.")
-    train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
+    train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")  # a given split
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         classes, train_items = list_class_folders(train_dir)
         test_classes, test_items = list_class_folders(test_dir)
-        if test_classes != classes:
+        if test_classes != classes:  # class ids must mean the same in both splits
             raise DataError(f"{test_dir}: its class folders {test_classes} differ from "
                             f"{train_dir}'s {classes}; both splits need the same classes.")
         channels = guess_channels([p for p, _ in train_items])  # one channel count for both splits
         train = load_files(train_items, classes, channels, size, resize, skip_bad, masks_dir, path)
         test = load_files(test_items, classes, channels, size, resize, skip_bad, masks_dir, path)
         return train, test
-    classes, items = list_class_folders(path)
-    channels = guess_channels([p for p, _ in items])
+    classes, items = list_class_folders(path)  # one folder: split it ourselves
+    channels = guess_channels([p for p, _ in items])  # 1 for greyscale sets, else 3
     full = load_files(items, classes, channels, size, resize, skip_bad, masks_dir, path)
     train_idx, test_idx = stratified_split(full.labels, val_fraction, seed)
     return full.subset(train_idx), full.subset(test_idx)
@@ -354,7 +354,7 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
               val_fraction=0.25, seed=0, examples_per_class=None, ood_classes=None,
               resize="crop", skip_bad_images=False, masks=None):
     """Load a source and make the splits: few-shot training subset, test set, held-out OOD test."""
-    size = image_size or NATIVE_SIZE.get(data, 32)
+    size = image_size or NATIVE_SIZE.get(data, 32)  # pixels per side for every image
     if data == "digits":
         train, test = load_digits(val_fraction, seed, size)
     elif data in BUILTIN:
@@ -363,17 +363,17 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
         train, test = load_folder(data, val_fraction, seed, size, resize, skip_bad_images, masks)
     if masks and data in BUILTIN:
         raise DataError("--masks works with image folders (--data PATH) only")
-    source_classes = list(train.classes)
+    source_classes = list(train.classes)  # before the OOD classes are taken out
     if ood_classes is None:
         ood_classes = DEFAULT_OOD.get(data, "")
-    held = parse_class_list(ood_classes, source_classes)
-    kept = [c for c in range(len(source_classes)) if c not in held]
+    held = parse_class_list(ood_classes, source_classes)  # indices of the held-out classes
+    kept = [c for c in range(len(source_classes)) if c not in held]  # the classes the model trains on
     if len(kept) < 2:
         raise DataError(f"--ood-classes leaves {len(kept)} training class(es); at least 2 are needed")
     ood_test = remap(test, held) if held else None  # labels index the held-out classes
-    train, test = remap(train, kept), remap(test, kept)
+    train, test = remap(train, kept), remap(test, kept)  # labels renumbered 0..K-1
     if examples_per_class:
-        train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))
+        train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))  # seeded few-shot subset
     return Splits(train, test, ood_test, train.classes, [source_classes[c] for c in held], source_classes)
 
 

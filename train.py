@@ -180,30 +180,30 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
       and DDP's average divides the W back out: no scaling;
     - cross-entropy is a mean over rows, computed on this rank's b rows and scaled by b W / B, so
       the average over ranks is the mean over the whole batch."""
-    b, V = views.shape[:2]
-    rank, world = data.distributed() if sizes else (0, 1)
-    start = sum(sizes[:rank]) if sizes else 0
+    b, V = views.shape[:2]  # b rows of this process, V views each
+    rank, world = data.distributed() if sizes else (0, 1)  # one process: rank 0 of 1
+    start = sum(sizes[:rank]) if sizes else 0  # where this rank's rows begin in the batch
     x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity for ce: model(x) is the encoder's features
         local = labels[start:start + b].repeat_interleave(V)  # (b*V,)
         return F.cross_entropy(classifier(model(x)), local) * (b * world / len(labels))
     z = model(x).float().view(b, V, -1)  # (b, V, D)
-    if sizes:
+    if sizes:  # torchrun: the loss needs every rank's embeddings
         z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
-    if args.loss == "supcon":
+    if args.loss == "supcon":  # Eq. 1 with labels: positives share the class
         return supcon.supcon_loss(z, labels, negative_only, temperature=args.temperature,
                                   base_temperature=args.base_temperature,
                                   hard_negatives=args.hard_negatives,
                                   negative_weight=args.negative_weight,
                                   chunk_size=args.chunk_size or None)
-    if args.loss == "simclr":
+    if args.loss == "simclr":  # labels=None: positives are the other views of the same image
         return supcon.supcon_loss(z, None, negative_only, temperature=args.temperature,
                                   base_temperature=args.base_temperature, hard_negatives="all",
                                   negative_weight=args.negative_weight,
                                   chunk_size=args.chunk_size or None)
     # triplet / cosine: every view is a sample of its image's class
     z, labels, negative_only = z.flatten(0, 1), labels.repeat_interleave(V), negative_only.repeat_interleave(V)
-    if args.loss == "triplet":
+    if args.loss == "triplet":  # (B*V, D) rows, each view its own sample
         return supcon.triplet_loss(z, labels, negative_only, margin=args.margin, mining=args.mining,
                                    distance=args.distance, generator=generator)
     return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
@@ -211,11 +211,11 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
 
 def check_args(args):
     """Refuse combinations that cannot work, saying how to fix them."""
-    if args.margin is None:
+    if args.margin is None:  # the seed projects' margins
         args.margin = 0.5 if args.loss == "triplet" else 0.0
-    if args.lr is None:
+    if args.lr is None:  # the usual learning rates of each optimiser
         args.lr = 1e-3 if args.optimizer == "adamw" else 0.05
-    uses_synthetic = args.positives != "none" or args.negatives != "none"
+    uses_synthetic = args.positives != "none" or args.negatives != "none"  # any DA-Fusion images at all
     if args.negatives != "none" and args.loss == "ce":
         raise SystemExit("--negatives near_ood needs a contrastive loss (--loss supcon, simclr, triplet "
                          "or cosine): cross-entropy has no way to use negative-only images.")
@@ -241,20 +241,20 @@ def check_args(args):
 
 def load_training_data(args):
     """Real splits plus the synthetic images the flags ask for; returns (splits, train set)."""
-    splits = data.splits_from_args(args)
-    train_set = splits.train
+    splits = data.splits_from_args(args)  # train / test / held-out OOD test
+    train_set = splits.train  # the real images; synthetic ones are appended below
     if (args.positives != "none" or args.negatives != "none") and not args.synthetic:
         args.synthetic = dafusion.cached_synthetic_set(args, splits)  # generate once, then reuse
     if args.synthetic:
-        _, C, H, _ = splits.train.images.shape
+        _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
         synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize,
                                        args.synthetic_margin, args.seed)
-        keep = torch.zeros(len(synthetic), dtype=torch.bool)
+        keep = torch.zeros(len(synthetic), dtype=torch.bool)  # (S,) which synthetic images this run uses
         if args.positives in ("id", "id+near_ood"):
             keep |= synthetic.kind == data.KIND_ID
         if args.negatives == "near_ood" or args.positives == "id+near_ood":
             keep |= synthetic.kind == data.KIND_NEAR_OOD
-        synthetic = synthetic.subset(torch.nonzero(keep).squeeze(1))
+        synthetic = synthetic.subset(torch.nonzero(keep).squeeze(1))  # only the kinds asked for
         if args.positives == "id+near_ood":  # the ablation: near-OOD images as labelled positives
             synthetic.negative_only = torch.zeros_like(synthetic.negative_only)
         train_set = data.ImageSet.concat([None if args.no_real else train_set, synthetic])
@@ -264,7 +264,7 @@ def load_training_data(args):
 def epoch_batches(args, train_set, epoch, model, mean, std, device):
     """The index batches of one epoch (deterministic in seed and epoch). Dataset-scope triplet
     mining returns (T, 3) triplet index batches instead, mined on the current embeddings."""
-    if args.mining_scope == "dataset":
+    if args.mining_scope == "dataset":  # embed the whole set, mine triplets over it
         with torch.no_grad():
             model.eval()
             # (N, D) embeddings of the whole training set, no augmentation, 512 images at a time
@@ -278,7 +278,7 @@ def epoch_batches(args, train_set, epoch, model, mean, std, device):
                                        distance=args.distance, generator=g)
         triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3) shuffled
         return list(torch.split(triplets, max(1, args.batch_size // 3)))  # about batch_size images per step
-    if args.loss == "ce":
+    if args.loss == "ce":  # plain shuffled batches for cross-entropy
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         # plain shuffled batches
         return list(torch.split(torch.randperm(len(train_set), generator=g), args.batch_size))
@@ -290,14 +290,14 @@ def train_linear(args, features, labels, num_classes, device, seed):
     """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded."""
     g = torch.Generator().manual_seed(seed)  # the batch order of the linear probe
     torch.manual_seed(seed)  # its initial weights
-    classifier = nn.Linear(features.shape[1], num_classes).to(device)
+    classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W: (K, F), b: (K,)
     # standardise the features (the statistics are folded into the layer at the end)
     mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)
     x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex: one setting serves all runs
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
-    for _ in range(args.linear_epochs):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # cosine decay, no warm-up
+    for _ in range(args.linear_epochs):  # full passes over the (N, F) features
         # the order is drawn on the CPU (the same on every device) and moved over once per epoch
         for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
             # the probe never changes the encoder
@@ -337,18 +337,18 @@ def main(argv=None):
         config_path = os.path.join(args.resume, "config.json")
         if not os.path.exists(config_path):
             raise SystemExit(f"--resume {args.resume}: no config.json there; is it a run folder?")
-        with open(config_path) as f:
+        with open(config_path) as f:  # the configuration the run started with
             saved = json.load(f)
         # the saved configuration; options added to train.py after the run started get their defaults
         defaults = vars(build_parser().parse_args([]))
         args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume, "device": args.device})
         run_dir = args.resume
     else:
-        check_args(args)
+        check_args(args)  # refuse impossible flag combinations before any work
         name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if world > 1:  # the clocks of the ranks may differ by a second: rank 0's name for all
             torch.distributed.broadcast_object_list(name, src=0)
-        run_dir = os.path.join(args.out, name[0])
+        run_dir = os.path.join(args.out, name[0])  # runs/<name>: config, checkpoints, metrics, plots
         if os.path.exists(os.path.join(run_dir, "config.json")):
             raise SystemExit(f"{run_dir} already holds a run; choose another --name, or continue "
                              f"it with --resume {run_dir}")
