@@ -82,11 +82,11 @@ def safe_name(text):
 def plan_jobs(train_set, per_image, id_strength, ood_strength, seed, kinds=("id", "near_ood")):
     """Every (image, kind, m) to generate. Seeds depend only on (seed, image, kind, m), so an image
     is the same whether it is made in one run, in another batch, or after a resume."""
-    strengths = {"id": id_strength, "near_ood": ood_strength}
-    stems, jobs = {}, []
+    strengths = {"id": id_strength, "near_ood": ood_strength}  # t0 of SDEdit per kind
+    stems, jobs = {}, []  # (class, file stem) -> count; the plan
     for i, name in enumerate(train_set.names or [f"{i:05d}" for i in range(len(train_set))]):
         stem = safe_name(os.path.splitext(os.path.basename(name))[0])
-        label = int(train_set.labels[i])
+        label = int(train_set.labels[i])  # a variation keeps its source's class
         key = (label, stem)
         stems[key] = stems.get(key, 0) + 1
         if stems[key] > 1:  # two sources with one stem in a class: keep both apart
@@ -112,14 +112,14 @@ def is_valid_image(path):
 def save_image_atomic(image, path):
     """Save a PIL image under a temporary name, then rename it into place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
+    tmp = path + ".tmp.png"  # written whole, then renamed
     image.save(tmp)
     os.replace(tmp, path)
 
 
 def write_manifest(out, jobs, classes, generator_name):
     """manifest.csv listing exactly the planned images that exist on disk (atomic rewrite)."""
-    tmp = os.path.join(out, "manifest.csv.tmp")
+    tmp = os.path.join(out, "manifest.csv.tmp")  # the manifest appears complete or not at all
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(MANIFEST_FIELDS)
@@ -139,7 +139,7 @@ def check_strength(value, name):
 def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
     """Generate the jobs whose file is missing (or unreadable), batch by batch, same strength per
     batch; save each image atomically and rewrite the manifest after every batch."""
-    todo = [j for j in jobs if not is_valid_image(os.path.join(out, j.path))]
+    todo = [j for j in jobs if not is_valid_image(os.path.join(out, j.path))]  # resume: skip finished images
     missing = len(todo)
     if missing < len(jobs):
         print(f"resuming: {len(jobs) - missing} of {len(jobs)} images already in {out}")
@@ -147,7 +147,7 @@ def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
     # manifest, which lists whatever is on disk, so the ranks' images end up in one manifest
     rank, world = data.distributed()
     data.barrier()  # every rank has listed the missing images before any rank writes one
-    todo = todo[rank::world]
+    todo = todo[rank::world]  # every rank takes every world-th job
 
     def update_manifest():
         if rank == 0:
@@ -157,7 +157,7 @@ def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
     try:
         with tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=None if rank == 0 else True) as bar:
             for strength in sorted({j.strength for j in todo}):
-                same = [j for j in todo if j.strength == strength]
+                same = [j for j in todo if j.strength == strength]  # one strength per pipeline call
                 for start in range(0, len(same), batch_size):
                     batch = same[start:start + batch_size]
                     for job, image in zip(batch, make_images(batch)):
@@ -192,7 +192,7 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     conditional and the unconditional model (Ho & Salimans 2022, classifier-free guidance).
     """
     from diffusers import DDPMScheduler, UNet2DModel
-    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed}
+    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed}  # cache key
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -205,11 +205,11 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     unet = build_ddpm_unet(images.shape[1], images.shape[2], num_classes).to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # cosine schedule
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)  # short run
     x_all = images.float().div(127.5).sub(1).to(device)  # (N, C, H, W) in [-1, 1]
-    y_all = labels.to(device)
+    y_all = labels.to(device)  # (N,) class of every training image
     for _ in tqdm(range(steps), desc="train ddpm", dynamic_ncols=True, disable=None):
         idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)  # (B,) a random batch
         x0, y = x_all[idx], y_all[idx].clone()  # (B, C, H, W), (B,)
@@ -222,7 +222,7 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
         loss.backward()
         opt.step()
         sched.step()
-    tmp = folder + ".tmp"
+    tmp = folder + ".tmp"  # saved beside, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(os.path.join(tmp, "unet"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -241,7 +241,7 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
     from diffusers import DDIMScheduler
     if strength == 0:
         return sources.clone()
-    device = next(unet.parameters()).device
+    device = next(unet.parameters()).device  # generate where the model lives
     # DDIM over the same noise schedule the DDPM was trained with; clip x0 to the image range
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True)
@@ -257,11 +257,11 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
     null = torch.full_like(y, num_classes)  # (B,) the null class: the unconditional model
     for t in timesteps:  # from t0 down to 0
         if guidance == 1.0:
-            eps = unet(x, t, class_labels=y).sample
+            eps = unet(x, t, class_labels=y).sample  # no guidance: one pass
         else:
             eps_cond = unet(x, t, class_labels=y).sample  # two passes: cheaper than one of 2B on CPU
             eps_null = unet(x, t, class_labels=null).sample
-            eps = eps_null + guidance * (eps_cond - eps_null)
+            eps = eps_null + guidance * (eps_cond - eps_null)  # classifier-free guidance
         x = scheduler.step(eps, t, x).prev_sample  # (B, C, H, W) one step less noisy
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # back to uint8 pixels
 
@@ -310,8 +310,8 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     Returns (embeddings (num_vectors, dim), losses per step).
     """
     from diffusers import DDPMScheduler
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    device = unet.device
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae  # shared
+    device = unet.device  # textual inversion runs where the pipeline is
     tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one embedding row each
     if tokenizer.add_tokens(tokens) != num_vectors:
         raise GenerationError(f"token {token} already exists in the tokenizer; choose another name")

@@ -92,11 +92,11 @@ def ood_metrics(score_in, score_out):
     in-distribution samples (lower is better). AUPR-Out treats OOD as positive with negated scores.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
-    s_in, s_out = np.asarray(score_in, dtype=np.float64), np.asarray(score_out, dtype=np.float64)
-    y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
-    s = np.r_[s_in, s_out]
+    s_in, s_out = np.asarray(score_in, dtype=np.float64), np.asarray(score_out, dtype=np.float64)  # higher = more ID
+    y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]  # in-distribution is the positive class
+    s = np.r_[s_in, s_out]  # scores in the same order as y
     # the largest threshold that keeps at least 95% of ID scores at or above it
-    threshold = np.sort(s_in)[int(math.floor(0.05 * len(s_in)))]
+    threshold = np.sort(s_in)[int(math.floor(0.05 * len(s_in)))]  # 95% of ID scores lie at or above it
     return {
         "auroc": float(roc_auc_score(y, s)),
         "aupr_in": float(average_precision_score(y, s)),
@@ -110,7 +110,7 @@ def classification_metrics(y_true, probabilities):
     from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
                                  roc_auc_score)
     y_true = np.asarray(y_true)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)  # (N, K) rows summing to 1
     probabilities = probabilities / probabilities.sum(1, keepdims=True)  # rows sum to 1 (sklearn's OvR needs it)
     y_pred = probabilities.argmax(1)  # (N,) predicted class ids
     K = probabilities.shape[1]  # number of classes
@@ -120,7 +120,7 @@ def classification_metrics(y_true, probabilities):
         auc = float(roc_auc_score(y_true, probabilities, multi_class="ovr", labels=range(K))) \
             if K > 2 else float(roc_auc_score(y_true, probabilities[:, 1]))
     except ValueError:  # a class missing from y_true
-        auc = float("nan")
+        auc = float("nan")  # a class missing from y_true: one-vs-rest AUC is undefined
     return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
             "recall": float(r), "f1": float(f1), "roc_auc": auc,
             "confusion": confusion_matrix(y_true, y_pred, labels=range(K)).tolist()}
@@ -148,7 +148,7 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
     query, query_labels)] as index / label tensors."""
     g = torch.Generator().manual_seed(seed)
     # need a query left after the support
-    classes = [c for c in torch.unique(labels).tolist() if (labels == c).sum() > n_shot]
+    classes = [c for c in torch.unique(labels).tolist() if (labels == c).sum() > n_shot]  # need queries too
     if len(classes) < 2:
         return []
     out = []
@@ -169,7 +169,7 @@ def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
     """Nearest-prototype (class mean of the normalised support embeddings) and nearest-neighbour
     accuracy over episodes, cosine similarity; mean and 95% confidence interval (1.96 sd / sqrt n)."""
     z = F.normalize(features.float(), dim=1)  # (N, F) unit rows
-    runs = few_shot_episodes(labels, n_shot, episodes, seed=seed)
+    runs = few_shot_episodes(labels, n_shot, episodes, seed=seed)  # (support, labels, query, labels)
     if not runs:
         return None
     proto_acc, nn_acc = [], []  # one accuracy per episode, each
@@ -220,17 +220,17 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
         names += [name] * len(keep)
         feats.append(F.normalize(f[keep].float(), dim=1))
         labs.append(l[keep] if l is not None else torch.full((len(keep),), -1))
-    x = torch.cat(feats).numpy()
+    x = torch.cat(feats).numpy()  # (P, F) the sampled points of every group
     y2 = TSNE(n_components=2, perplexity=min(30, len(x) - 1), init="pca", random_state=seed).fit_transform(x)
-    names, labs = np.asarray(names), torch.cat(labs).numpy()
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    names, labs = np.asarray(names), torch.cat(labs).numpy()  # (P,) group name and class of each point
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))  # room for the legends on the right
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")  # one colour per class
     style = {"test (ID)": dict(marker="o", s=14, alpha=0.85),
              "training (real)": dict(marker=".", s=8, alpha=0.35),
              "synthetic ID": dict(marker="+", s=18, alpha=0.6),
              "synthetic near-OOD (negatives)": dict(marker="x", s=18, alpha=0.6)}
     for name in dict.fromkeys(names):
-        sel = names == name
+        sel = names == name  # (P,) the points of this group
         if name in style:  # coloured by (source) class
             ax.scatter(y2[sel, 0], y2[sel, 1], c=[cmap(int(c) % cmap.N) for c in labs[sel]], label=name, **style[name])
         else:  # OOD test sets: black
