@@ -279,37 +279,31 @@ class _LogDenominatorChunked(torch.autograd.Function):
                                       hard_negatives)
         kept, ctx.kept = ctx.kept, None  # (the block goes with this call)
         with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast too
-            return _LogDenominatorChunked.gradient(z, anchors, log_denominator, grad_log_denominator,
-                                                   columns, temperature, chunk_size, kept)
-
-    @staticmethod
-    def gradient(z, anchors, log_denominator, grad_log_denominator, columns, temperature, chunk_size,
-                 kept):
-        """The body of backward, in fp32."""
-        grad_z = torch.zeros_like(z)  # (N, D)
-        grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
-        for s in range(0, anchors.numel(), chunk_size):
-            rows = anchors[s:s + chunk_size]  # (c,)
-            log_den = log_denominator[s:s + chunk_size]  # (c,)
-            # E_ia = w_a exp(s_ia - offset_i), 0 off A(i): forward's block, or recomputed
-            if kept is not None:
-                blocks, offset = kept
-            elif columns.fixed_shift:
-                blocks, offset = [b.exp_() for b in columns.logits(rows)], columns.shift
-            else:  # offset = the log-denominator itself: E_ia = p_ia, at most 1
-                offset = log_den
-                blocks = [b.sub_(offset[:, None]).exp_() for b in columns.logits(rows)]
-            # p_ia = E_ia exp(offset_i - log den_i), so G_ia / tau = scale_i E_ia with    (c, 1)
-            scale = (grad_log_denominator[s:s + chunk_size] * (offset - log_den).exp() / temperature)[:, None]
-            # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a                  (c, D)
-            grad_z.index_add_(0, rows, scale * sum(b @ z_cols for b, z_cols in zip(blocks, columns.z)))
-            # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                     (R|K, D)
-            scaled_rows = scale * z[rows]  # (c, D)
-            for grad, b in zip(grad_columns, blocks):
-                grad.addmm_(b.T, scaled_rows)
-        for index, grad in zip(columns.index, grad_columns):
-            grad_z.index_add_(0, index, grad)  # back to each sample's own row
-        return grad_z, None, None, None, None, None, None, None  # only z needs a gradient
+            grad_z = torch.zeros_like(z)  # (N, D)
+            grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
+            for s in range(0, anchors.numel(), chunk_size):
+                rows = anchors[s:s + chunk_size]  # (c,)
+                log_den = log_denominator[s:s + chunk_size]  # (c,)
+                # E_ia = w_a exp(s_ia - offset_i), 0 off A(i): forward's block, or recomputed
+                if kept is not None:
+                    blocks, offset = kept
+                elif columns.fixed_shift:
+                    blocks, offset = [b.exp_() for b in columns.logits(rows)], columns.shift
+                else:  # offset = the log-denominator itself: E_ia = p_ia, at most 1
+                    offset = log_den
+                    blocks = [b.sub_(offset[:, None]).exp_() for b in columns.logits(rows)]
+                # p_ia = E_ia exp(offset_i - log den_i), so G_ia / tau = scale_i E_ia with    (c, 1)
+                g = grad_log_denominator[s:s + chunk_size]  # (c,) g_i
+                scale = (g * (offset - log_den).exp() / temperature)[:, None]
+                # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a                  (c, D)
+                grad_z.index_add_(0, rows, scale * sum(b @ z_cols for b, z_cols in zip(blocks, columns.z)))
+                # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                     (R|K, D)
+                scaled_rows = scale * z[rows]  # (c, D)
+                for grad, b in zip(grad_columns, blocks):
+                    grad.addmm_(b.T, scaled_rows)
+            for index, grad in zip(columns.index, grad_columns):
+                grad_z.index_add_(0, index, grad)  # back to each sample's own row
+            return grad_z, None, None, None, None, None, None, None  # only z needs a gradient
 
 
 class _DenominatorColumns:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import dafusion  # noqa: E402
 import data  # noqa: E402
-from tiny_sd import write_tokenizer  # noqa: E402  (the offline CLIP tokenizer recipe)
+from tiny_sd import build_pipeline_folder  # noqa: E402  (offline tokenizer + configs)
 
 # (text encoder, UNet, VAE) sizes: "full" is Stable Diffusion v1.x, "tiny" a CPU smoke test
 SIZES = {
@@ -53,25 +53,9 @@ SIZES = {
 def build_model_folder(size, folder, dtype):
     """Save a StableDiffusionImg2ImgPipeline with SD v1's architecture and random weights in
     diffusers' folder layout, so that dafusion.py loads it the way it loads a downloaded model."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    torch.manual_seed(0)
     spec = SIZES[size]
-    write_tokenizer(folder + "-tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(folder + "-tokenizer", model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, max_position_embeddings=77, bos_token_id=512,
-                                                eos_token_id=513, pad_token_id=513, **spec["text"]))
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        **spec["vae"])
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters, {spec['pixels']} px")
-    pipe.to(dtype).save_pretrained(folder)
+    parameters = build_pipeline_folder(folder, spec["text"], spec["unet"], spec["vae"], dtype, vae_blocks=4)
+    print(f"UNet {parameters / 1e6:.0f}M parameters, {spec['pixels']} px")
 
 
 def sd_images_per_second(args, device):
