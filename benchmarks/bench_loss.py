@@ -129,7 +129,7 @@ def main():
     for c in args.chunk_sizes:  # c=c: each lambda keeps its own chunk size
         runs[f"supcon_loss (chunk_size={c})"] = lambda c=c: supcon_loss(feats, labels, neg, chunk_size=c)
     values, grads = {}, {}
-    for k, fn in runs.items():  # the three must agree: same value, same gradient
+    for k, fn in runs.items():  # every path must agree: same value, same gradient
         feats.grad = None
         loss = fn()
         loss.backward()
