@@ -282,7 +282,7 @@ def load_sd_pipeline(model, device, dtype):
     from diffusers import StableDiffusionImg2ImgPipeline
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-            model, torch_dtype=dtype, local_files_only=True, safety_checker=None,
+            model, dtype=dtype, local_files_only=True, safety_checker=None,
             requires_safety_checker=False)
     except Exception as error:
         where = "folder" if os.path.isdir(model) else "Hugging Face cache"
@@ -424,7 +424,7 @@ def sd_generator(args, train_set, out, device):
                 index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()  # the real images of class c
                 # PIL RGB at the pipeline's resolution
                 real = pipeline_images(train_set, index, resolution, args.resize)
-                x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in real])
+                x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in real])
                 x = x.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
                 vectors, losses = textual_inversion(
                     pipe, x, f"<ti-{safe_name(name)}>", num_vectors=args.num_vectors,

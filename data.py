@@ -23,6 +23,7 @@ import csv
 import functools
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -467,6 +468,41 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
             batches[b] = torch.cat([batch, pick])  # (n_real + n_neg,) labelled first, then negatives
     return batches
 
+
+class BatchImages(torch.utils.data.Dataset):
+    """train.py --data-on host: item i is the uint8 images (b, C, H, W) of this process's share of
+    batch i (for (T, 3) triplet batches, the a, p, n images of each triplet in turn). Indexed by
+    a DataLoader with batch_size=None, so one worker gathers a whole batch in one indexing."""
+
+    def __init__(self, images, batches, rank=0, world=1):
+        self.images, self.batches, self.rank, self.world = images, batches, rank, world
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        share = self.batches[i].tensor_split(self.world)[self.rank]  # this rank's rows (torchrun)
+        return self.images[share.flatten()]  # (b, C, H, W) uint8; (3T, C, H, W) for triplets
+
+
+def _ignore_ctrl_c(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memory=False):
+    """An iterator over the uint8 images of batches[first:], gathered from host memory by
+    `workers` DataLoader processes (a few batches ahead) and, for a GPU, put in pinned memory so
+    that .to(device, non_blocking=True) copies while the device still works on the step before.
+    The path for training sets larger than the GPU's memory; the views are made on the device."""
+    loader = torch.utils.data.DataLoader(
+        BatchImages(images, batches, rank, world), sampler=range(first, len(batches)), batch_size=None,
+        num_workers=workers, pin_memory=pin_memory, worker_init_fn=_ignore_ctrl_c,
+        prefetch_factor=4 if workers else None,
+        # the loader draws its workers' seeds from this generator, not from the global one that
+        # dropout uses: a run with --data-on host draws the same numbers as one without
+        generator=torch.Generator().manual_seed(0))
+    return iter(loader)
 
 # -----------------------------------------------------------------------------
 # Batched augmentations on the training device (per-sample random parameters)

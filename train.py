@@ -103,6 +103,14 @@ def build_parser():
     o.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N epochs, a linear probe's test accuracy in metrics.jsonl (accuracy vs minutes)")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
+    o.add_argument("--data-on", choices=["auto", "device", "host"], default="auto",
+                   help="where the decoded uint8 training set lives. device: copied once to the "
+                        "device (fastest); host: stays in host memory, DataLoader workers gather "
+                        "each batch into pinned memory, copied while the previous step runs (sets "
+                        "larger than the GPU's memory). auto: device when the set takes less than "
+                        "half of the GPU's free memory. Views are made on the device either way")
+    o.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes of --data-on host (default: 4, at most one per core)")
     o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
     o.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
@@ -170,7 +178,8 @@ def gather_rows(z, sizes):
 
 def compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes=None):
     """One batch's loss. views: (b, V, C, H, W) augmented images of this process's rows of the
-    batch; labels, negative_only: (B,) for the whole batch. sizes: the rows of each process
+    batch; labels, negative_only: (B,) for the whole batch, best on the CPU (SupCon then does its
+    row bookkeeping there, and the GPU never waits for it). sizes: the rows of each process
     under torchrun (None in one process: b = B).
 
     Under torchrun every rank returns a loss whose gradient, after DDP's *average* over ranks,
@@ -185,7 +194,7 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
     start = sum(sizes[:rank]) if sizes else 0  # where this rank's rows begin in the batch
     x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity for ce: model(x) is the encoder's features
-        local = labels[start:start + b].repeat_interleave(V)  # (b*V,)
+        local = labels[start:start + b].repeat_interleave(V).to(x.device, non_blocking=True)  # (b*V,)
         return F.cross_entropy(classifier(model(x)), local) * (b * world / len(labels))
     z = model(x).float().view(b, V, -1)  # (b, V, D)
     if sizes:  # torchrun: the loss needs every rank's embeddings
@@ -201,12 +210,24 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
                                   base_temperature=args.base_temperature, hard_negatives="all",
                                   negative_weight=args.negative_weight,
                                   chunk_size=args.chunk_size or None)
-    # triplet / cosine: every view is a sample of its image's class
+    # triplet / cosine: every view is a sample of its image's class (labels on z's device)
+    labels, negative_only = labels.to(z.device, non_blocking=True), negative_only.to(z.device, non_blocking=True)
     z, labels, negative_only = z.flatten(0, 1), labels.repeat_interleave(V), negative_only.repeat_interleave(V)
     if args.loss == "triplet":  # (B*V, D) rows, each view its own sample
         return supcon.triplet_loss(z, labels, negative_only, margin=args.margin, mining=args.mining,
                                    distance=args.distance, generator=generator)
     return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+
+
+def data_placement(args, images, device):
+    """--data-on auto: the training set goes to the GPU when it takes less than half of the free
+    memory (the rest is for the model and the activations), else it stays in host memory."""
+    if args.data_on != "auto":
+        return args.data_on
+    if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one memory
+        return "device"
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return "device" if images.nbytes < free_bytes / 2 else "host"
 
 
 def check_args(args):
@@ -233,6 +254,8 @@ def check_args(args):
         raise SystemExit("--mining-scope dataset is for --loss triplet")
     if not 0 <= args.negatives_per_batch < 1:
         raise SystemExit("--negatives-per-batch must be in [0, 1)")
+    if args.workers < 0:
+        raise SystemExit("--workers must be >= 0 (0: gather the batches in the main process)")
 
 
 # -----------------------------------------------------------------------------
@@ -501,9 +524,13 @@ def run(args, run_dir, device):
         """channels_last on CUDA (faster convolutions), unchanged elsewhere."""
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
-    # ---- the training set lives on the device as uint8, decoded once; views are made per batch
-    images = train_set.images.to(device)  # uint8, decoded once
-    labels, negative_only = train_set.labels.to(device), train_set.negative_only.to(device)
+    # ---- the training set, decoded once to uint8: on the device (default), or in host memory
+    # for sets larger than the GPU's, fetched a batch at a time; views are made per batch
+    data_on = data_placement(args, train_set.images, device)
+    images = train_set.images.to(device) if data_on == "device" else train_set.images  # (N, C, H, W)
+    if data_on == "host":
+        print(f"training set in host memory ({train_set.images.nbytes / 2**20:.0f} MiB): "
+              f"{args.workers} DataLoader workers gather the batches")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     views = 1 if args.loss == "ce" else 2  # two augmented views per image for contrastive losses
     metrics_log = os.path.join(run_dir, "metrics.jsonl")
@@ -524,28 +551,40 @@ def run(args, run_dir, device):
             # index batches of this epoch: m images per class + a share of negative-only ones
             batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
             losses, pending = [], None  # pending: (loss on the device, epoch, step) not yet read
-            for step in range(start_step if epoch == start_epoch else 0, len(batches)):
+            first_step = start_step if epoch == start_epoch else 0  # a resumed epoch starts mid-way
+            if data_on == "host":  # worker processes gather the uint8 images of the coming batches
+                fetched = data.host_batches(images, batches, first_step, rank, world, args.workers,
+                                            pin_memory=device.type == "cuda")
+            for step in range(first_step, len(batches)):
                 rng_at_step = rng_states()  # what a checkpoint taken before this step holds
                 if stopping(stop["requested"]):
                     raise KeyboardInterrupt
-                batch = batches[step].to(device)  # (B,) indices into the training set
+                batch_cpu = batches[step]  # (B,) indices into the training set
+                # the copy does not wait for the device (a blocking copy would, and the device
+                # would then idle while this step is being queued)
+                batch = batch_cpu.to(device, non_blocking=True)
                 # under torchrun this rank embeds its shard of the batch, (b,) of (B,); in one
                 # process the shard is the whole batch
                 shards = batch.tensor_split(world)
                 local, sizes = shards[rank], ([len(s) for s in shards] if world > 1 else None)
+                # (b, C, H, W) uint8 images of this rank's rows ((3T, ...) for triplet batches)
+                if data_on == "host":  # gathered by a worker; copied while the device is busy
+                    local_images = next(fetched).to(device, non_blocking=True)
+                else:
+                    local_images = images[local.flatten()]
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
-                    x = data.augment(images[local.flatten()], augment, aug_gen, mean, std)
+                    x = data.augment(local_images, augment, aug_gen, mean, std)
                     with autocast:
                         z = net(to_layout(x)).float().view(len(local), 3, -1)
                     # mean over this rank's triplets, scaled as in compute_loss
                     loss = supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
                                                  distance=args.distance) * (len(local) * world / len(batch))
                 else:
-                    x = torch.stack([to_layout(data.augment(images[local], augment, aug_gen, mean, std))
+                    x = torch.stack([to_layout(data.augment(local_images, augment, aug_gen, mean, std))
                                      for _ in range(views)], 1)  # (b, V, C, H, W)
-                    with autocast:
-                        loss = compute_loss(args, net, head, x, labels[batch],
-                                            negative_only[batch], mine_gen, sizes)
+                    with autocast:  # labels from the CPU copy: see compute_loss
+                        loss = compute_loss(args, net, head, x, train_set.labels[batch_cpu],
+                                            train_set.negative_only[batch_cpu], mine_gen, sizes)
                 value = mean_over_ranks(loss.detach())  # the loss of the whole batch, on the device
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

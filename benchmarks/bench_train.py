@@ -7,8 +7,10 @@ pipelines in one process, on the same data, model and batch:
       bench_loss.py. This is how the widely copied SupCon code trains.
   (b) this project's path (train.py): the training set decoded once into a uint8 tensor on the
       device, the same augmentations batched on the device with per-sample parameters
-      (data.augment_simclr), bf16 autocast and channels_last on CUDA, the chunked supcon_loss;
-      --compile adds (c): (b) with torch.compile, as train.py --compile.
+      (data.augment_simclr), bf16 autocast and channels_last on CUDA, the
+      chunked supcon_loss with its row bookkeeping on the CPU (no step waits for the GPU); then
+      (b) again with the images in host memory, gathered by DataLoader workers (train.py
+      --data-on host); --compile adds (c): (b) with torch.compile, as train.py --compile.
 
 Both train a ResNet-18 with the small-image stem (3x3 conv, no max-pool) and the SupCon projection
 head with SGD; only the timed steps after --warmup steps count. The printed ratio is (b) / (a).
@@ -117,8 +119,10 @@ def reference_pipeline(args, splits, mean, std, device):
     return timed(run_steps, args.warmup, args.steps, device)
 
 
-def project_pipeline(args, splits, mean, std, device, compile=False):
-    """(b): uint8 images on the device, batched augmentations, bf16 + channels_last on CUDA."""
+def project_pipeline(args, splits, mean, std, device, compile=False, data_on="device"):
+    """(b): uint8 images on the device, batched augmentations, bf16 + channels_last on CUDA.
+    data_on="host": the images stay in host memory and DataLoader workers gather each batch into
+    pinned memory (train.py --data-on host, for sets larger than the GPU's memory)."""
     s = splits.train
     model, opt = build(args, s.images.shape[1], s.images.shape[2], len(splits.classes), device)
     cuda = device.type == "cuda"
@@ -126,20 +130,29 @@ def project_pipeline(args, splits, mean, std, device, compile=False):
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     forward = torch.compile(model) if compile else model
-    images, labels = s.images.to(device), s.labels.to(device)  # decoded once
+    images = s.images.to(device) if data_on == "device" else s.images  # decoded once
     mean, std = mean.to(device), std.to(device)
     g = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    order = torch.empty(0, dtype=torch.long, device=device)
+    fetched = iter(())  # host path: the uint8 images of the coming batches, from the workers
+    order = torch.empty(0, dtype=torch.long)
 
     def run_steps(n):
-        nonlocal order
+        nonlocal order, fetched
         for _ in range(n):
-            if len(order) < args.batch_size:  # a new epoch
-                order = torch.randperm(len(images), generator=g, device=device)
-            batch, order = order[:args.batch_size], order[args.batch_size:]
-            views = torch.stack([data.augment(images[batch], "simclr", g, mean, std) for _ in range(2)], 1)
-            step(forward, opt, views, labels[batch],
+            if len(order) < args.batch_size:  # a new epoch (its order drawn on the CPU)
+                order = torch.randperm(len(images))
+                epoch_batches = list(order[:len(order) // args.batch_size * args.batch_size].split(args.batch_size))
+                if data_on == "host":
+                    fetched = data.host_batches(images, epoch_batches, workers=args.workers, pin_memory=cuda)
+            batch, order = order[:args.batch_size], order[args.batch_size:]  # (B,) on the CPU, as train.py's
+            if data_on == "host":  # (B, C, H, W) uint8, gathered by a worker
+                batch_images = next(fetched).to(device, non_blocking=True)
+            else:
+                batch_images = images[batch.to(device, non_blocking=True)]
+            views = torch.stack([data.augment(batch_images, "simclr", g, mean, std) for _ in range(2)], 1)
+            # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits for it
+            step(forward, opt, views, s.labels[batch],
                  lambda z, y: supcon.supcon_loss(z, y, temperature=0.1, chunk_size=1024), cuda, autocast)
     return timed(run_steps, args.warmup, args.steps, device)
 
@@ -173,6 +186,9 @@ def main():
     label = "bf16, channels_last" if device.type == "cuda" else "fp32"
     print(f"(b) this project (uint8 on device, batched augment, {label}): {images / seconds_b:9.0f} images/s")
     print(f"ratio (b)/(a): {seconds_a / seconds_b:.2f}x")
+    seconds_host = project_pipeline(args, splits, mean, std, device, data_on="host")
+    print(f"(b) with the images in host memory (train.py --data-on host, {args.workers} workers): "
+          f"{images / seconds_host:9.0f} images/s; ratio to (a): {seconds_a / seconds_host:.2f}x")
     if args.compile:  # train.py --compile
         seconds_c = project_pipeline(args, splits, mean, std, device, compile=True)
         print(f"(c) as (b), torch.compile: {images / seconds_c:9.0f} images/s; ratio (c)/(a): {seconds_a / seconds_c:.2f}x")

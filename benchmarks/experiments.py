@@ -15,6 +15,7 @@ sets come from train.py's cache. Extra train.py arguments after `--` apply to ev
     python benchmarks/experiments.py thesis --seeds 0 1 2
     python benchmarks/experiments.py thesis --seeds 0 1 2 -- --data .data/cifar10 --model resnet18 \\
         --examples-per-class 50 --ood-classes cat,dog
+(--keep-finished reuses the rows a stopped run of the same command already wrote.)
 Prints a markdown table (with the machine and wall times) and writes it to benchmarks/results/.
 """
 
@@ -72,12 +73,17 @@ def thesis(args, extra):
             "|---|---|---|---|---|"]
     raw = {}
     for label, flags in THESIS:
-        results = []
-        for seed in args.seeds:
-            metrics, seconds = run(out, f"{flags_name(flags)}-seed{seed}",
-                                   flags + ["--seed", str(seed), "--no-report"] + extra)
-            results.append({**{k: metrics[k] for k in ("test_accuracy", "ood_auroc_knn", "ood_auroc_msp")},
-                            "seconds": seconds})
+        results = args.finished.get(label, [])  # --keep-finished: this row's runs from before
+        if len(results) == len(args.seeds):
+            print(f"kept from benchmarks/results/{args.tag_name}.json: {label}")
+            args.kept.append(label)
+        else:  # one train.py run per seed
+            results = []
+            for seed in args.seeds:
+                metrics, seconds = run(out, f"{flags_name(flags)}-seed{seed}",
+                                       flags + ["--seed", str(seed), "--no-report"] + extra)
+                results.append({**{k: metrics[k] for k in ("test_accuracy", "ood_auroc_knn", "ood_auroc_msp")},
+                                "seconds": seconds})
         raw[label] = results
         rows.append(f"| {label} | {mean_std([r['test_accuracy'] for r in results])} | "
                     f"{mean_std([r['ood_auroc_knn'] for r in results])} | "
@@ -169,17 +175,26 @@ def main():
     p.add_argument("experiment", choices=["thesis", "fruit", "siamese"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tag", default=None, help="name of the results file (default: the experiment)")
+    p.add_argument("--keep-finished", action="store_true",
+                   help="thesis: keep the rows already in benchmarks/results/<tag>.json (run with the "
+                        "same seeds and arguments) and run only the missing ones, e.g. after a stop")
     args = p.parse_args(argv)
     t0 = time.time()
     command = "python benchmarks/experiments.py " + " ".join(sys.argv[1:])
-    tag = args.tag or args.experiment
+    tag = args.tag_name = args.tag or args.experiment
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    args.finished, args.kept = {}, []  # rows of an earlier run (--keep-finished), rows reused
+    if args.keep_finished and os.path.exists(os.path.join(HERE, "results", f"{tag}.json")):
+        with open(os.path.join(HERE, "results", f"{tag}.json")) as f:
+            args.finished = json.load(f)
 
     def save(rows, raw, partial=False):
         """benchmarks/results/<tag>.{md,json}; partial: the rows finished so far."""
         header = [f"Machine: {machine()}. Command: `{command}`. Seeds: {args.seeds}. "
                   f"Total wall time {((time.time() - t0) / 60):.1f} min (synthetic sets cached beforehand "
-                  f"are not regenerated){' -- PARTIAL: the rows finished so far' if partial else ''}.", ""]
+                  f"are not regenerated){' -- PARTIAL: the rows finished so far' if partial else ''}."
+                  + (f" Rows kept from an earlier run of this command (--keep-finished): "
+                     f"{'; '.join(args.kept)}." if args.kept else ""), ""]
         text = "\n".join(header + rows) + "\n"
         data.atomic_write_text(text, os.path.join(HERE, "results", f"{tag}.md"))
         data.atomic_write_text(json.dumps(raw, indent=1, default=float), os.path.join(HERE, "results", f"{tag}.json"))

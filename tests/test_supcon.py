@@ -385,3 +385,48 @@ def test_autocast_keeps_the_loss_in_fp32(chunk_size):
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_labels_as_list_numpy_or_tensor_give_the_brute_force_loss(chunk_size):
+    # labels and negative_only may come as lists, numpy arrays or tensors (the row bookkeeping
+    # runs on the labels' device, the math on the features'); every form gives Eq. 1's value
+    import numpy as np
+    torch.manual_seed(3)
+    features = torch.randn(8, 2, 5, dtype=torch.float64)
+    labels = [0, 1, 0, 2, 1, 2, 0, 1]
+    negative_only = [False, False, False, False, False, True, True, False]
+    expected = brute_force_supcon(features, labels, negative_only, temperature=0.2, negative_weight=0.5)
+    for as_type in (list, np.array, torch.tensor):
+        loss = supcon_loss(features, as_type(labels), as_type(negative_only), temperature=0.2,
+                           negative_weight=0.5, chunk_size=chunk_size)
+        assert loss.item() == pytest.approx(expected, rel=1e-10), as_type
+
+
+@pytest.mark.parametrize("loss_name", ["supcon plain", "supcon chunked", "triplet"])
+def test_gradients_are_the_same_on_every_call_with_several_threads(loss_name):
+    # seeded runs must repeat exactly: no gradient may depend on how CPU threads split the work
+    # (the backward of indexing with repeated indices adds in a thread-dependent order)
+    from supcon import triplet_loss
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        z = torch.randn(512, 2, 128, requires_grad=True)
+        labels = torch.randint(0, 8, (512,))
+
+        def gradient():
+            z.grad = None
+            if loss_name == "triplet":
+                loss = triplet_loss(z.flatten(0, 1), labels.repeat_interleave(2), mining="random",
+                                    generator=torch.Generator().manual_seed(0))
+            else:
+                loss = supcon_loss(z, labels, chunk_size=256 if "chunked" in loss_name else None)
+            loss.backward()
+            return z.grad.clone()
+
+        first = gradient()
+        for _ in range(3):
+            assert torch.equal(gradient(), first)
+    finally:
+        torch.set_num_threads(threads)

@@ -58,8 +58,10 @@ def test_default_run_writes_its_folder(tmp_path):
         train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
 
 
-def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = TINY + ["--epochs", "3", "--batch-size", "16", "--out", str(tmp_path)]  # 6 steps an epoch
+@pytest.mark.parametrize("data_on", ["device", "host"])
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, data_on):
+    # 6 steps an epoch; with --data-on host the resumed epoch's loader starts at the cut step
+    args = TINY + ["--epochs", "3", "--batch-size", "16", "--data-on", data_on, "--out", str(tmp_path)]
     train.main(args + ["--name", "straight"])
 
     real_loss, calls = train.compute_loss, {"n": 0}
@@ -140,3 +142,28 @@ def test_trains_on_an_image_folder_with_synthetic_negatives(tmp_path):
                           "--negatives", "near_ood", "--epochs", "1", "--batch-size", "16",
                           "--linear-epochs", "2", "--device", "cpu", "--out", str(tmp_path), "--name", "f"])
     assert 0 <= results["test_accuracy"] <= 1 and "ood_auroc_knn" in results
+
+
+@pytest.mark.parametrize("extra", [[], ["--loss", "triplet", "--mining-scope", "dataset"]])
+def test_host_memory_path_trains_the_same_weights_as_the_device_path(tmp_path, extra):
+    # --data-on host: DataLoader workers gather each batch from host memory; the views are still
+    # made by the training loop's generator, so the run is the device path's, weight for weight
+    args = TINY + extra + ["--no-report", "--out", str(tmp_path)]
+    on_device = train.main(args + ["--name", "device", "--data-on", "device"])
+    on_host = train.main(args + ["--name", "host", "--data-on", "host", "--workers", "2"])
+    a = torch.load(tmp_path / "device" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "host" / "model.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert on_device["test_accuracy"] == on_host["test_accuracy"]
+
+
+def test_host_batches_yields_each_ranks_share_from_the_first_step():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2)
+    batches = [torch.tensor([0, 1, 2, 3, 4]), torch.tensor([9, 8, 7]), torch.tensor([[5, 6, 7]])]
+    got = [x[:, 0, 0, 0].tolist() for x in data.host_batches(images, batches, first=1, rank=1, world=2,
+                                                              workers=1)]
+    # batch 1 split over 2 ranks: rank 1 gets [7]; the (1, 3) triplet batch: rank 1's share is empty
+    assert got == [[7], []]
+    got = [x[:, 0, 0, 0].tolist() for x in data.host_batches(images, batches, workers=0)]
+    assert got == [[0, 1, 2, 3, 4], [9, 8, 7], [5, 6, 7]]
