@@ -93,6 +93,8 @@ def plan_jobs(train_set, per_image, id_strength, ood_strength, seed, kinds=("id"
             stem = f"{stem}-{stems[key]}"
         for kind in kinds:
             for m in range(per_image):
+                # a seed per image from (run seed, source, kind, variation): hashing, not a shared
+                # stream, so an image's seed does not depend on which images were made before it
                 job_seed = int.from_bytes(hashlib.sha256(f"{seed}/{i}/{kind}/{m}".encode()).digest()[:4], "little")
                 jobs.append(Job(i, label, kind, m, strengths[kind], job_seed,
                                 f"{kind}/{safe_name(train_set.classes[label])}/{stem}_{m}.png", name))
@@ -140,7 +142,7 @@ def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
     """Generate the jobs whose file is missing (or unreadable), batch by batch, same strength per
     batch; save each image atomically and rewrite the manifest after every batch."""
     todo = [j for j in jobs if not is_valid_image(os.path.join(out, j.path))]  # resume: skip finished images
-    missing = len(todo)
+    missing = len(todo)  # returned: how many images this call had to make
     if missing < len(jobs):
         print(f"resuming: {len(jobs) - missing} of {len(jobs)} images already in {out}")
     # under torchrun every process takes every world-th missing image; rank 0 alone writes the
@@ -159,10 +161,10 @@ def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
             for strength in sorted({j.strength for j in todo}):
                 same = [j for j in todo if j.strength == strength]  # one strength per pipeline call
                 for start in range(0, len(same), batch_size):
-                    batch = same[start:start + batch_size]
+                    batch = same[start:start + batch_size]  # up to batch_size jobs, one call
                     for job, image in zip(batch, make_images(batch)):
                         save_image_atomic(image, os.path.join(out, job.path))
-                    update_manifest()
+                    update_manifest()  # a stop now loses at most the batch being made
                     bar.update(len(batch))
     finally:  # also on Ctrl-C or an error: the manifest lists exactly the files on disk
         update_manifest()
@@ -197,13 +199,13 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             saved = json.load(f)
-        if saved != meta:
+        if saved != meta:  # never reuse a model trained on other data or settings
             raise GenerationError(f"{folder} holds a DDPM trained with other settings ({saved}); "
                                   f"delete that folder or pick another --out")
         print(f"reusing the DDPM in {folder}")
         return UNet2DModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False).to(device).eval()
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the UNet's initial weights
+    g = torch.Generator().manual_seed(seed)  # batches, noise and timesteps
     unet = build_ddpm_unet(images.shape[1], images.shape[2], num_classes).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # cosine schedule
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -224,8 +226,8 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
         sched.step()
     tmp = folder + ".tmp"  # saved beside, then swapped in
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
+    unet.save_pretrained(os.path.join(tmp, "unet"))  # diffusers' folder layout
+    with open(os.path.join(tmp, "meta.json"), "w") as f:  # what it was trained on, checked on reuse
         json.dump(meta, f)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # the saved model appears whole or not at all
@@ -323,6 +325,7 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     # a fresh Parameter: the resize may swap the tensor under the old one, which autograd then
     # still believes has the old number of rows
     embedding_layer = text_encoder.get_input_embeddings()
+    # a fresh Parameter: the optimiser holds exactly this matrix, and nothing else shares it
     embedding_layer.weight = torch.nn.Parameter(embedding_layer.weight.detach().clone())
     embeddings = embedding_layer.weight  # (V, dim)
     with torch.no_grad():
@@ -336,14 +339,14 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     embeddings.requires_grad_(True)
-    text_encoder.train()
-    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)
+    text_encoder.train()  # as diffusers' textual-inversion example (CLIP has no dropout by default)
+    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)  # only the embedding matrix
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of this model
     prompt = template.format(" ".join(tokens))  # e.g. "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)  # (1, 77)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
+    g = torch.Generator().manual_seed(seed)  # image choice, noise and timesteps
+    losses = []  # one per step, returned for the log
     for _ in tqdm(range(steps), desc=f"textual inversion {token}", dynamic_ncols=True, disable=None):
         x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)  # (B, 3, R, R)
         with torch.no_grad():
@@ -353,6 +356,7 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
         hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample  # (B, 4, R/8, R/8)
+        # what the UNet was trained to predict: the noise (v1) or the velocity (v-prediction models)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" \
             else noise_scheduler.get_velocity(latents, noise, t)
         loss = F.mse_loss(pred.float(), target.float())  # the diffusion loss; gradients reach only the embeddings

@@ -49,22 +49,24 @@ class DataError(ValueError):
 class ImageSet:
     """Images in memory. images (N, C, H, W) uint8; labels (N,) long in [0, len(classes));
     negative_only (N,) bool; kind (N,) int8 (KIND_*); names: where each image came from."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list
-    negative_only: torch.Tensor = None
-    kind: torch.Tensor = None
-    names: list = field(default_factory=list)
+    images: torch.Tensor  # (N, C, H, W) uint8, decoded once
+    labels: torch.Tensor  # (N,) long class ids; a near-OOD image carries its source image's class
+    classes: list  # class names; labels index this list
+    negative_only: torch.Tensor = None  # (N,) bool, True = never an anchor or a positive (default: all False)
+    kind: torch.Tensor = None  # (N,) int8 KIND_REAL / KIND_ID / KIND_NEAR_OOD (default: all real)
+    names: list = field(default_factory=list)  # file path or "<source>/<index>" of each image
 
     def __post_init__(self):
         n = len(self.images)  # every per-image field must have n entries
-        if self.negative_only is None:
+        if self.negative_only is None:  # a real data set: every image may be an anchor
             self.negative_only = torch.zeros(n, dtype=torch.bool)
-        if self.kind is None:
+        if self.kind is None:  # and every image is a real one
             self.kind = torch.full((n,), KIND_REAL, dtype=torch.int8)
+        # a mismatch here would silently pair images with the wrong labels later
         if len(self.labels) != n or len(self.negative_only) != n or len(self.kind) != n:
             raise DataError(f"ImageSet: {n} images but {len(self.labels)} labels")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            # name the first offending label, so the user can find it
             bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))][0].item()
             raise DataError(f"label {bad} is out of range for {len(self.classes)} classes "
                             f"{self.classes}; labels must be 0..{len(self.classes) - 1}")
@@ -333,11 +335,11 @@ class Splits:
     """What a run trains and tests on. Class ids are re-numbered 0..K-1 over the training classes;
     ood_test holds the test images of the held-out classes, its labels 0..len(ood_classes)-1
     indexing ood_classes (for few-shot episodes on unseen classes)."""
-    train: ImageSet
-    test: ImageSet
-    ood_test: ImageSet
-    classes: list
-    ood_classes: list
+    train: ImageSet  # the training images of the K training classes (few-shot subset if asked)
+    test: ImageSet  # the test images of the same K classes
+    ood_test: ImageSet  # the test images of the held-out classes (empty without --ood-classes)
+    classes: list  # the K training class names, in label order
+    ood_classes: list  # the held-out class names
     source_classes: list  # every class of the source, held-out ones included
 
 
@@ -346,7 +348,7 @@ def remap(s, keep_classes):
     lookup = torch.full((len(s.classes),), -1, dtype=torch.long)  # old class id -> new id, -1 = dropped
     lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
     idx = torch.nonzero(lookup[s.labels] >= 0).squeeze(1)  # images of the kept classes
-    sub = s.subset(idx)
+    sub = s.subset(idx)  # the kept images, still with their old labels
     return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
                     sub.negative_only, sub.kind, sub.names)
 
@@ -441,9 +443,9 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     n_real = max(m_per_class, batch_size - n_neg)  # labelled samples per batch
     groups = []  # chunks of m same-class indices
     for c in torch.unique(labels[real]).tolist():
-        idx = real[labels[real] == c]
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        chunks = list(torch.split(idx, m_per_class))
+        idx = real[labels[real] == c]  # every labelled sample of class c
+        idx = idx[torch.randperm(len(idx), generator=g)]  # in a fresh order each epoch
+        chunks = list(torch.split(idx, m_per_class))  # groups of m
         if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
             chunks[-2:] = [torch.cat(chunks[-2:])]
         groups += chunks
@@ -453,10 +455,10 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     for gi in order:
         current.append(groups[gi])
         filled += len(groups[gi])
-        if filled >= n_real:
+        if filled >= n_real:  # full: close this batch, start the next
             batches.append(torch.cat(current))
             current, filled = [], 0
-    if current:
+    if current:  # the last, smaller batch (every labelled sample appears once)
         batches.append(torch.cat(current))
     if n_neg:  # add the negatives: sampled with replacement, from the classes the batch holds
         neg_labels = labels[negatives]  # the source class of each near-OOD image
@@ -475,6 +477,7 @@ class BatchImages(torch.utils.data.Dataset):
     a DataLoader with batch_size=None, so one worker gathers a whole batch in one indexing."""
 
     def __init__(self, images, batches, rank=0, world=1):
+        # images (N, C, H, W) uint8 in host memory; batches: the epoch's index tensors
         self.images, self.batches, self.rank, self.world = images, batches, rank, world
 
     def __len__(self):
@@ -557,7 +560,7 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     (0.8 s brightness/contrast/saturation, 0.2 s hue, with p 0.8), grayscale (p 0.2), Gaussian
     blur (p 0.5) for images of 64 px or more. x is in [0, 1], (B, C, H, W)."""
     B, C, H, W = x.shape
-    dev = x.device
+    dev = x.device  # every random number is drawn on the images' device (no host round trip)
     # ---- random resized crop (area in crop_scale, aspect ratio 3/4..4/3) + flip, one affine map
     area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
     log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
@@ -567,6 +570,7 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
     sign = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
     zero = torch.zeros(B, device=dev)
+    # (B, 2, 3): output pixel -> input point; scaling by (sw, sh) picks the crop, sign flips it
     theta = torch.stack([torch.stack([sw * sign, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
     x = _affine(x, theta)  # (B, C, H, W): crop, resize back to H x W, flip, in one resampling
     # ---- colour jitter with probability 0.8 (each factor per sample)
@@ -574,13 +578,15 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     s = 0.8 * strength
     brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
     contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-    x = (x * brightness).clamp(0, 1)
+    x = (x * brightness).clamp(0, 1)  # brightness: scale every pixel
+    # (B, 1, H, W) luminance (ITU-R 601 weights, as torchvision's grayscale)
     grey = x.mean(1, keepdim=True) if C == 1 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    # contrast: blend with the image's mean grey level
     x = ((x - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)).clamp(0, 1)
     if C == 3:
         saturation = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
         grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        x = ((x - grey) * saturation + grey).clamp(0, 1)
+        x = ((x - grey) * saturation + grey).clamp(0, 1)  # saturation: blend with each pixel's grey
         # hue: rotate the chroma plane of YIQ by a random angle (up to 0.2 s of a full turn)
         angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
         keep, cos_part, sin_part = _hue_rotation_basis(dev)  # (3, 3) each, made once per device
@@ -610,7 +616,7 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
 
 def augment(images, how, g, mean, std):
     """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
-    x = images.float() / 255.0
+    x = images.float() / 255.0  # (B, C, H, W) in [0, 1]
     if how == "rotation":
         x = augment_rotation(x, g)
     elif how == "simclr":
@@ -644,14 +650,15 @@ def init_distributed(device):
     group -- NCCL on CUDA, gloo on CPU -- and return this process's device (cuda:LOCAL_RANK);
     processes other than rank 0 print nothing from then on (rank 0 alone logs). In a plain
     `python` run it changes nothing and returns device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not under torchrun: one process
         return device
-    if device.type == "cuda":
+    if device.type == "cuda":  # one GPU per process, the one torchrun assigned
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
+        # NCCL between GPUs, gloo between CPU processes (the CI test)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if torch.distributed.get_rank() > 0:
+        if torch.distributed.get_rank() > 0:  # rank 0 alone prints
             sys.stdout = open(os.devnull, "w")
     return device
 

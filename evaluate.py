@@ -34,9 +34,9 @@ import data
 @torch.no_grad()
 def extract_features(model, images, mean, std, device, batch_size=512):
     """Encoder features (N, F) of uint8 images (N, C, H, W), no augmentation, in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = []
+    was_training = model.training  # restored at the end: callers may be mid-training
+    model.eval()  # batch-norm running statistics, no dropout
+    out = []  # (b, F) blocks
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)  # (b, C, H, W) uint8
         x = data.to_float(x, mean.to(device), std.to(device))  # the training normalisation, no augmentation
@@ -52,8 +52,8 @@ def extract_features(model, images, mean, std, device, batch_size=512):
 def knn_score(train_features, test_features, k=50, batch_size=2048):
     """Sun et al. 2022: minus the distance from each normalised test embedding to its k-th nearest
     normalised training embedding. (N_test,)"""
-    train = F.normalize(train_features.float(), dim=1)
-    k = min(k, len(train))
+    train = F.normalize(train_features.float(), dim=1)  # (N_train, F) unit rows
+    k = min(k, len(train))  # a small training set cannot have a 50th neighbour
     scores = []  # (b,) blocks: a (b, N_train) distance matrix at a time bounds the memory
     for start in range(0, len(test_features), batch_size):
         test = F.normalize(test_features[start:start + batch_size].float(), dim=1)  # (b, F) unit rows
@@ -129,9 +129,9 @@ def classification_metrics(y_true, probabilities):
 def knn_probabilities(train_features, train_labels, test_features, num_classes, k=20):
     """k-NN classifier on normalised embeddings (cosine similarity): the class shares among the k
     nearest training embeddings, as (N_test, K) probabilities."""
-    train = F.normalize(train_features.float(), dim=1)
+    train = F.normalize(train_features.float(), dim=1)  # (N_train, F) unit rows
     test = F.normalize(test_features.float(), dim=1)  # (N_test, F)
-    k = min(k, len(train))
+    k = min(k, len(train))  # at most every training embedding
     neighbours = (test @ train.T).topk(k, dim=1).indices  # (N, k)
     votes = F.one_hot(train_labels[neighbours], num_classes).float().mean(1)  # (N, K)
     return votes
@@ -180,7 +180,7 @@ def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
         nn_acc.append((s_lab[(z[query] @ z[support].T).argmax(1)] == q_lab).float().mean().item())
 
     def summary(values):
-        values = np.asarray(values)
+        values = np.asarray(values)  # (episodes,) accuracies
         return {"mean": float(values.mean()), "ci95": float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))}
     return {"ways": ways, "episodes": len(runs), "prototype": summary(proto_acc),
             "nearest_neighbour": summary(nn_acc)}
@@ -373,7 +373,8 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
 
     labelled: the training images the classifier saw (real + ID synthetic): the k-NN reference set.
     synthetic: the synthetic ImageSet (for the t-SNE), external_ood: an ImageSet of OOD images."""
-    mean, std = mean.to(device), std.to(device)
+    mean, std = mean.to(device), std.to(device)  # (C,) the training normalisation
+    # uint8 images -> (N, F) encoder features; features -> (N, K) logits of the linear head
     feats = lambda images: extract_features(model, images, mean, std, device)  # noqa: E731
     logits_of = lambda f: classifier(f.to(device)).float().cpu()  # noqa: E731
     train_f, test_f = feats(labelled.images), feats(splits.test.images)  # (N_train, F), (N_test, F) encoder features
@@ -384,6 +385,7 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
     linear = classification_metrics(splits.test.labels, test_logits.softmax(1))
     # a classifier on the embeddings
     knn = classification_metrics(splits.test.labels, knn_probabilities(train_f, labelled.labels, test_f, K))
+    # the two headline numbers first; everything else nested (metrics.json is read by people)
     out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
            "classification": {"linear": linear, "knn": knn}, "ood": {},
            "ood_convention": "in-distribution is the positive class; higher score = more in-distribution"}
@@ -405,7 +407,7 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
         # ID test vs this OOD set, per score
         out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
         curves[name] = {s: (in_scores[s].numpy(), out_scores[s].numpy()) for s in in_scores}
-    if splits.ood_test is not None:
+    if splits.ood_test is not None:  # the thesis's two OOD numbers, at the top level too
         held = out["ood"][f"held-out classes {','.join(splits.ood_classes)}"]
         out["ood_auroc_knn"], out["ood_auroc_msp"] = held["k-NN"]["auroc"], held["MSP"]["auroc"]
     # ---- few-shot on the unseen classes
@@ -417,16 +419,17 @@ def evaluate(model, classifier, splits, labelled, mean, std, device, run_dir=Non
         return out
     # ---- pictures and report
     files = {}  # picture title -> file, in report order
-    groups = {"test (ID)": (test_f, splits.test.labels),
-              "training (real)": (train_f[labelled.kind == 0], labelled.labels[labelled.kind == 0])}
+    real = labelled.kind == data.KIND_REAL  # (N_train,) the real training images among the labelled
+    groups = {"test (ID)": (test_f, splits.test.labels),  # name -> (features, labels or None)
+              "training (real)": (train_f[real], labelled.labels[real])}
     if synthetic is not None and len(synthetic):
         syn_f = feats(synthetic.images)  # (N_syn, F) where the synthetic images land
-        for kind, name in ((1, "synthetic ID"), (2, "synthetic near-OOD (negatives)")):
-            sel = synthetic.kind == kind  # 1 = ID, 2 = near-OOD (data.KIND_*)
+        for kind, name in ((data.KIND_ID, "synthetic ID"), (data.KIND_NEAR_OOD, "synthetic near-OOD (negatives)")):
+            sel = synthetic.kind == kind  # (N_syn,) the synthetic images of this kind
             if sel.any():
                 groups[name] = (syn_f[sel], synthetic.labels[sel])
     for name, (f, _) in ood_feats.items():
-        groups[f"OOD test: {name}"] = (f, None)
+        groups[f"OOD test: {name}"] = (f, None)  # no class colours: these classes were never trained
     files["t-SNE"] = plot_tsne(groups, splits.classes, os.path.join(run_dir, "tsne.png"), seed)
     if curves:
         files["OOD ROC and PR"] = plot_ood_curves(curves, os.path.join(run_dir, "ood_curves.png"))

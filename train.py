@@ -130,7 +130,7 @@ def build_parser():
 
 def pick_device(name):
     """--device auto: CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
+    if name != "auto":  # what the user asked for, e.g. cuda:1
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -143,15 +143,15 @@ def atomic_save(obj, path):
     """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
 
 
 def lr_factor(step, total_steps, warmup_steps):
     """Linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup_steps:
+    if step < warmup_steps:  # large early steps of a random network can blow up SupCon's logits
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 after warm-up
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
 
 
 class Diverged(RuntimeError):
@@ -170,7 +170,7 @@ def gather_rows(z, sizes):
     torch.distributed.all_gather returns tensors without gradients; torch.distributed.nn's version
     sends each rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
     Shards may differ in size by one, so they are padded to the largest and cut back after."""
-    pad = max(sizes) - z.shape[0]
+    pad = max(sizes) - z.shape[0]  # all_gather needs equal shapes on every rank
     z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
     parts = dist_nn.all_gather(z)  # world x (max(sizes), ...), differentiable
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
@@ -222,7 +222,7 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
 def data_placement(args, images, device):
     """--data-on auto: the training set goes to the GPU when it takes less than half of the free
     memory (the rest is for the model and the activations), else it stays in host memory."""
-    if args.data_on != "auto":
+    if args.data_on != "auto":  # the user's choice
         return args.data_on
     if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one memory
         return "device"
@@ -289,12 +289,12 @@ def epoch_batches(args, train_set, epoch, model, mean, std, device):
     mining returns (T, 3) triplet index batches instead, mined on the current embeddings."""
     if args.mining_scope == "dataset":  # embed the whole set, mine triplets over it
         with torch.no_grad():
-            model.eval()
+            model.eval()  # mining sees the embeddings without dropout or batch statistics
             # (N, D) embeddings of the whole training set, no augmentation, 512 images at a time
             z = torch.cat([model(data.to_float(train_set.images[s:s + 512].to(device), mean, std)).float().cpu()
                            for s in range(0, len(train_set), 512)])
             model.train()
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # one stream per (seed, epoch)
         # (T,) each: one triplet per anchor
         a, p, n = supcon.mine_triplets(z, train_set.labels, train_set.negative_only,
                                        margin=args.margin, mining=args.mining,
@@ -315,7 +315,7 @@ def train_linear(args, features, labels, num_classes, device, seed):
     torch.manual_seed(seed)  # its initial weights
     classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W: (K, F), b: (K,)
     # standardise the features (the statistics are folded into the layer at the end)
-    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)
+    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # (F,) each; clamp: a dead feature
     x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,)
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex: one setting serves all runs
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
@@ -324,7 +324,7 @@ def train_linear(args, features, labels, num_classes, device, seed):
         # the order is drawn on the CPU (the same on every device) and moved over once per epoch
         for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
             # the probe never changes the encoder
-            loss = F.cross_entropy(classifier(x[idx]), y[idx])
+            loss = F.cross_entropy(classifier(x[idx]), y[idx])  # mean over the batch of 256
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -340,6 +340,7 @@ def probe_accuracy(args, model, classifier, labelled, test, mean, std, device, n
     """Test accuracy of a linear probe on the current encoder (ce: of its own head), for
     --eval-every. It runs on its own copy of the random state, so evaluating during training
     changes nothing that training draws afterwards (resume stays exact)."""
+    # fork_rng: the global random state is restored when the probe is done
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
         if args.loss != "ce":  # a fresh probe on the frozen features, as at the end of the run
@@ -365,7 +366,7 @@ def main(argv=None):
         # the saved configuration; options added to train.py after the run started get their defaults
         defaults = vars(build_parser().parse_args([]))
         args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume, "device": args.device})
-        run_dir = args.resume
+        run_dir = args.resume  # write into the same folder
     else:
         check_args(args)  # refuse impossible flag combinations before any work
         name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"]
@@ -376,7 +377,7 @@ def main(argv=None):
             raise SystemExit(f"{run_dir} already holds a run; choose another --name, or continue "
                              f"it with --resume {run_dir}")
         data.barrier()  # every rank has checked before rank 0 writes
-        if rank == 0:
+        if rank == 0:  # rank 0 alone writes files
             os.makedirs(run_dir, exist_ok=True)
     try:
         return run(args, run_dir, device)
