@@ -167,3 +167,16 @@ def test_host_batches_yields_each_ranks_share_from_the_first_step():
     assert got == [[7], []]
     got = [x[:, 0, 0, 0].tolist() for x in data.host_batches(images, batches, workers=0)]
     assert got == [[0, 1, 2, 3, 4], [9, 8, 7], [5, 6, 7]]
+
+
+def test_data_on_auto_keeps_a_set_in_host_memory_when_it_would_fill_the_gpu(monkeypatch):
+    args = train.build_parser().parse_args([])
+    images = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8)  # 3,072,000 bytes
+    assert train.data_placement(args, images, torch.device("cpu")) == "device"  # one memory
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7_000_000, 80 * gib))
+    assert train.data_placement(args, images, torch.device("cuda")) == "device"  # under half the free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6_000_000, 80 * gib))
+    assert train.data_placement(args, images, torch.device("cuda")) == "host"  # half or more
+    args.data_on = "device"  # an explicit choice is kept
+    assert train.data_placement(args, images, torch.device("cuda")) == "device"
