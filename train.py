@@ -148,7 +148,7 @@ def atomic_save(obj, path):
 
 def lr_factor(step, total_steps, warmup_steps):
     """Linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup_steps:  # large early steps of a random network can blow up SupCon's logits
+    if step < warmup_steps:  # large-batch SGD is unstable in its first steps (Goyal et al. 2017)
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 after warm-up
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
