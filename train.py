@@ -210,8 +210,7 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
                                   base_temperature=args.base_temperature, hard_negatives="all",
                                   negative_weight=args.negative_weight,
                                   chunk_size=args.chunk_size or None)
-    # triplet / cosine: every view is a sample of its image's class (labels on z's device)
-    labels, negative_only = labels.to(z.device, non_blocking=True), negative_only.to(z.device, non_blocking=True)
+    # triplet / cosine: every view is a sample of its image's class
     z, labels, negative_only = z.flatten(0, 1), labels.repeat_interleave(V), negative_only.repeat_interleave(V)
     if args.loss == "triplet":  # (B*V, D) rows, each view its own sample
         return supcon.triplet_loss(z, labels, negative_only, margin=args.margin, mining=args.mining,
