@@ -51,11 +51,17 @@ def _at_least_fp32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _to(x, device):
-    """x on `device` without making the host wait: non-blocking for host -> device copies (the
-    source is staged at once, so that is safe); any other copy blocks (a non-blocking copy to
-    the host could be read before it has arrived)."""
-    return x.to(device, non_blocking=x.device.type == "cpu")
+def to_device(x, device):
+    """x on `device` without making the host wait. Host -> CUDA copies go from pinned (page-locked)
+    memory with non_blocking=True: from ordinary (pageable) memory the driver may first wait for
+    the GPU to finish all queued work, a hidden synchronisation in every step. Any other copy
+    blocks (a non-blocking copy to the host could be read before it has arrived)."""
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
+        # its copy is done, so the source cannot be overwritten while it is in flight
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _flatten_views(features, labels, negative_only, name="features", device=None):
@@ -83,7 +89,7 @@ def _flatten_views(features, labels, negative_only, name="features", device=None
         """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
         if x is None:
             return None
-        x = _to(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
+        x = to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
         if x.dim() != 1 or x.shape[0] != B:
             raise ValueError(
                 f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
@@ -172,7 +178,7 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         # nothing to contrast: 0, with a graph so that backward() gives zero gradients (not NaN)
         return features.sum() * 0.0
     # the index vectors the math uses, copied to the embeddings' device without waiting
-    on_z = lambda t: _to(t, z.device)  # noqa: E731 (a no-op on the same device)
+    on_z = lambda t: to_device(t, z.device)  # noqa: E731 (a no-op on the same device)
     anchors = on_z(real_rows[has_positive])  # (M,) row indices of the anchors that count
     num_positives = on_z(num_positives[has_positive])  # (M,) |P(i)| >= 1 for each of them
     anchor_group = on_z(group_index[has_positive])  # (M,) each anchor's group

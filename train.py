@@ -194,7 +194,7 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
     start = sum(sizes[:rank]) if sizes else 0  # where this rank's rows begin in the batch
     x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity for ce: model(x) is the encoder's features
-        local = labels[start:start + b].repeat_interleave(V).to(x.device, non_blocking=True)  # (b*V,)
+        local = supcon.to_device(labels[start:start + b].repeat_interleave(V), x.device)  # (b*V,)
         return F.cross_entropy(classifier(model(x)), local) * (b * world / len(labels))
     z = model(x).float().view(b, V, -1)  # (b, V, D)
     if sizes:  # torchrun: the loss needs every rank's embeddings
@@ -499,11 +499,25 @@ def run(args, run_dir, device):
         torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
+    def start_reading(value):
+        """Queue a copy of a step's loss (a device scalar) to the host, for read_loss a step later.
+        On CUDA the copy goes into pinned memory behind an event: read_loss then waits for that
+        event only, which has long passed. (value.item() a step later would not do: its copy
+        queues behind everything sent since, so it would wait for the GPU to run dry.)"""
+        if device.type != "cuda":
+            return value, None
+        done = torch.cuda.Event()
+        host = value.to("cpu", non_blocking=True)  # into pinned memory; valid once `done` has passed
+        done.record()
+        return host, done
+
     def read_loss(pending):
-        """Read a step's loss (waits for the GPU to get there), log it, stop on inf/nan."""
+        """Read a step's loss (see start_reading), log it, stop on inf/nan."""
         if pending is None:
             return
-        value, at_epoch, at_step = pending
+        (value, done), at_epoch, at_step = pending
+        if done is not None:
+            done.synchronize()  # the copy has arrived
         value = value.item()
         if not math.isfinite(value):
             raise Diverged(f"loss is {value} at epoch {at_epoch + 1}, step {at_step}. Stopped; "
@@ -550,7 +564,7 @@ def run(args, run_dir, device):
         for epoch in range(start_epoch, args.epochs):
             # index batches of this epoch: m images per class + a share of negative-only ones
             batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
-            losses, pending = [], None  # pending: (loss on the device, epoch, step) not yet read
+            losses, pending = [], None  # pending: (start_reading(loss), epoch, step) not yet read
             first_step = start_step if epoch == start_epoch else 0  # a resumed epoch starts mid-way
             if data_on == "host":  # worker processes gather the uint8 images of the coming batches
                 fetched = data.host_batches(images, batches, first_step, rank, world, args.workers,
@@ -560,9 +574,9 @@ def run(args, run_dir, device):
                 if stopping(stop["requested"]):
                     raise KeyboardInterrupt
                 batch_cpu = batches[step]  # (B,) indices into the training set
-                # the copy does not wait for the device (a blocking copy would, and the device
-                # would then idle while this step is being queued)
-                batch = batch_cpu.to(device, non_blocking=True)
+                # the copy does not wait for the device (a blocking copy, or one from pageable
+                # memory, would, and the device would then idle while this step is being queued)
+                batch = supcon.to_device(batch_cpu, device)
                 # under torchrun this rank embeds its shard of the batch, (b,) of (B,); in one
                 # process the shard is the whole batch
                 shards = batch.tensor_split(world)
@@ -595,7 +609,7 @@ def run(args, run_dir, device):
                 # the previous step's loss is read now, not this one's: reading a value waits for
                 # the GPU, and one step of lag lets it work through this step meanwhile
                 read_loss(pending)
-                pending = (value, epoch, step)
+                pending = (start_reading(value), epoch, step)
             read_loss(pending)  # the epoch's last step, before its checkpoint is written
             pending = None
             step = 0  # the next epoch starts at its first step

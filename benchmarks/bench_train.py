@@ -8,7 +8,8 @@ pipelines in one process, on the same data, model and batch:
   (b) this project's path (train.py): the training set decoded once into a uint8 tensor on the
       device, the same augmentations batched on the device with per-sample parameters
       (data.augment_simclr), bf16 autocast and channels_last on CUDA, the
-      chunked supcon_loss with its row bookkeeping on the CPU (no step waits for the GPU); then
+      chunked supcon_loss with its row bookkeeping on the CPU, host -> device copies from pinned
+      memory (no step waits for the GPU); then
       (b) again with the images in host memory, gathered by DataLoader workers (train.py
       --data-on host); --compile adds (c): (b) with torch.compile, as train.py --compile.
 
@@ -149,7 +150,7 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
             if data_on == "host":  # (B, C, H, W) uint8, gathered by a worker
                 batch_images = next(fetched).to(device, non_blocking=True)
             else:
-                batch_images = images[batch.to(device, non_blocking=True)]
+                batch_images = images[supcon.to_device(batch, device)]  # from pinned memory, as train.py
             views = torch.stack([data.augment(batch_images, "simclr", g, mean, std) for _ in range(2)], 1)
             # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits for it
             step(forward, opt, views, s.labels[batch],
