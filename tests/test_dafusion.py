@@ -99,6 +99,14 @@ def read_rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.filterwarnings("ignore")  # diffusers warns that fp16 will not run on the CPU
+def test_pipeline_loads_in_the_dtype_asked_for(tiny_model):
+    # fp16 on a GPU is where the generation speed comes from: a keyword diffusers ignored would
+    # silently load fp32 weights (diffusers renamed torch_dtype to dtype)
+    pipe = dafusion.load_sd_pipeline(tiny_model, torch.device("cpu"), torch.float16)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float16}
+
+
 def test_img2img_end_to_end_with_seeds(tiny_model, toy_folder, tmp_path):
     out = str(tmp_path / "a")
     assert dafusion.generate(sd_args(out, tiny_model, toy_folder)) == 16  # 4 images x 2 kinds x 2

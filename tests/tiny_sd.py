@@ -63,7 +63,7 @@ def build_pipeline_folder(folder, text, unet, vae, dtype=torch.float32, seed=0, 
                         down_block_types=("DownEncoderBlock2D",) * vae_blocks,
                         up_block_types=("UpDecoderBlock2D",) * vae_blocks, **vae)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # as SD v1.x ships
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
