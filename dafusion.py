@@ -603,16 +603,18 @@ def generate(args, splits=None):
     """Make the synthetic set for the training split that the data arguments describe; returns how
     many images were made now (0 when everything was already on disk). Under torchrun the ranks
     share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
-    kinds = generation_settings(args)
-    splits = splits or data.splits_from_args(args)
-    train_set = splits.train
+    kinds = generation_settings(args)  # checked settings; which kinds (id, near_ood) to make
+    splits = splits or data.splits_from_args(args)  # the same split train.py will use
+    train_set = splits.train  # the real images the variations are made from
     device = torch.device(args.gen_device if args.gen_device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = data.distributed()
+    rank, world = data.distributed()  # (0, 1) outside torchrun
     os.makedirs(args.out, exist_ok=True)
+    # one job per output image: (source index, kind, strength, seed, file name), fixed by the seed,
+    # so a stopped run continues where it stopped and every rank agrees on the list
     jobs = plan_jobs(train_set, args.per_image, args.id_strength, args.ood_strength, args.seed, kinds)
     t0 = time.time()
-    if all(is_valid_image(os.path.join(args.out, j.path)) for j in jobs):
+    # nothing to do when every planned image is already on disk and readable (a cache hit)
         data.barrier()  # all ranks agree before rank 0 rewrites the manifest
         if rank == 0:
             write_manifest(args.out, jobs, train_set.classes, args.generator)
@@ -621,6 +623,9 @@ def generate(args, splits=None):
         data.barrier()
         print(f"all {len(jobs)} images are already in {args.out}")
         return 0
+    # Barrier choreography under torchrun: rank 0 trains the DDPM (or learns the tokens) and saves
+    # it while the other ranks wait at the first barrier; they pass it once rank 0 reaches the
+    # matching barrier below, and then load what it saved instead of training again.
     if rank > 0:  # wait for rank 0 to train the DDPM / learn the tokens, then load them
         data.barrier()
     if args.generator == "ddpm":
@@ -630,15 +635,17 @@ def generate(args, splits=None):
         K = len(train_set.classes)
 
         def make_images(batch):
-            index = torch.tensor([j.index for j in batch])
+            """A batch of jobs of one strength -> their SDEdit variations as PIL images."""
+            index = torch.tensor([j.index for j in batch])  # (b,) source images of the jobs
             varied = sdedit(unet, train_set.images[index], train_set.labels[index], batch[0].strength,
                             args.guidance, [j.seed for j in batch], K, args.steps)
             return [to_pil(v) for v in varied]
         name = "ddpm"
     else:
         make_images, name = sd_generator(args, train_set, args.out, device)
-    if rank == 0:
+    if rank == 0:  # the model is saved: release the waiting ranks
         data.barrier()
+    # every rank makes its share of the missing images (run_jobs splits the jobs by rank)
     made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
     data.barrier()  # every rank's images are on disk: rank 0 writes the final manifest
     sheet = os.path.join(args.out, "contact_sheet.png")
