@@ -615,6 +615,7 @@ def generate(args, splits=None):
     jobs = plan_jobs(train_set, args.per_image, args.id_strength, args.ood_strength, args.seed, kinds)
     t0 = time.time()
     # nothing to do when every planned image is already on disk and readable (a cache hit)
+    if all(is_valid_image(os.path.join(args.out, j.path)) for j in jobs):
         data.barrier()  # all ranks agree before rank 0 rewrites the manifest
         if rank == 0:
             write_manifest(args.out, jobs, train_set.classes, args.generator)
