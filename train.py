@@ -583,7 +583,7 @@ def run(args, run_dir, device):
                 local, sizes = shards[rank], ([len(s) for s in shards] if world > 1 else None)
                 # (b, C, H, W) uint8 images of this rank's rows ((3T, ...) for triplet batches)
                 if data_on == "host":  # gathered by a worker; copied while the device is busy
-                    local_images = next(fetched).to(device, non_blocking=True)
+                    local_images = supcon.to_device(next(fetched), device)  # already pinned by the workers
                 else:
                     local_images = images[local.flatten()]
                 if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)

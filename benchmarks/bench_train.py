@@ -148,7 +148,7 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
                     fetched = data.host_batches(images, epoch_batches, workers=args.workers, pin_memory=cuda)
             batch, order = order[:args.batch_size], order[args.batch_size:]  # (B,) on the CPU, as train.py's
             if data_on == "host":  # (B, C, H, W) uint8, gathered by a worker
-                batch_images = next(fetched).to(device, non_blocking=True)
+                batch_images = supcon.to_device(next(fetched), device)  # as train.py
             else:
                 batch_images = images[supcon.to_device(batch, device)]  # from pinned memory, as train.py
             views = torch.stack([data.augment(batch_images, "simclr", g, mean, std) for _ in range(2)], 1)
