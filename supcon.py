@@ -1,23 +1,41 @@
 """
-supcon.py -- the losses and encoders of supervised contrastive learning with
-Stable-Diffusion-based data augmentation (DA-Fusion), in plain PyTorch.
+supcon.py -- supervised contrastive learning with near-out-of-distribution synthetic images as
+hard negatives: the losses, encoders and heads in one file of plain PyTorch.
 
-What is here, in the order a reader of the paper meets it:
+The file imports only torch, torchvision and the Python standard library, so it can be copied into
+any project. Run it, or import it:
 
-  1. supcon_loss       Supervised contrastive loss, L_out form (Khosla et al. 2020, Eq. 2),
-                       re-engineered so that near-out-of-distribution (near-OOD) synthetic images
-                       act ONLY as hard negatives (thesis, "re-engineered SupCon loss").
-                       labels=None gives SimCLR (Chen et al. 2020, the NT-Xent loss).
-                       chunk_size=... gives an exact, memory-efficient path with an analytic gradient.
-  2. triplet_loss      Triplet margin loss with online mining (random, batch-hard, hard-negative,
-                       semi-hard, mixed), after the seed metric-learning project.
-  3. cosine_pair_loss  Cosine-embedding loss on every pair in the batch (the seed Siamese project).
-  4. Encoders          The seed fruit project's small CNN, torchvision ResNets with a small-image
-                       stem, the SupCon projection head, a 3-layer embedding head, a linear head.
+    python supcon.py             a tiny demonstration on random embeddings (CPU, about a second)
+    python supcon.py --help      these notes and the demonstration's options
 
-The re-engineered loss, for an anchor i (a real or in-distribution sample, never a negative-only one):
+    from supcon import supcon_loss
+    loss = supcon_loss(z, labels, negative_only, temperature=0.1)  # z: (B, V, D) or (N, D)
 
-    L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) )     (Eq. 1)
+What is here, in the order a reader of the papers meets it:
+
+  1. supcon_loss       the supervised contrastive loss L_out^sup, Eq. 2 of Khosla et al. (2020),
+                       with negative-only samples added to A(i); "extended Eq. 2" below.
+                       labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020).
+  2. triplet_loss      triplet margin loss with online mining: random, batch-hard (Hermans et al.
+                       2017), hard-negative, semi-hard (Schroff et al. 2015, FaceNet), mixed.
+  3. cosine_pair_loss  cosine-embedding loss on every pair of the batch.
+  4. Encoders, heads   a small CNN, torchvision ResNets with a small-image stem, SupCon's projection
+                       head, a 3-layer embedding head, and the encoder + head model.
+
+Where it comes from. The main source is a thesis, "Contrastive Learning with Stable Diffusion-based
+Data Augmentation": DA-Fusion (Trabucco et al. 2023) makes synthetic variations of each training
+image; in-distribution ones join the positives, near-out-of-distribution (near-OOD) ones are meant
+to act ONLY as hard negatives. Three seed projects contribute the rest, named here for short:
+  - the fruit project: a course project that trained a small CNN on Stable-Diffusion fruit images
+    (SmallCNN is its network);
+  - the Siamese project: a Siamese-network project on MNIST and CIFAR-10 comparing a
+    cosine-embedding pair loss with a triplet loss (cosine_pair_loss, triplet_margin);
+  - the mushroom project: a metric-learning project for open-world mushroom classification with
+    triplet mining (the strategies of mine_triplets, EmbeddingHead).
+
+Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negative-only one):
+
+    L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) )
 
     s_ij  = z_i . z_j / tau        z L2-normalised, tau the temperature
     P(i)  = samples with i's label (labels=None: the other views of i's image), i itself and
@@ -28,12 +46,20 @@ The re-engineered loss, for an anchor i (a real or in-distribution sample, never
 
     L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
 
-Excluded pairs are removed exactly (their terms are -inf before the log-sum-exp, i.e. exp() = 0),
-which is what the thesis's own edit got wrong (see ../shared/REFERENCE.md).
+Without negative-only samples this is Eq. 2 of Khosla et al. (2020) exactly.
 
-Run `python supcon.py` for a tiny demonstration on random embeddings.
+The thesis's own edit of the SupCon loss had three defects, all fixed here:
+  defect 1  To exclude a pair, its logit was multiplied by zero after the row maximum had been
+            subtracted. exp(0) = 1, so every excluded pair stayed in the denominator at full weight
+            (as much as the most similar sample) instead of dropping out.
+  defect 2  Near-OOD images were labelled -class_id to tell them apart. For class 0 that is -0 = 0,
+            so class 0's near-OOD images became positives of class 0.
+  defect 3  Near-OOD samples stayed anchors: each added its own L_i to the loss.
+Here a separate bool vector, not the label, marks negative-only samples; they are never anchors and
+never positives, and excluded pairs get -inf before the log-sum-exp, so exp() removes them exactly.
 """
 
+import argparse
 import math
 from typing import NamedTuple
 
@@ -51,7 +77,7 @@ def _at_least_fp32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def to_device(x, device):
+def _to_device(x, device):
     """x on `device` without making the host wait. Host -> CUDA copies go from pinned (page-locked)
     memory with non_blocking=True: from ordinary (pageable) memory the driver may first wait for
     the GPU to finish all queued work, a hidden synchronisation in every step. Any other copy
@@ -82,14 +108,14 @@ def _flatten_views(features, labels, negative_only, name="features", device=None
     else:
         B, V = features.shape[0], 1  # every row is its own "image" with one view
         z = features  # (N, D)
-    device = device or features.device  # where the per-row vectors live
+    device = device or features.device
     image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
 
     def per_row(x, what):
         """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
         if x is None:
             return None
-        x = to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
+        x = _to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
         if x.dim() != 1 or x.shape[0] != B:
             raise ValueError(
                 f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
@@ -106,13 +132,25 @@ def _flatten_views(features, labels, negative_only, name="features", device=None
 
 
 # -----------------------------------------------------------------------------
-# 1. The supervised contrastive loss with negative-only samples
+# 1. The supervised contrastive loss with negative-only samples (extended Eq. 2)
+
+
+def _check_settings(temperature, hard_negatives, negative_weight, chunk_size):
+    """Every mistake in supcon_loss's settings is a ValueError that says what was expected."""
+    if hard_negatives not in ("same_class", "all"):
+        raise ValueError(f"hard_negatives must be 'same_class' or 'all'; got {hard_negatives!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if not negative_weight >= 0:
+        raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
 
 
 def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                 base_temperature=None, hard_negatives="same_class", negative_weight=1.0,
                 chunk_size=None):
-    """Supervised contrastive loss (Khosla et al. 2020, L_out) with negative-only samples.
+    """Extended Eq. 2: Khosla et al.'s (2020) L_out^sup with negative-only samples added to A(i).
 
     features:        (N, D) embeddings, or (B, V, D) = V views of B images. L2-normalised here.
     labels:          (N,) or (B,) integer class labels; None = SimCLR (positives are the other
@@ -124,23 +162,16 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     base_temperature: if given, the loss is multiplied by tau / base_temperature (the reference
                      code's constant factor); default None = no scaling.
     hard_negatives:  "same_class": a negative-only sample of class k enters the denominators of
-                     class-k anchors only (the thesis's hard-negative masking); "all": of every anchor.
+                     class-k anchors only (the thesis's hard-negative masking); "all": of every
+                     anchor.
     negative_weight: w >= 0, the factor on a negative-only sample's exp-term in the denominator.
     chunk_size:      None = the plain path below (the readable specification, O(N^2) memory);
                      an int = the exact blockwise path that never holds the N x N matrix.
 
-    Returns a scalar: the mean of L_i (Eq. 1) over anchors that have at least one positive,
-    or 0 (with zero gradients) when no anchor has one. Half-precision input is computed in fp32.
+    Returns a scalar: the mean of L_i over anchors that have at least one positive, or 0 (with
+    zero gradients) when no anchor has one. Half-precision input is computed in fp32.
     """
-    # ---- check the settings: every mistake is a ValueError that says what was expected
-    if hard_negatives not in ("same_class", "all"):
-        raise ValueError(f"hard_negatives must be 'same_class' or 'all'; got {hard_negatives!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    if not negative_weight >= 0:
-        raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+    _check_settings(temperature, hard_negatives, negative_weight, chunk_size)
     # ---- flatten: z (N, D) with N = V*B rows; labels, negative_only, image_id (N,)
     # the per-row vectors stay where the labels are: CPU labels keep the bookkeeping on the CPU
     z, labels, negative_only, image_id = _flatten_views(
@@ -153,24 +184,22 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         if negative_only.any() and hard_negatives == "same_class":
             raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
                              "sample's class; pass labels or use hard_negatives='all'")
-        group = image_id  # SimCLR: a view's positives are the other views of its image
-    else:
-        group = labels  # SupCon: a sample's positives share its label
-    # the class used by hard-negative masking (unused with "all" or without negatives)
-    neg_class = labels if labels is not None else image_id
+    # what positives share: the label (SupCon), or the image (SimCLR: the other views of it).
+    # Hard-negative masking compares it too (SimCLR allows only "all", which compares nothing).
+    group_label = image_id if labels is None else labels  # (N,)
 
-    # work in fp32 at least: fp16 logits at tau = 0.01 would overflow exp() and lose precision
-    z = F.normalize(_at_least_fp32(z), dim=1)  # (N, D), unit rows: z_i . z_j is the cosine similarity
+    # fp32 at least: fp16 logits at tau = 0.01 would overflow exp() and lose precision
+    z = F.normalize(_at_least_fp32(z), dim=1)  # (N, D) unit rows: z_i . z_j = cos(z_i, z_j)
 
     # ---- anchors and positives, from the group sizes alone (O(N), no N x N matrix)
-    # The thesis's defects 2 and 3 end here: negative-only rows are neither anchors (not in
-    # real_rows) nor positives (not counted in any group), whatever label they carry.
-    # This bookkeeping runs where the labels are. Its sizes depend on the data, so on a GPU each
-    # line would wait for the GPU to catch up; with the labels on the CPU (train.py) nothing waits.
+    # Defects 2 and 3 (see the top of this file) end here: negative-only rows are neither anchors
+    # (not in real_rows) nor positives (not counted in any group), whatever label they carry.
+    # The sizes below depend on the data, so on a GPU each line would wait for the GPU to catch
+    # up; with the labels on the CPU (as train.py passes them) nothing waits.
     real_rows = torch.nonzero(~negative_only).squeeze(1)  # (R,) the samples that can be anchors
     negative_rows = torch.nonzero(negative_only).squeeze(1)  # (K,) the negative-only samples
-    # group_index[r] = which group real sample r is in; group_size = real samples per group
-    _, group_index, group_size = torch.unique(group[real_rows], return_inverse=True,
+    # group_index[r]: real sample r's group among the G groups; group_size: real samples per group
+    _, group_index, group_size = torch.unique(group_label[real_rows], return_inverse=True,
                                               return_counts=True)
     num_positives = group_size[group_index] - 1  # (R,) |P(i)|: i's group minus i itself
     has_positive = num_positives > 0  # an anchor without a positive is left out of the mean
@@ -178,84 +207,82 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         # nothing to contrast: 0, with a graph so that backward() gives zero gradients (not NaN)
         return features.sum() * 0.0
     # the index vectors the math uses, copied to the embeddings' device without waiting
-    on_z = lambda t: to_device(t, z.device)  # noqa: E731 (a no-op on the same device)
+    on_z = lambda t: _to_device(t, z.device)  # noqa: E731 (a no-op on the same device)
     anchors = on_z(real_rows[has_positive])  # (M,) row indices of the anchors that count
-    num_positives = on_z(num_positives[has_positive])  # (M,) |P(i)| >= 1 for each of them
+    num_positives = on_z(num_positives[has_positive])  # (M,) |P(i)| >= 1
     anchor_group = on_z(group_index[has_positive])  # (M,) each anchor's group
-    rows = _Rows(real=on_z(real_rows), negative=on_z(negative_rows),
-                 position=on_z(torch.cumsum(~negative_only, 0) - 1), neg_class=on_z(neg_class),
-                 negative_only=on_z(negative_only), has_negatives=negative_rows.numel() > 0)
+    roles = _Roles(real=on_z(real_rows), negative=on_z(negative_rows),
+                   position=on_z(torch.cumsum(~negative_only, 0) - 1),
+                   group_label=on_z(group_label), negative_only=on_z(negative_only),
+                   has_negatives=negative_rows.numel() > 0)
 
-    # ---- the positive term of Eq. 1: 1/|P(i)| sum_{p in P(i)} s_ip                     (M,)
-    # sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), where S_g is the sum of the (non-negative-only)
-    # embeddings of i's group g. So the numerator needs no N x N matrix at all.
-    group_sum = torch.zeros(group_size.numel(), z.shape[1], dtype=z.dtype, device=z.device)  # (G, D)
-    group_sum = group_sum.index_add(0, on_z(group_index), z[rows.real])  # (G, D) S_g = sum of z in group g
-    z_anchor = z[anchors]  # (M, D) the anchors' embeddings
+    # ---- the positive term: 1/|P(i)| sum_{p in P(i)} s_ip                              (M,)
+    # sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), with S_g the sum of the real embeddings of
+    # i's group g: the numerator needs no N x N matrix at all
+    group_sum = torch.zeros(group_size.numel(), z.shape[1], dtype=z.dtype, device=z.device)
+    group_sum = group_sum.index_add(0, on_z(group_index), z[roles.real])  # (G, D) S_g
+    z_anchor = z[anchors]  # (M, D)
     # index_select, not group_sum[...]: the anchors repeat groups, and the backward of indexing
     # with repeats (an accumulating index_put) adds in a thread-dependent order on the CPU
-    positive_sum = group_sum.index_select(0, anchor_group) - z_anchor  # (M, D) sum of i's positives
+    positive_sum = group_sum.index_select(0, anchor_group) - z_anchor  # (M, D) sum_p z_p
     mean_positive_logit = (z_anchor * positive_sum).sum(1) / temperature / num_positives  # (M,)
 
-    # ---- the denominator of Eq. 1: log sum_{a in A(i)} w_a exp(s_ia)                  (M,)
-    # log of each column's weight: log w for negative-only columns, 0 for the rest (None if all 0)
-    log_weight = None  # w = 1 everywhere: nothing to add (the common case, one pass saved)
-    if negative_weight != 1.0 and rows.has_negatives:
-        log_w = math.log(negative_weight) if negative_weight > 0 else -math.inf
+    # ---- the denominator: log sum_{a in A(i)} w_a exp(s_ia)                             (M,)
+    # log w_a per column: log w for negative-only columns, 0 for the rest; None when w = 1
+    # everywhere (the common case: one pass over the logits saved)
+    log_weight = None
+    if negative_weight != 1.0 and roles.has_negatives:
+        log_w_negative = math.log(negative_weight) if negative_weight > 0 else -math.inf
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).masked_fill_(
-            rows.negative_only, log_w)  # (N,)
+            roles.negative_only, log_w_negative)  # (N,)
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
-        if chunk_size is None:  # the readable specification: one (M, N) matrix, autograd
-            log_denominator = _log_denominator(z, anchors, log_weight, temperature, rows, hard_negatives)
-        else:  # the same numbers block by block: (chunk_size, N) at a time, analytic gradient
+        if chunk_size is None:  # one (M, N) matrix, autograd's gradient
+            log_denominator = _log_denominator(z, anchors, log_weight, temperature, roles,
+                                               hard_negatives)
+        else:  # (chunk_size, N) blocks, analytic gradient
             log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
-                                                           chunk_size, rows, hard_negatives)
+                                                           chunk_size, roles, hard_negatives)
 
-    # ---- L = mean over anchors of L_i = log denominator_i - mean positive logit_i
-    # -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip                (Eq. 1)
-    loss = (log_denominator - mean_positive_logit).mean()  # scalar, mean over the M anchors
+    # ---- -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip, mean over anchors
+    loss = (log_denominator - mean_positive_logit).mean()  # scalar
     if base_temperature is not None:  # the reference code's constant factor tau / base_tau
         loss = loss * (temperature / base_temperature)
     return loss
 
 
-class _Rows(NamedTuple):
-    """Which rows of z play which part in the denominator, on z's device (made by supcon_loss)."""
+class _Roles(NamedTuple):
+    """Which rows of z play which role in the denominator, on z's device (made by supcon_loss)."""
     real: torch.Tensor  # (R,) rows that are not negative-only; the anchors are among them
     negative: torch.Tensor  # (K,) negative-only rows
     position: torch.Tensor  # (N,) a real row's column among the R real ones
-    neg_class: torch.Tensor  # (N,) the class hard-negative masking compares
+    group_label: torch.Tensor  # (N,) the label (SimCLR: the image) hard-negative masking compares
     negative_only: torch.Tensor  # (N,) bool
     has_negatives: bool  # K > 0, known without asking the GPU
 
 
-def _masked_logits(z, anchors, log_weight, temperature, rows, hard_negatives):
-    """s_ia + log w_a for anchor rows `anchors` (c,) against all N columns, -inf where a not in A(i).
-
-    A(i) = {a != i, a not negative-only} + {negative-only a meant for anchor i}: with
-    hard_negatives="same_class" those of i's class (the thesis's masking), with "all" every one.
-    Returns a (c, N) matrix. Excluded entries are exactly -inf, so exp() removes them exactly.
-    """
+def _masked_logits(z, anchors, log_weight, temperature, roles, hard_negatives):
+    """s_ia + log w_a for the anchors `anchors` (c,) against all N columns, -inf where a is not
+    in A(i). Returns a (c, N) matrix; exp() of an excluded entry is exactly 0."""
     logits = (z[anchors] / temperature) @ z.T  # (c, N) s_ia = z_i . z_a / tau
     if log_weight is not None:
-        logits = logits + log_weight  # (c, N) adds log w_a: exp(s + log w) = w exp(s)
+        logits = logits + log_weight  # exp(s + log w) = w exp(s)
     columns = torch.arange(z.shape[0], device=z.device)  # (N,)
     excluded = anchors[:, None] == columns[None, :]  # (c, N) a = i: the anchor itself
-    if rows.has_negatives and hard_negatives == "same_class":
+    if roles.has_negatives and hard_negatives == "same_class":
         # a negative-only sample of another class than the anchor's is not in A(i)
-        other_class = rows.neg_class[anchors][:, None] != rows.neg_class[None, :]  # (c, N)
-        excluded |= rows.negative_only[None, :] & other_class
-    # ("all": every negative-only sample stays in every anchor's denominator)
-    # exclusion by -inf, not by multiplying logits with 0 after the max-shift (the thesis's
-    # defect 1, which kept masked terms in the denominator at full weight)
+        other_class = roles.group_label[anchors][:, None] != roles.group_label[None, :]  # (c, N)
+        excluded |= roles.negative_only[None, :] & other_class
+    # "all": every negative-only sample stays in every anchor's denominator.
+    # -inf, not a multiplication by 0 after the max-shift: defect 1 (see the top of this file)
     return logits.masked_fill(excluded, -math.inf)  # (c, N)
 
 
-def _log_denominator(z, anchors, log_weight, temperature, rows, hard_negatives):
+def _log_denominator(z, anchors, log_weight, temperature, roles, hard_negatives):
     """Plain path: log sum_{a in A(i)} w_a exp(s_ia) for all M anchors at once; autograd does the
     gradient. logsumexp subtracts each row's maximum, so tau = 0.01 (|s| <= 100) cannot overflow."""
-    return torch.logsumexp(_masked_logits(z, anchors, log_weight, temperature, rows, hard_negatives), dim=1)
+    logits = _masked_logits(z, anchors, log_weight, temperature, roles, hard_negatives)  # (M, N)
+    return torch.logsumexp(logits, dim=1)  # (M,)
 
 
 class _LogDenominatorChunked(torch.autograd.Function):
@@ -265,7 +292,7 @@ class _LogDenominatorChunked(torch.autograd.Function):
     w_b exp(s_ib) (0 outside A(i)), the gradient of sum_i g_i * log_denominator_i is
         dL/ds_ia = g_i p_ia,      dL/dZ = (G + G^T) Z / tau   (G the (M, N) matrix g_i p_ia,
     scattered to anchor rows), which backward accumulates block by block after recomputing each
-    block's logits (like flash-attention: recompute instead of store).
+    block's logits (recompute instead of store, as in FlashAttention, Dao et al. 2022).
 
     This is the path train.py uses, so it touches each (c, N) block as few times as possible
     (the block is far larger than anything else here; the time goes into reading it):
@@ -282,13 +309,14 @@ class _LogDenominatorChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, rows, hard_negatives):
-        """(M,) log-denominators, computed `chunk_size` anchor rows at a time."""
-        columns = _DenominatorColumns(z, log_weight, temperature, rows, hard_negatives)
+    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, roles, hard_negatives):
+        """(M,) log-denominators, computed `chunk_size` anchors at a time."""
+        columns = _DenominatorColumns(z, log_weight, temperature, roles, hard_negatives)
         log_denominator = []
         for s in range(0, anchors.numel(), chunk_size):
-            blocks = columns.logits(anchors[s:s + chunk_size])  # (c, R), (c, K): s_ia + log w_a - shift
-            row_shift = 0.0  # fixed shift: every term is already in [exp(-2/tau), w], exp() is safe
+            # [(c, R), (c, K)]: s_ia + log w_a - shift, -inf off A(i)
+            blocks = columns.logits(anchors[s:s + chunk_size])
+            row_shift = 0.0  # with the fixed shift every term is in [exp(-2/tau), w] already
             if not columns.fixed_shift:  # small tau: each row's own maximum              (c,)
                 row_shift = torch.stack([b.amax(1) for b in blocks]).amax(0)
                 blocks = [b.sub_(row_shift[:, None]) for b in blocks]
@@ -296,11 +324,10 @@ class _LogDenominatorChunked(torch.autograd.Function):
             denominator = sum(b.sum(1) for b in blocks)  # (c,) sum_a E_ia
             log_denominator.append(denominator.log() + row_shift + columns.shift)  # (c,)
         log_denominator = torch.cat(log_denominator)  # (M,)
-        # keep only O(N D + M) for backward: the embeddings and each row's log-denominator --
-        # except when all anchors fit in one block: then that block is kept (it is allocated
-        # anyway) and backward skips recomputing it
+        # backward needs only O(N D + M): the embeddings and each row's log-denominator --
+        # unless all anchors fit in one block: that block is allocated anyway, so keep it
         ctx.save_for_backward(z, anchors, log_weight, log_denominator)
-        ctx.rows = rows  # index vectors made inside supcon_loss (no gradient, never modified)
+        ctx.roles = roles  # index vectors made inside supcon_loss (no gradient, never modified)
         ctx.settings = (temperature, chunk_size, hard_negatives)  # plain Python values
         ctx.kept = (blocks, row_shift + columns.shift) if anchors.numel() <= chunk_size else None
         return log_denominator  # (M,)
@@ -310,33 +337,36 @@ class _LogDenominatorChunked(torch.autograd.Function):
         """dL/dZ = (G + G^T) Z / tau with G_ia = g_i p_ia, accumulated block by block."""
         z, anchors, log_weight, log_denominator = ctx.saved_tensors
         temperature, chunk_size, hard_negatives = ctx.settings
-        columns = _DenominatorColumns(z, log_weight, temperature, ctx.rows, hard_negatives)
+        columns = _DenominatorColumns(z, log_weight, temperature, ctx.roles, hard_negatives)
         kept, ctx.kept = ctx.kept, None  # (the block goes with this call)
-        with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast too
+        with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast
             grad_z = torch.zeros_like(z)  # (N, D)
-            grad_columns = [torch.zeros_like(z_columns) for z_columns in columns.z]  # (R, D), (K, D)
+            grad_columns = [torch.zeros_like(z_c) for z_c in columns.z_columns]  # (R|K, D)
             for s in range(0, anchors.numel(), chunk_size):
-                rows = anchors[s:s + chunk_size]  # (c,)
+                anchor_block = anchors[s:s + chunk_size]  # (c,)
                 log_den = log_denominator[s:s + chunk_size]  # (c,)
                 # E_ia = w_a exp(s_ia - offset_i), 0 off A(i): forward's block, or recomputed
                 if kept is not None:
                     blocks, offset = kept
                 elif columns.fixed_shift:
-                    blocks, offset = [b.exp_() for b in columns.logits(rows)], columns.shift
+                    blocks = [b.exp_() for b in columns.logits(anchor_block)]
+                    offset = columns.shift
                 else:  # offset = the log-denominator itself: E_ia = p_ia, at most 1
                     offset = log_den
-                    blocks = [b.sub_(offset[:, None]).exp_() for b in columns.logits(rows)]
-                # p_ia = E_ia exp(offset_i - log den_i), so G_ia / tau = scale_i E_ia with    (c, 1)
+                    blocks = [b.sub_(offset[:, None]).exp_()
+                              for b in columns.logits(anchor_block)]
+                # p_ia = E_ia exp(offset_i - log den_i), so G_ia / tau = scale_i E_ia     (c, 1)
                 g = grad_log_denominator[s:s + chunk_size]  # (c,) g_i
                 scale = (g * (offset - log_den).exp() / temperature)[:, None]
-                # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a                  (c, D)
-                grad_z.index_add_(0, rows, scale * sum(b @ z_cols for b, z_cols in zip(blocks, columns.z)))
-                # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                     (R|K, D)
-                scaled_rows = scale * z[rows]  # (c, D)
+                # G Z / tau on the anchors' own rows: scale_i sum_a E_ia z_a               (c, D)
+                grad_z.index_add_(0, anchor_block, scale * sum(
+                    b @ z_c for b, z_c in zip(blocks, columns.z_columns)))
+                # G^T Z / tau on every column: sum_i E_ia (scale_i z_i)                  (R|K, D)
+                scaled_anchors = scale * z[anchor_block]  # (c, D)
                 for grad, b in zip(grad_columns, blocks):
-                    grad.addmm_(b.T, scaled_rows)
-            for index, grad in zip(columns.index, grad_columns):
-                grad_z.index_add_(0, index, grad)  # back to each sample's own row
+                    grad.addmm_(b.T, scaled_anchors)
+            for column_index, grad in zip(columns.column_index, grad_columns):
+                grad_z.index_add_(0, column_index, grad)  # back to each sample's own row
             return grad_z, None, None, None, None, None, None  # only z needs a gradient
 
 
@@ -344,37 +374,42 @@ class _DenominatorColumns:
     """The columns a of the chunked denominator, split into real samples and negative-only ones,
     with what every block of anchors needs: their embeddings, the bias log w_a - shift, masks."""
 
-    def __init__(self, z, log_weight, temperature, rows, hard_negatives):
-        self.z_full, self.temperature = z, temperature
+    def __init__(self, z, log_weight, temperature, roles, hard_negatives):
+        self.z, self.temperature = z, temperature
         # exp(s - 1/tau) >= exp(-2/tau) must stay a normal float (10: a margin of e^10)
         self.fixed_shift = 2 / temperature <= -math.log(torch.finfo(z.dtype).tiny) - 10
         self.shift = 1 / temperature if self.fixed_shift else 0.0
         # (R,) real samples, (K,) negative-only ones; no empty (c, 0) block when K = 0
-        self.index = [rows.real] + ([rows.negative] if rows.has_negatives else [])
-        self.z = [z[i] for i in self.index]  # (R, D), (K, D)
+        self.column_index = [roles.real] + ([roles.negative] if roles.has_negatives else [])
+        self.z_columns = [z[i] for i in self.column_index]  # (R, D), (K, D)
         bias = torch.full((z.shape[0],), -self.shift, dtype=z.dtype, device=z.device)  # (N,)
         if log_weight is not None:
-            bias = bias + log_weight  # log w_a on negative-only columns
-        self.bias = [bias[i] for i in self.index]  # (R,), (K,): contiguous, fused into addmm
-        self.position = rows.position  # (N,) each sample's real column
-        self.neg_class = rows.neg_class  # (N,) the class hard-negative masking compares
-        # "same_class": a negative-only column counts only for anchors of its class         (K,)
-        self.negative_class = rows.neg_class[rows.negative] if hard_negatives == "same_class" else None
+            bias = bias + log_weight
+        self.bias = [bias[i] for i in self.column_index]  # (R,), (K,): contiguous, for addmm
+        self.position = roles.position  # (N,)
+        self.group_label = roles.group_label  # (N,)
+        # "same_class": a negative-only column counts only for anchors of its class        (K,)
+        self.negative_label = (roles.group_label[roles.negative]
+                               if hard_negatives == "same_class" else None)
 
-    def logits(self, rows):
-        """[(c, R), (c, K)] of s_ia + log w_a - shift for anchors `rows` (c,), -inf off A(i)."""
-        z_rows = self.z_full[rows] / self.temperature  # (c, D) z_i / tau
-        blocks = [torch.addmm(bias, z_rows, z_cols.T) for bias, z_cols in zip(self.bias, self.z)]
+    def logits(self, anchor_block):
+        """[(c, R), (c, K)]: s_ia + log w_a - shift for the anchors `anchor_block` (c,), -inf off
+        A(i) (removed exactly, not zeroed: defect 1, see the top of this file)."""
+        z_anchor = self.z[anchor_block] / self.temperature  # (c, D) z_i / tau
+        blocks = [torch.addmm(bias, z_anchor, z_c.T)  # bias + z_i . z_a / tau
+                  for bias, z_c in zip(self.bias, self.z_columns)]
         # a = i: the anchor's own column (c entries, by index: no (c, R) mask is built)
-        blocks[0][torch.arange(len(rows), device=rows.device), self.position[rows]] = -math.inf
-        if len(blocks) > 1 and self.negative_class is not None:
-            # a negative-only sample of another class than the anchor's is not in A(i)   (c, K)
-            blocks[1].masked_fill_(self.neg_class[rows][:, None] != self.negative_class[None, :], -math.inf)
+        block_row = torch.arange(len(anchor_block), device=anchor_block.device)  # (c,)
+        blocks[0][block_row, self.position[anchor_block]] = -math.inf
+        if len(blocks) > 1 and self.negative_label is not None:
+            # a negative-only sample of another class than the anchor's is not in A(i)     (c, K)
+            anchor_label = self.group_label[anchor_block]  # (c,)
+            blocks[1].masked_fill_(anchor_label[:, None] != self.negative_label[None, :], -math.inf)
         return blocks
 
 
 # -----------------------------------------------------------------------------
-# 2. Triplet loss with online mining (the seed metric-learning project)
+# 2. Triplet loss with online mining (the mushroom project)
 
 MINING = ("random", "batch_hard", "hard_negative", "semi_hard", "mixed")
 
@@ -406,10 +441,10 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
     an anchor are samples of another label and every negative-only sample.
 
       random         random positive, random negative
-      batch_hard     farthest positive, closest negative (Hermans et al. 2017)
+      batch_hard     farthest positive, closest negative (batch-hard, Hermans et al. 2017)
       hard_negative  random positive, closest negative
       semi_hard      random positive; a random negative with d(a,p) < d(a,n) < d(a,p) + margin
-                     (FaceNet); anchors without such a negative are skipped
+                     (semi-hard, Schroff et al. 2015); anchors without one are skipped
       mixed          random positive; the negative closest to that positive
     """
     if mining not in MINING:
@@ -421,31 +456,31 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
     if z.dim() != 2 or embeddings.dim() != 2:
         raise ValueError("triplet mining takes (N, D) embeddings")
     N = z.shape[0]
-    dist = pairwise_distances(_at_least_fp32(z), distance)  # (N, N), no gradient: only for choosing
+    dist = pairwise_distances(_at_least_fp32(z), distance)  # (N, N), no gradient: for choosing
     eye = torch.eye(N, dtype=torch.bool, device=z.device)  # (N, N) i == j
     real = ~negative_only  # (N,) may be an anchor or a positive
     same = labels[:, None] == labels[None, :]  # (N, N) same label
-    positive = same & ~eye & real[None, :] & real[:, None]  # (N, N) candidate positives
-    negative = (~same | negative_only[None, :]) & real[:, None]  # (N, N) candidate negatives
-    valid = positive.any(1) & negative.any(1)  # (N,) anchors with at least one triplet
+    positive_mask = same & ~eye & real[None, :] & real[:, None]  # (N, N) candidate positives
+    negative_mask = (~same | negative_only[None, :]) & real[:, None]  # (N, N) candidate negatives
+    valid = positive_mask.any(1) & negative_mask.any(1)  # (N,) anchors with at least one triplet
 
     # ---- the positive of each anchor                                                 (N,)
     if mining == "batch_hard":
-        pos = torch.where(positive, dist, -math.inf).argmax(1)  # farthest positive
+        pos = torch.where(positive_mask, dist, -math.inf).argmax(1)  # farthest positive
     else:
-        pos = _random_choice(positive, generator)  # a uniformly random positive
+        pos = _random_choice(positive_mask, generator)  # a uniformly random positive
     # ---- the negative of each anchor                                                 (N,)
     if mining == "random":
-        neg = _random_choice(negative, generator)
+        neg = _random_choice(negative_mask, generator)
     elif mining in ("batch_hard", "hard_negative"):
-        neg = torch.where(negative, dist, math.inf).argmin(1)  # closest negative to the anchor
+        neg = torch.where(negative_mask, dist, math.inf).argmin(1)  # closest to the anchor
     elif mining == "mixed":
-        neg = torch.where(negative, dist[pos], math.inf).argmin(1)  # closest to the positive
+        neg = torch.where(negative_mask, dist[pos], math.inf).argmin(1)  # closest to the positive
     else:  # semi_hard: negatives farther than the positive, but inside the margin
         d_ap = dist.gather(1, pos[:, None])  # (N, 1)
-        semi = negative & (dist > d_ap) & (dist < d_ap + margin)  # (N, N) semi-hard candidates
-        neg = _random_choice(semi, generator)
-        valid &= semi.any(1)  # no semi-hard negative: the anchor sits this batch out
+        semi_hard_mask = negative_mask & (dist > d_ap) & (dist < d_ap + margin)  # (N, N)
+        neg = _random_choice(semi_hard_mask, generator)
+        valid &= semi_hard_mask.any(1)  # no semi-hard negative: the anchor sits this batch out
     anchor = torch.nonzero(valid).squeeze(1)  # (T,) anchors with a triplet
     return anchor, pos[anchor], neg[anchor]  # three (T,) index tensors
 
@@ -481,7 +516,7 @@ def triplet_margin(anchor, positive, negative, *, margin=0.5, distance="euclidea
 
 
 # -----------------------------------------------------------------------------
-# 3. Cosine-embedding loss on every pair (the seed Siamese project)
+# 3. Cosine-embedding loss on every pair (the Siamese project)
 
 
 def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, balance=False):
@@ -516,7 +551,7 @@ def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, bala
 
 
 class SmallCNN(nn.Module):
-    """The seed fruit project's CNN: conv3x3(32)-ReLU-pool-conv3x3(64)-ReLU-pool-fc(128)-ReLU-dropout.
+    """The fruit project's CNN: conv3x3(32)-ReLU-pool-conv3x3(64)-ReLU-pool-fc(128)-ReLU-dropout.
 
     Sized to the input: the flattened size follows from image_size. Outputs 128-d features.
     """
@@ -591,15 +626,15 @@ class ProjectionHead(nn.Module):
                                  nn.Linear(in_dim, out_dim))
 
     def forward(self, h):
-        """(B, in_dim) features -> (B, out_dim) unit-length embeddings (the z of Eq. 1)."""
+        """(B, in_dim) features -> (B, out_dim) unit-length embeddings (z in extended Eq. 2)."""
         return F.normalize(self.net(h), dim=1)
 
 
 class EmbeddingHead(nn.Module):
-    """The seed metric-learning project's 3 linear layers (in-512-256-d), for triplet/cosine losses."""
+    """The mushroom project's 3 linear layers (in-512-256-d), for the triplet and cosine losses."""
 
     def __init__(self, in_dim, out_dim=128):
-        """in_dim: the encoder's feature size; out_dim: d (16, 64 or 128 in the seed project)."""
+        """in_dim: the encoder's feature size; out_dim: d (the mushroom project: 16, 64, 128)."""
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(inplace=True),  # (B, 512)
                                  nn.Linear(512, 256), nn.ReLU(inplace=True),  # (B, 256)
@@ -628,7 +663,8 @@ class ContrastiveModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim=128, pretrained=False):
+def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim=128,
+                pretrained=False):
     """Encoder + the head the loss needs, and the linear classifier on the encoder features.
 
     supcon / simclr: the MLP projection head (normalised); triplet / cosine: the 3-layer embedding
@@ -643,16 +679,28 @@ def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim
     return ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
 
 
-if __name__ == "__main__":
-    # A tiny demonstration: 8 images x 2 views, 2 classes, 2 near-OOD negatives.
-    torch.manual_seed(0)
-    feats = torch.randn(8, 2, 16)
+def _demo(argv=None):
+    """`python supcon.py`: every loss of this file on a tiny random batch, printed."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The demonstration: 8 images x 2 views, 2 classes, 2 of the images near-OOD.")
+    parser.add_argument("--temperature", type=float, default=0.1, help="tau (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random embeddings")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    feats = torch.randn(8, 2, 16)  # (B, V, D)
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])
-    near_ood = torch.tensor([False] * 6 + [True] * 2)
-    print("SupCon, no negatives        :", supcon_loss(feats[:6], labels[:6]).item())
-    print("SupCon, near-OOD negatives  :", supcon_loss(feats, labels, near_ood).item())
-    print("  same, chunked (chunk 3)   :", supcon_loss(feats, labels, near_ood, chunk_size=3).item())
-    print("SimCLR                      :", supcon_loss(feats[:6]).item())
-    print("triplet (semi-hard)         :", triplet_loss(feats[:, 0], labels, near_ood,
-                                                         mining="semi_hard").item())
+    near_ood = torch.tensor([False] * 6 + [True] * 2)  # the last two images: negatives only
+    tau = dict(temperature=args.temperature)
+    print("SupCon, no negatives        :", supcon_loss(feats[:6], labels[:6], **tau).item())
+    print("SupCon, near-OOD negatives  :", supcon_loss(feats, labels, near_ood, **tau).item())
+    print("  same, chunked (chunk 3)   :",
+          supcon_loss(feats, labels, near_ood, chunk_size=3, **tau).item())
+    print("SimCLR                      :", supcon_loss(feats[:6], **tau).item())
+    print("triplet (semi-hard)         :",
+          triplet_loss(feats[:, 0], labels, near_ood, mining="semi_hard").item())
     print("cosine pairs                :", cosine_pair_loss(feats[:, 0], labels, near_ood).item())
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,6 +1,6 @@
 """
-benchmarks/bench_loss.py -- speed and peak memory of supcon_loss (supcon.py, Eq. 1) against a
-straightforward implementation of the same formula, in the same process.
+benchmarks/bench_loss.py -- speed and peak memory of supcon_loss (supcon.py, extended Eq. 2 of
+Khosla et al. 2020) against a straightforward implementation of the same formula, in one process.
 
 The baseline is written the way the widely copied SupCon reference code is: the full N x N logits,
 every mask a float N x N tensor, exp, multiply by the masks, sum, log; autograd does the rest.

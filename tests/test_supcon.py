@@ -1,4 +1,5 @@
-"""Tests of supcon_loss (supcon.py, Eq. 1) against independent references.
+"""Tests of supcon_loss (supcon.py: extended Eq. 2 of Khosla et al. 2020) against independent
+references.
 
 The references here are written straight from the equations (a Python loop over anchors) or are
 the widely used reference formulation written out again; none of them calls supcon.py.
@@ -20,7 +21,7 @@ from supcon import supcon_loss
 
 def brute_force_supcon(features, labels=None, negative_only=None, temperature=0.1,
                        base_temperature=None, hard_negatives="same_class", negative_weight=1.0):
-    """Eq. 1 as a loop over anchors, from the paper's sets P(i) and A(i)."""
+    """Extended Eq. 2 as a loop over anchors, from the sets P(i) and A(i) in supcon.py's notes."""
     if features.dim() == 2:
         features = features[:, None, :]
     B, V, _ = features.shape
@@ -349,7 +350,7 @@ def test_invalid_inputs_raise_clear_errors():
 def test_chunked_on_both_sides_of_the_fixed_shift(dtype, temperature, hard_negatives):
     """The chunked path shifts by the constant 1/tau while exp(-2/tau) is a normal float (fp32:
     tau >= 2/77, fp64: tau >= 2/698) and by each row's maximum below that; both sides must give
-    Eq. 1's value and the plain path's gradient (autograd through logsumexp)."""
+    extended Eq. 2's value and the plain path's gradient (autograd through logsumexp)."""
     feats, labels, neg = random_batch(B=14, V=2, D=6, seed=23, dtype=dtype)
     feats[0, 1] = -feats[0, 0]  # an anchor whose positive is as far away as it can be (cos = -1)
     expected = brute_force_supcon(feats.double(), labels, neg, temperature, None, hard_negatives, 0.5)
@@ -390,7 +391,7 @@ def test_autocast_keeps_the_loss_in_fp32(chunk_size):
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_labels_as_list_numpy_or_tensor_give_the_brute_force_loss(chunk_size):
     # labels and negative_only may come as lists, numpy arrays or tensors (the row bookkeeping
-    # runs on the labels' device, the math on the features'); every form gives Eq. 1's value
+    # runs on the labels' device, the math on the features'); every form gives the same value
     import numpy as np
     torch.manual_seed(3)
     features = torch.randn(8, 2, 5, dtype=torch.float64)
