@@ -15,7 +15,9 @@ What is here, in the order a reader of the papers meets it:
 
   1. supcon_loss       the supervised contrastive loss L_out^sup, Eq. 2 of Khosla et al. (2020),
                        with negative-only samples added to A(i); "extended Eq. 2" below.
-                       labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020).
+                       labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020). Three paths
+                       give the same value: plain (the specification), chunked (exact, blockwise)
+                       and fused (FlexAttention's log-sum-exp, Dong et al. 2024).
   2. triplet_loss      triplet margin loss with online mining: random, batch-hard (Hermans et al.
                        2017), hard-negative, semi-hard (Schroff et al. 2015, FaceNet), mixed.
   3. cosine_pair_loss  cosine-embedding loss on every pair of the batch.
@@ -61,6 +63,7 @@ never positives, and excluded pairs get -inf before the log-sum-exp, so exp() re
 
 import argparse
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -135,7 +138,7 @@ def _flatten_views(features, labels, negative_only, name="features", device=None
 # 1. The supervised contrastive loss with negative-only samples (extended Eq. 2)
 
 
-def _check_settings(temperature, hard_negatives, negative_weight, chunk_size):
+def _check_settings(temperature, hard_negatives, negative_weight, chunk_size, fused):
     """Every mistake in supcon_loss's settings is a ValueError that says what was expected."""
     if hard_negatives not in ("same_class", "all"):
         raise ValueError(f"hard_negatives must be 'same_class' or 'all'; got {hard_negatives!r}")
@@ -145,11 +148,14 @@ def _check_settings(temperature, hard_negatives, negative_weight, chunk_size):
         raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+    if fused not in (False, True) or (fused and chunk_size is not None):
+        raise ValueError(f"fused must be True or False, and True only without chunk_size (two "
+                         f"different paths); got fused={fused!r}, chunk_size={chunk_size!r}")
 
 
 def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                 base_temperature=None, hard_negatives="same_class", negative_weight=1.0,
-                chunk_size=None):
+                chunk_size=None, fused=False):
     """Extended Eq. 2: Khosla et al.'s (2020) L_out^sup with negative-only samples added to A(i).
 
     features:        (N, D) embeddings, or (B, V, D) = V views of B images. L2-normalised here.
@@ -165,13 +171,20 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                      class-k anchors only (the thesis's hard-negative masking); "all": of every
                      anchor.
     negative_weight: w >= 0, the factor on a negative-only sample's exp-term in the denominator.
-    chunk_size:      None = the plain path below (the readable specification, O(N^2) memory);
-                     an int = the exact blockwise path that never holds the N x N matrix.
+    chunk_size, fused: which path computes the denominators (M anchors, N samples):
+      plain    (default) the readable specification: one (M, N) matrix, autograd's gradient.
+               For small batches and checks (fp64 too), on any device.
+      chunked  (chunk_size=c) exact, in (c, N) blocks with an analytic gradient: O(c N) memory.
+               Large batches on the CPU, exact fp32 on any device; what train.py uses.
+      fused    (fused=True) FlexAttention's log-sum-exp, torch.compile'd on a CUDA GPU: the
+               kernel never writes the (M, N) scores. On the CPU it runs the forward only
+               (uncompiled, the scores materialised) and backward() raises. Its GPU speed,
+               memory and precision remain to be measured; until then prefer chunked to train.
 
     Returns a scalar: the mean of L_i over anchors that have at least one positive, or 0 (with
     zero gradients) when no anchor has one. Half-precision input is computed in fp32.
     """
-    _check_settings(temperature, hard_negatives, negative_weight, chunk_size)
+    _check_settings(temperature, hard_negatives, negative_weight, chunk_size, fused)
     # ---- flatten: z (N, D) with N = V*B rows; labels, negative_only, image_id (N,)
     # the per-row vectors stay where the labels are: CPU labels keep the bookkeeping on the CPU
     z, labels, negative_only, image_id = _flatten_views(
@@ -237,7 +250,10 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
             roles.negative_only, log_w_negative)  # (N,)
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
-        if chunk_size is None:  # one (M, N) matrix, autograd's gradient
+        if fused:  # FlexAttention: no (M, N) matrix in memory (CUDA)
+            log_denominator = _log_denominator_fused(z, anchors, log_weight, temperature, roles,
+                                                     hard_negatives)
+        elif chunk_size is None:  # one (M, N) matrix, autograd's gradient
             log_denominator = _log_denominator(z, anchors, log_weight, temperature, roles,
                                                hard_negatives)
         else:  # (chunk_size, N) blocks, analytic gradient
@@ -406,6 +422,97 @@ class _DenominatorColumns:
             anchor_label = self.group_label[anchor_block]  # (c,)
             blocks[1].masked_fill_(anchor_label[:, None] != self.negative_label[None, :], -math.inf)
         return blocks
+
+
+# -----------------------------------------------------------------------------
+# The fused path: the denominators as FlexAttention's log-sum-exp (Dong et al. 2024)
+
+_COMPILED = {}  # torch.compile'd FlexAttention functions by name, made on first use on CUDA
+
+_NO_CPU_BACKWARD = ("supcon_loss(fused=True): the fused path's gradient needs a CUDA GPU "
+                    "(FlexAttention has no backward on the CPU); use chunk_size=... instead")
+
+
+def _log_denominator_fused(z, anchors, log_weight, temperature, roles, hard_negatives):
+    """Fused path: the (M,) log-denominators from FlexAttention. On CUDA autograd differentiates
+    through the compiled kernels; elsewhere only the forward exists and backward() raises."""
+    if z.device.type == "cuda":
+        return _flex_log_sum_exp(z, anchors, log_weight, temperature, roles, hard_negatives)
+    return _FusedForwardOnly.apply(z, anchors, log_weight, temperature, roles, hard_negatives)
+
+
+class _FusedForwardOnly(torch.autograd.Function):
+    """The fused forward off CUDA, where FlexAttention refuses inputs that need a gradient: it runs
+    on detached embeddings here, and this function's backward stands in for the missing one."""
+
+    @staticmethod
+    def forward(ctx, z, anchors, log_weight, temperature, roles, hard_negatives):
+        """(M,) log-denominators, no graph through FlexAttention."""
+        return _flex_log_sum_exp(z.detach(), anchors, log_weight, temperature, roles,
+                                 hard_negatives)
+
+    @staticmethod
+    def backward(ctx, grad_log_denominator):
+        """Refuses, with one line that says what to do instead."""
+        raise RuntimeError(_NO_CPU_BACKWARD)
+
+
+def _flex_log_sum_exp(z, anchors, log_weight, temperature, roles, hard_negatives):
+    """log sum_{a in A(i)} w_a exp(s_ia) for the M anchors, as attention's log-sum-exp (LSE).
+
+    Attention with queries q_i = z_i (the anchors), keys k_a = z_a (all N samples) and scale 1/tau
+    scores s_ia = z_i . z_a / tau; its LSE_i = log sum_a exp(score_ia) over the entries the mask
+    keeps is the denominator itself once score_mod adds log w_a (exp(s + log w) = w exp(s); log 0
+    = -inf removes a column exactly) and mask_mod drops every a not in A(i). The attention output
+    (over dummy zero values) is thrown away.
+
+    On CUDA both FlexAttention functions run through torch.compile, wrapped once per process;
+    torch.compile then keeps a kernel per dtype, temperature and shape (by default, once it has
+    seen a second batch size, one for any size). The masking settings and weights live in tensors
+    read by the one mask_mod and score_mod, so they add no variants. This CUDA branch is written
+    for the GPU but has not run on one yet: its speed, precision (fp32 follows torch's float32
+    matmul precision; fp64 is untested) and compile count remain to be measured. Elsewhere the
+    functions run uncompiled: the (M, N) scores are materialised, fine for checking the values.
+    """
+    from torch.nn.attention import flex_attention as flex  # PyTorch >= 2.5
+    N, D = z.shape
+    on_cuda = z.device.type == "cuda"
+    if on_cuda and not _COMPILED:
+        _COMPILED["flex_attention"] = torch.compile(flex.flex_attention)
+        _COMPILED["create_block_mask"] = torch.compile(flex.create_block_mask)
+    attend = _COMPILED["flex_attention"] if on_cuda else flex.flex_attention
+    create_block_mask = _COMPILED["create_block_mask"] if on_cuda else flex.create_block_mask
+    # the settings as vectors, not as Python branches inside the mods (each branch taken would
+    # be one more compiled kernel)
+    anchor_label = roles.group_label[anchors]  # (M,)
+    # (N,) columns that count only for anchors of their own label: the negative-only samples
+    # under "same_class", none under "all"
+    own_label_only = roles.negative_only & (hard_negatives == "same_class")
+    if log_weight is None:  # w = 1 everywhere: log w_a = 0
+        log_weight = torch.zeros(N, dtype=z.dtype, device=z.device)
+
+    def in_denominator(batch, head, q, a):
+        """True where column a is in A(i) of the q-th anchor i (scalar int tensors q, a)."""
+        other_label = roles.group_label[a] != anchor_label[q]
+        return (anchors[q] != a) & ~(own_label_only[a] & other_label)  # a != i, not masked
+
+    def add_log_weight(score, batch, head, q, a):
+        """score + log w_a (0 for real columns, log w for negative-only ones)."""
+        return score + log_weight[a]
+
+    block_mask = create_block_mask(in_denominator, None, None, anchors.numel(), N, device=z.device)
+    # (1 batch, 1 head, length, D); Triton's tl.dot wants dimensions of at least 16, and
+    # zero-padding keeps every dot product the same
+    queries, keys = z[anchors][None, None], z[None, None]  # (1, 1, M, D), (1, 1, N, D)
+    if D < 16:
+        queries, keys = F.pad(queries, (0, 16 - D)), F.pad(keys, (0, 16 - D))
+    values = z.new_zeros(1, 1, N, 16)  # (1, 1, N, 16) attention needs values; output unused
+    with warnings.catch_warnings():  # uncompiled off CUDA on purpose: no advice to compile
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        _, aux = attend(queries, keys, values,
+                        score_mod=add_log_weight, block_mask=block_mask, scale=1.0 / temperature,
+                        return_aux=flex.AuxRequest(lse=True))
+    return aux.lse[0, 0].to(z.dtype)  # (M,) natural-log LSE; CUDA's kernel stores it in fp32
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,12 @@ It has been extended in the obvious way for negative-only samples (hard-negative
 Measured: forward + backward, median of several repeats, at N embeddings (N/2 images x 2 views),
 D = 128, 10 classes, 25% of images negative-only. Peak memory is the extra resident memory (CPU,
 from /proc/self/status VmHWM) or extra allocated memory (CUDA) above what the inputs take.
+Every fp32 path's loss and gradient are also compared with supcon_loss run in float64.
+
+The fused path (fused=True, FlexAttention) has a backward only on CUDA, where it runs compiled:
+there it is timed forward + backward like the others (its first call compiles, outside the timing).
+On the CPU FlexAttention has no backward and runs uncompiled, materialising the (M, N) scores, so
+only its forward is timed there, and that time says nothing about the GPU kernel.
 
 Run:   python benchmarks/bench_loss.py                # CPU: N = 4096 speed, N = 16384 memory
        python benchmarks/bench_loss.py --device cuda --n 16384 --memory-n 65536
@@ -63,13 +69,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_it(fn, feats, device, repeats):
+def time_it(fn, feats, device, repeats, backward=True):
     times = []
-    for _ in range(repeats + 1):  # the first call warms up
+    for _ in range(repeats + 1):  # the first call warms up (and compiles the fused path)
         feats.grad = None
         sync(device)
         t0 = time.perf_counter()
-        fn().backward()
+        loss = fn()
+        if backward:
+            loss.backward()
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) * 1000.0  # ms
@@ -128,22 +136,42 @@ def main():
     }
     for c in args.chunk_sizes:  # c=c: each lambda keeps its own chunk size
         runs[f"supcon_loss (chunk_size={c})"] = lambda c=c: supcon_loss(feats, labels, neg, chunk_size=c)
-    values, grads = {}, {}
-    for k, fn in runs.items():  # every path must agree: same value, same gradient
+    fused_name = "supcon_loss (fused=True, FlexAttention)"
+    runs[fused_name] = lambda: supcon_loss(feats, labels, neg, fused=True)
+    fused_backward = dev == "cuda"  # FlexAttention's backward exists on CUDA only
+
+    # every path must agree with supcon_loss in float64: same value, same gradient (chunked, so
+    # that large N fits; the tests hold it equal to the plain path to 1e-12)
+    x64 = feats.detach().double().requires_grad_()
+    loss64 = supcon_loss(x64, labels, neg, chunk_size=1024)
+    loss64.backward()
+    value64, grad64 = loss64.item(), x64.grad
+    del x64, loss64
+    print(f"\nN={args.n}, D={args.dim}, 10 classes, 25% negative-only; each fp32 path against "
+          f"supcon_loss in float64 (loss {value64:.6f}):")
+    for k, fn in runs.items():
         feats.grad = None
         loss = fn()
+        value_error = abs(loss.item() - value64) / abs(value64)
+        if k == fused_name and not fused_backward:
+            print(f"  {k:45s} loss rel. error {value_error:.1e}   gradient: none on the CPU")
+            continue
         loss.backward()
-        values[k], grads[k] = loss.item(), feats.grad.clone()
-    reference = grads["baseline (reference-style, float masks)"]
-    grad_error = max(((g - reference).abs().max() / reference.abs().max()).item() for g in grads.values())
-    print(f"\nforward+backward, N={args.n}, D={args.dim}, 10 classes, 25% negative-only; loss values "
-          f"{sorted(set(round(v, 4) for v in values.values()))}, largest gradient difference "
-          f"{grad_error:.1e} of the largest gradient entry")
-    del grads, reference
-    times = {k: time_it(fn, feats, dev, args.repeats) for k, fn in runs.items()}
+        grad_error = ((feats.grad.double() - grad64).abs().max() / grad64.abs().max()).item()
+        print(f"  {k:45s} loss rel. error {value_error:.1e}   gradient max error {grad_error:.1e} "
+              f"of the largest entry")
+    del grad64
+
+    print(f"\nforward+backward, median of {args.repeats}:")
+    times = {k: time_it(fn, feats, dev, args.repeats) for k, fn in runs.items()
+             if k != fused_name or fused_backward}
     base = times["baseline (reference-style, float masks)"]
     for k, t in times.items():
         print(f"  {k:45s} {t:9.2f} ms   speed-up x{base / t:5.2f}")
+    if not fused_backward:
+        t = time_it(runs[fused_name], feats, dev, args.repeats, backward=False)
+        print(f"  {fused_name:45s} {t:9.2f} ms   forward only: no backward on the CPU, and "
+              f"uncompiled here (the scores are materialised)")
 
     # ---- memory at N = args.memory_n
     del feats
@@ -152,6 +180,9 @@ def main():
     for c in args.chunk_sizes:
         mem_chunk = peak_extra_memory(lambda: supcon_loss(feats, labels, neg, chunk_size=c), feats, dev)
         print(f"  supcon_loss chunk_size={c:<6d}  {mem_chunk / 2**20:10.1f} MiB")
+    if dev == "cuda":  # on the CPU the fused path is forward-only and uncompiled: nothing to show
+        mem_fused = peak_extra_memory(lambda: supcon_loss(feats, labels, neg, fused=True), feats, dev)
+        print(f"  supcon_loss fused=True         {mem_fused / 2**20:10.1f} MiB")
     try:
         mem_base = peak_extra_memory(lambda: baseline_supcon(feats, labels, neg), feats, dev)
         print(f"  baseline                        {mem_base / 2**20:10.1f} MiB   "
