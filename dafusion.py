@@ -1,12 +1,19 @@
 """
 dafusion.py -- DA-Fusion augmentations (Trabucco et al. 2023): in-distribution (ID) variations of
 each real training image that act as extra positives, and near-out-of-distribution (near-OOD)
-variations that act only as hard negatives (the thesis's re-engineered SupCon loss, supcon.py).
+variations that act only as hard negatives in the thesis's re-engineered SupCon loss (supcon.py).
 
-One augmentation procedure, SDEdit (Meng et al. 2022), as DA-Fusion uses it: noise a real image to
-timestep t0 * T (t0 = "strength"), then denoise it conditioned on its class. Low strength
-(--id-strength, 0.2 in the thesis) stays close to the source: ID. High strength (--ood-strength,
-0.5) drifts away: near-OOD. Two generators run it:
+One augmentation procedure, SDEdit (Meng et al. 2022, Algorithm 1), as DA-Fusion uses it: noise
+a real image to a level set by its "strength" s, then denoise it conditioned on its class. Low
+strength (--id-strength, 0.2 in the thesis) stays close to the source: ID. High strength
+(--ood-strength, 0.5 in the thesis; --strengths for several) drifts away: near-OOD.
+
+What strength means. Stable Diffusion v1's img2img (diffusers, 50 DDIM steps over its
+scaled-linear schedule) starts at timestep t(s) = 20 int(50 s) - 19, i.e. from the noise level
+alpha-bar(t(s)): 0.78 at s = 0.2, 0.30 at s = 0.5, 0.043 at s = 0.8. The ddpm generator was
+trained with a cosine schedule, on which the same timestep means much less noise (at s = 0.5
+its alpha-bar would be 0.57). So it starts instead at the timestep of ITS schedule with the
+alpha-bar Stable Diffusion v1 starts from: strength s means the same noise in both generators.
 
   --generator ddpm              (default, offline) a small class-conditional DDPM (diffusers'
                                 UNet2DModel with class embeddings and a null class for
@@ -14,20 +21,24 @@ timestep t0 * T (t0 = "strength"), then denoise it conditioned on its class. Low
                                 saved to OUT/ddpm and reused.
   --generator stable-diffusion  DA-Fusion proper on a Stable Diffusion v1.x model you bring
                                 (--model HUB_ID_OR_FOLDER, from your cache or a folder; nothing is
-                                downloaded): textual inversion learns a token per class (only the new
-                                embedding rows train; every other row is restored after each step),
-                                then img2img with "a photo of a <class token>". --mode txt2img
-                                generates from the class name alone; --masks DIR inpaints inside the
-                                dilated object mask.
+                                downloaded): textual inversion learns a token per class (only the
+                                new embedding rows train; every other row is restored after each
+                                step), then img2img with "a photo of a <class token>". --mode
+                                txt2img generates from the class name alone; --masks DIR
+                                inpaints inside the dilated object mask (DIR/<image path relative
+                                to --data>.png, the layout data.py crops with).
 
-Output: OUT/{id,near_ood}/<class>/<source-stem>_<m>.png, OUT/manifest.csv (path, label, kind,
-source, strength, seed, generator; what data.py reads) and OUT/contact_sheet.png. Re-running resumes:
-finished images are kept, each file is written under a temporary name and renamed, and the
-manifest is rewritten (atomically) after every batch to list exactly the files on disk.
+Output: OUT/{id,near_ood}/<class folder>/<source>_s<strength>_<m>.png, OUT/manifest.csv (the
+columns of data.MANIFEST_COLUMNS; what data.py reads) and OUT/contact_sheet.png. Class folders
+and tokens are the class names where those are plain ASCII, else the name's ASCII part plus a
+hash of the exact name, so two classes never share one. Re-running resumes: an image is kept
+when the manifest lists it with the same source, strength, seed and generator; every file is
+written whole under a temporary name and renamed; the manifest is rewritten after each batch.
 
 Run:  python dafusion.py --out synthetic/digits                     # ddpm on sklearn's digits
-      python dafusion.py --data PATH --generator stable-diffusion --model CompVis/stable-diffusion-v1-4 \\
-             --out synthetic/parts --image-size 512
+      python dafusion.py --out synthetic/digits --strengths 0.3,0.5,0.7,0.9  # several near-OOD
+      python dafusion.py --data PATH --generator stable-diffusion \\
+             --model CompVis/stable-diffusion-v1-4 --out synthetic/parts --image-size 512
       python train.py --synthetic synthetic/digits --positives id --negatives near_ood
       torchrun --nproc_per_node=4 dafusion.py ...   # 4 processes (GPUs) share the images
 """
@@ -38,8 +49,10 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import shlex
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +63,9 @@ from tqdm.auto import tqdm
 
 import data
 
-MANIFEST_FIELDS = ("path", "label", "kind", "source", "strength", "seed", "generator")
 
-
-class GenerationError(ValueError):
-    """Bad arguments or a missing model: the message says what to do."""
+class GenerationError(data.DataError):
+    """Bad generation arguments or a missing model: the message says what to do."""
 
 
 # -----------------------------------------------------------------------------
@@ -63,112 +74,151 @@ class GenerationError(ValueError):
 
 @dataclass
 class Job:
-    """One image to generate: source index, class, kind, m, strength, seed, output path, source name."""
+    """One image to generate."""
     index: int  # row of the real training set it varies
-    label: int
+    label: int  # its class (the source's)
     kind: str  # "id" or "near_ood"
     m: int  # which of the M variations
-    strength: float
-    seed: int
+    strength: float  # SDEdit strength; None for txt2img, which starts from pure noise
+    seed: int  # its noise: a function of (run seed, source, kind, m) alone
     path: str  # relative to OUT
-    source: str
+    source: str  # the source image as the manifest names it (data.Splits.source_id); "" txt2img
 
 
-def safe_name(text):
-    """A string usable as a file or folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
+def _digest(text, n=8):
+    """A short, stable hash of a string (sha256, hex)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
-def plan_jobs(train_set, per_image, id_strength, ood_strength, seed, kinds=("id", "near_ood")):
-    """Every (image, kind, m) to generate. Seeds depend only on (seed, image, kind, m), so an image
-    is the same whether it is made in one run, in another batch, or after a resume."""
-    strengths = {"id": id_strength, "near_ood": ood_strength}  # t0 of SDEdit per kind
-    stems, jobs = {}, []  # (class, file stem) -> count; the plan
-    for i, name in enumerate(train_set.names or [f"{i:05d}" for i in range(len(train_set))]):
-        stem = safe_name(os.path.splitext(os.path.basename(name))[0])
+def class_folders(classes):
+    """Class name -> the folder (and token) name of its images, one-to-one: plain ASCII names
+    ([A-Za-z0-9._-]) as they are; any other name, and names equal but for case (one folder on
+    macOS and Windows disks), as their ASCII part + "~" + a hash of the exact name. "~" never
+    occurs in a plain name, and hashes tell the others apart: no two classes share a folder."""
+    plain = {name: re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
+             for name in classes}
+    lower = Counter(name.lower() for name in classes if plain[name])
+    folders = {}
+    for name in classes:
+        if plain[name] and lower[name.lower()] == 1:
+            folders[name] = name
+        else:
+            ascii_part = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "class"
+            folders[name] = f"{ascii_part}~{_digest(name)}"
+    return folders
+
+
+def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
+              kinds=("id", "near_ood")):
+    """Every (image, kind, strength, m) to generate; sources: each training image's source id.
+    A job's seed and file name depend only on (seed, source, kind, m) and the strength, so an
+    image is the same whether made in one run, in another batch, or after a resume."""
+    folders = class_folders(train_set.classes)
+    strengths = {"id": [id_strength], "near_ood": list(ood_strengths)}
+    jobs = []
+    for i, source in enumerate(sources):
         label = int(train_set.labels[i])  # a variation keeps its source's class
-        key = (label, stem)
-        stems[key] = stems.get(key, 0) + 1
-        if stems[key] > 1:  # two sources with one stem in a class: keep both apart
-            stem = f"{stem}-{stems[key]}"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(source))[0])
+        stem = f"{stem[:40]}-{_digest(source, 6)}"  # the hash: two sources never share a name
         for kind in kinds:
             for m in range(per_image):
-                # a seed per image from (run seed, source, kind, variation): hashing, not a shared
-                # stream, so an image's seed does not depend on which images were made before it
-                job_seed = int.from_bytes(hashlib.sha256(f"{seed}/{i}/{kind}/{m}".encode()).digest()[:4], "little")
-                jobs.append(Job(i, label, kind, m, strengths[kind], job_seed,
-                                f"{kind}/{safe_name(train_set.classes[label])}/{stem}_{m}.png", name))
+                # hashing, not a shared stream: an image's seed does not depend on which
+                # images were made before it; shared across strengths, so that a strength
+                # series of one (image, m) differs in strength alone
+                job_seed = int(_digest(f"{seed}/{source}/{kind}/{m}"), 16)
+                for s in strengths[kind]:
+                    path = f"{kind}/{folders[train_set.classes[label]]}/{stem}_s{s:g}_{m}.png"
+                    jobs.append(Job(i, label, kind, m, s, job_seed, path, source))
     return jobs
 
 
+def manifest_row(job, classes, generator):
+    """A job's row of manifest.csv (the columns of data.MANIFEST_COLUMNS)."""
+    return {"path": job.path, "label": classes[job.label], "kind": job.kind, "source": job.source,
+            "strength": "" if job.strength is None else f"{job.strength:g}",
+            "seed": str(job.seed), "generator": generator}
+
+
 def is_valid_image(path):
-    """True if the file exists and decodes completely (a resume keeps it)."""
+    """True if the file exists and decodes completely."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as image:
+            image.load()
         return True
     except Exception:
         return False
 
 
-def save_image_atomic(image, path):
-    """Save a PIL image under a temporary name, then rename it into place."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"  # written whole, then renamed
-    image.save(tmp)
-    os.replace(tmp, path)
+def write_manifest(out, jobs, classes, generator):
+    """manifest.csv listing exactly `jobs` (atomically: a reader never sees half of it)."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=data.MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(manifest_row(j, classes, generator) for j in jobs)
+    data.atomic_write(os.path.join(out, "manifest.csv"), write)
 
 
-def write_manifest(out, jobs, classes, generator_name):
-    """manifest.csv listing exactly the planned images that exist on disk (atomic rewrite)."""
-    tmp = os.path.join(out, "manifest.csv.tmp")  # the manifest appears complete or not at all
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_FIELDS)
-        for job in jobs:
-            if os.path.exists(os.path.join(out, job.path)):
-                writer.writerow([job.path, classes[job.label], job.kind, job.source,
-                                 job.strength, job.seed, generator_name])
-    os.replace(tmp, os.path.join(out, "manifest.csv"))
+def finished_jobs(out, jobs, classes, generator):
+    """The jobs whose image a previous run finished: listed in OUT/manifest.csv with this job's
+    row, and decodable. A row for one of the planned files that differs (another seed, source,
+    strength or generator) means OUT holds another set: refused, never overwritten."""
+    path = os.path.join(out, "manifest.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        previous = {row["path"]: row for row in csv.DictReader(f)}
+    done, other = [], []
+    for job in jobs:
+        row = previous.get(job.path)
+        if row is None:
+            continue
+        if dict(row) != manifest_row(job, classes, generator):
+            other.append(job.path)
+        elif is_valid_image(os.path.join(out, job.path)):
+            done.append(job)
+    if other:
+        raise GenerationError(f"--out {out}: holds {len(other)} image(s) made with other settings "
+                              f"(seed, data split, strength or generator), e.g. {other[0]}; "
+                              f"choose another --out, or delete that folder to start over")
+    return done
 
 
-def check_strength(value, name):
-    """Refuse a strength outside (0, 1] with a message naming the argument."""
-    if not 0 < value <= 1:
-        raise GenerationError(f"{name} must be in (0, 1] (the share of the diffusion to re-run); got {value}")
-
-
-def run_jobs(out, jobs, classes, generator_name, make_images, batch_size):
-    """Generate the jobs whose file is missing (or unreadable), batch by batch, same strength per
-    batch; save each image atomically and rewrite the manifest after every batch."""
-    todo = [j for j in jobs if not is_valid_image(os.path.join(out, j.path))]  # resume: skip finished images
-    missing = len(todo)  # returned: how many images this call had to make
-    if missing < len(jobs):
-        print(f"resuming: {len(jobs) - missing} of {len(jobs)} images already in {out}")
-    # under torchrun every process takes every world-th missing image; rank 0 alone writes the
-    # manifest, which lists whatever is on disk, so the ranks' images end up in one manifest
+def run_jobs(out, jobs, classes, generator, make_images, batch_size):
+    """Make the jobs no earlier run finished, batch by batch (one strength per batch); save each
+    image atomically and rewrite the manifest after every batch. Returns how many were made."""
+    done = finished_jobs(out, jobs, classes, generator)
+    finished = {j.path for j in done}
+    todo = [j for j in jobs if j.path not in finished]
+    if done:
+        print(f"resuming: {len(done)} of {len(jobs)} images already in {out}")
+    # under torchrun every rank takes every world-th missing image; rank 0 alone writes the
+    # manifest (its own images and the earlier ones; generate() lists the others at the end)
     rank, world = data.distributed()
-    data.barrier()  # every rank has listed the missing images before any rank writes one
-    todo = todo[rank::world]  # every rank takes every world-th job
+    data.barrier()  # every rank has read the old manifest before rank 0 rewrites it
+    mine = todo[rank::world]
+    made = []
 
     def update_manifest():
         if rank == 0:
-            write_manifest(out, jobs, classes, generator_name)
+            write_manifest(out, [j for j in jobs if j.path in finished], classes, generator)
 
-    update_manifest()  # first, list what an earlier run left
     try:
-        with tqdm(total=len(todo), desc="generate", dynamic_ncols=True, disable=None if rank == 0 else True) as bar:
-            for strength in sorted({j.strength for j in todo}):
-                same = [j for j in todo if j.strength == strength]  # one strength per pipeline call
+        with tqdm(total=len(mine), desc="generate", dynamic_ncols=True,
+                  disable=None if rank == 0 else True) as bar:
+            for strength in sorted({j.strength or 0.0 for j in mine}):
+                same = [j for j in mine if (j.strength or 0.0) == strength]
                 for start in range(0, len(same), batch_size):
-                    batch = same[start:start + batch_size]  # up to batch_size jobs, one call
+                    batch = same[start:start + batch_size]
                     for job, image in zip(batch, make_images(batch)):
-                        save_image_atomic(image, os.path.join(out, job.path))
+                        data.atomic_write(os.path.join(out, job.path), image.save)
+                        finished.add(job.path)
+                        made.append(job)
                     update_manifest()  # a stop now loses at most the batch being made
                     bar.update(len(batch))
-    finally:  # also on Ctrl-C or an error: the manifest lists exactly the files on disk
+    finally:  # also on Ctrl-C or an error: the manifest lists the finished images
         update_manifest()
-    return missing
+    return len(todo)
 
 
 # -----------------------------------------------------------------------------
@@ -185,93 +235,136 @@ def build_ddpm_unet(channels, image_size, num_classes):
                        num_class_embeds=num_classes + 1, norm_num_groups=8)
 
 
+def ddpm_alpha_bar():
+    """(1000,) alpha-bar of the DDPM's training schedule, the cosine one of Nichol & Dhariwal
+    (2021)."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+
+
 def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr=2e-3, seed=0,
                device="cpu", null_share=0.1):
     """Train (or load from `folder`) the class-conditional DDPM on uint8 images (N, C, H, W).
 
-    Standard epsilon-prediction objective (Ho et al. 2020) on images scaled to [-1, 1]; a share
-    `null_share` of the labels is replaced by the null class so one network learns both the
-    conditional and the unconditional model (Ho & Salimans 2022, classifier-free guidance).
-    """
-    from diffusers import DDPMScheduler, UNet2DModel
-    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed}  # cache key
+    Epsilon prediction (Ho et al. 2020, Eq. 14) on images scaled to [-1, 1]; a share null_share
+    of the labels is replaced by the null class, so one network learns both the conditional and
+    the unconditional model (Ho & Salimans 2022, classifier-free guidance)."""
+    from diffusers import UNet2DModel
+    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed}
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             saved = json.load(f)
         if saved != meta:  # never reuse a model trained on other data or settings
             raise GenerationError(f"{folder} holds a DDPM trained with other settings ({saved}); "
                                   f"delete that folder or pick another --out")
         print(f"reusing the DDPM in {folder}")
-        return UNet2DModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False).to(device).eval()
+        unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False)
+        return unet.to(device).eval()
     torch.manual_seed(seed)  # the UNet's initial weights
     g = torch.Generator().manual_seed(seed)  # batches, noise and timesteps
     unet = build_ddpm_unet(images.shape[1], images.shape[2], num_classes).to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # cosine schedule
+    alpha_bar = ddpm_alpha_bar().to(device)  # (1000,)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)  # short run
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     x_all = images.float().div(127.5).sub(1).to(device)  # (N, C, H, W) in [-1, 1]
-    y_all = labels.to(device)  # (N,) class of every training image
+    y_all = labels.to(device)
     for _ in tqdm(range(steps), desc="train ddpm", dynamic_ncols=True, disable=None):
-        idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)  # (B,) a random batch
-        x0, y = x_all[idx], y_all[idx].clone()  # (B, C, H, W), (B,)
+        idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)  # (B,)
+        x0, y = x_all[idx], y_all[idx].clone()
         y[torch.rand(batch_size, generator=g).to(device) < null_share] = num_classes  # null class
         noise = torch.randn(x0.shape, generator=g).to(device)  # epsilon ~ N(0, I)
-        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)  # (B,) random timesteps
-        # || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, y) ||^2   (Ho et al. 2020, Eq. 14)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)  # (B,) timesteps
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        # || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, y) ||^2
+        prediction = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample
+        loss = F.mse_loss(prediction, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    tmp = folder + ".tmp"  # saved beside, then swapped in
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(os.path.join(tmp, "unet"))  # diffusers' folder layout
-    with open(os.path.join(tmp, "meta.json"), "w") as f:  # what it was trained on, checked on reuse
-        json.dump(meta, f)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # the saved model appears whole or not at all
+
+    def save(tmp):  # diffusers' folder layout, and what it was trained on (checked on reuse)
+        unet.save_pretrained(os.path.join(tmp, "unet"))
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+    data.atomic_write(folder, save)
     return unet.eval()
+
+
+def sd_v1_start(strength, steps=50):
+    """(timestep, alpha-bar) at which Stable Diffusion v1's img2img starts for `strength`, with
+    its default 50 DDIM steps over the scaled-linear schedule (0.00085 -> 0.012, 1000 steps,
+    "leading" spacing, steps_offset 1). Strengths below 1/steps count as one step."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)  # (1000,)
+    ratio = 1000 // steps
+    timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # [981, 961, ..., 1] for 50 steps
+    n = min(max(1, int(steps * strength)), steps)  # denoising steps img2img runs
+    t = int(timesteps[steps - n])
+    return t, float(alpha_bar[t])
+
+
+def ddpm_start(strength, alpha_bar):
+    """The DDPM's first timestep for `strength`: where its own alpha-bar is closest to the
+    alpha-bar Stable Diffusion v1 starts from at that strength (sd_v1_start)."""
+    target = sd_v1_start(strength)[1]
+    return int((alpha_bar.double() - target).abs().argmin())
 
 
 @torch.no_grad()
 def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=20):
-    """SDEdit with the DDPM: noise uint8 sources (B, C, H, W) to timestep strength * T, then
-    denoise with DDIM (deterministic given the noise) and classifier-free guidance
+    """SDEdit with the DDPM: noise uint8 sources (B, C, H, W) to the start of `strength`
+    (ddpm_start), then denoise with DDIM (Song et al. 2021, eta = 0: deterministic given the
+    noise) in round(strength * steps) steps, with classifier-free guidance
         eps = eps(x, null) + guidance * (eps(x, class) - eps(x, null)).
     strength 0 returns the sources; each image's noise comes from its own seed."""
-    from diffusers import DDIMScheduler
     if strength == 0:
         return sources.clone()
-    device = next(unet.parameters()).device  # generate where the model lives
-    # DDIM over the same noise schedule the DDPM was trained with; clip x0 to the image range
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=True)
-    scheduler.set_timesteps(steps)
-    n = max(1, int(round(strength * steps)))  # how many of the `steps` denoising steps to re-run
-    timesteps = scheduler.timesteps[steps - n:]  # from t0 = strength * T down to 0
+    device = next(unet.parameters()).device
+    alpha_bar = ddpm_alpha_bar().to(device)  # (1000,) the schedule the DDPM was trained with
+    t0 = ddpm_start(strength, alpha_bar)
+    n = max(1, int(round(strength * steps)))  # denoising steps from t0 down to 0
+    timesteps = torch.linspace(t0, 0, n + 1).round().long()[:-1].tolist()  # t0 > ... > 0
     x0 = sources.float().div(127.5).sub(1).to(device)  # (B, C, H, W) in [-1, 1]
     # each image's noise from its own seed: the same image whatever batch it is made in
     noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
                          for s in seeds]).to(device)
-    x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(len(x0)))  # (B, C, H, W) at t0
-    y = labels.to(device)  # (B,) the class to denoise towards
-    null = torch.full_like(y, num_classes)  # (B,) the null class: the unconditional model
-    for t in timesteps:  # from t0 down to 0
-        if guidance == 1.0:
-            eps = unet(x, t, class_labels=y).sample  # no guidance: one pass
-        else:
-            eps_cond = unet(x, t, class_labels=y).sample  # two passes: cheaper than one of 2B on CPU
-            eps_null = unet(x, t, class_labels=null).sample
-            eps = eps_null + guidance * (eps_cond - eps_null)  # classifier-free guidance
-        x = scheduler.step(eps, t, x).prev_sample  # (B, C, H, W) one step less noisy
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # back to uint8 pixels
+    x = alpha_bar[t0].sqrt() * x0 + (1 - alpha_bar[t0]).sqrt() * noise  # (B, C, H, W) at t0
+    y = labels.to(device)
+    null = torch.full_like(y, num_classes)  # the null class: the unconditional model
+    for i, t in enumerate(timesteps):
+        step = torch.full_like(y, t)
+        eps = unet(x, step, class_labels=y).sample
+        if guidance != 1.0:  # two passes: cheaper than one of 2B on the CPU
+            eps_null = unet(x, step, class_labels=null).sample
+            eps = eps_null + guidance * (eps - eps_null)
+        a_t = alpha_bar[t]
+        a_next = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
+        x0_pred = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # predicted image
+        x = a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps  # DDIM step, eta = 0
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def to_pil(image):
     """(C, H, W) uint8 -> PIL (L or RGB)."""
     array = image.permute(1, 2, 0).numpy()  # (H, W, C) as PIL expects
     return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def ddpm_generator(args, train_set, device):
+    """Train or load the DDPM; returns make_images(batch of jobs) -> list of PIL images."""
+    K = len(train_set.classes)
+    unet = train_ddpm(train_set.images, train_set.labels, K, os.path.join(args.out, "ddpm"),
+                      steps=args.ddpm_steps, batch_size=args.ddpm_batch_size, seed=args.seed,
+                      device=device)
+
+    def make_images(jobs):
+        index = torch.tensor([j.index for j in jobs])  # (b,) the jobs' source images
+        varied = sdedit(unet, train_set.images[index], train_set.labels[index], jobs[0].strength,
+                        args.guidance, [j.seed for j in jobs], K, args.steps)
+        return [to_pil(v) for v in varied]
+    return make_images
 
 
 # -----------------------------------------------------------------------------
@@ -290,9 +383,9 @@ def load_sd_pipeline(model, device, dtype):
         where = "folder" if os.path.isdir(model) else "Hugging Face cache"
         raise GenerationError(
             f"--model {model}: could not load a Stable Diffusion pipeline from the {where} "
-            f"({type(error).__name__}: {str(error)[:200]}). Nothing is downloaded here: fetch the model "
-            f"once with network access (e.g. `huggingface-cli download {model}`), or pass a local folder "
-            f"in diffusers' save_pretrained layout.") from error
+            f"({type(error).__name__}: {str(error).splitlines()[0][:160]}). Nothing is downloaded "
+            f"here: fetch the model once with network access (e.g. `hf download {model}`), or "
+            f"pass a local folder in diffusers' save_pretrained layout.") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -304,62 +397,58 @@ def placeholder_tokens(token, num_vectors):
 
 def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", steps=1000, lr=5e-4,
                       batch_size=4, template="a photo of a {}", seed=0):
-    """Learn `num_vectors` new token embeddings for one class on a frozen pipeline (Gal et al. 2023).
-
-    images: (N, 3, R, R) float in [-1, 1] at the pipeline's resolution. Only the new rows of the
-    token-embedding matrix train: Adam's update touches the whole matrix (weight decay, moments),
-    so every other row is copied back after each step -- otherwise all rows drift.
-    Returns (embeddings (num_vectors, dim), losses per step).
-    """
+    """Learn `num_vectors` new token embeddings for one class on a frozen pipeline (Gal et al.
+    2023). images: (N, 3, R, R) in [-1, 1] at the pipeline's resolution. Only the new rows of
+    the token-embedding matrix train: AdamW's update touches the whole matrix (weight decay,
+    moments), so every other row is copied back after each step -- otherwise all rows drift.
+    Returns (embeddings (num_vectors, dim), the loss of every step)."""
     from diffusers import DDPMScheduler
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae  # shared
-    device = unet.device  # textual inversion runs where the pipeline is
-    tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one embedding row each
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    device = unet.device
+    tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one row each
     if tokenizer.add_tokens(tokens) != num_vectors:
-        raise GenerationError(f"token {token} already exists in the tokenizer; choose another name")
-    init_ids = tokenizer.encode(init_token, add_special_tokens=False)  # the word the new rows start from
+        raise GenerationError(f"token {token} already exists in the tokenizer; choose another")
+    init_ids = tokenizer.encode(init_token, add_special_tokens=False)
     if len(init_ids) != 1:
-        raise GenerationError(f"--init-token {init_token!r} is {len(init_ids)} tokens; it must be one token")
-    token_ids = tokenizer.convert_tokens_to_ids(tokens)  # (num_vectors,) their rows in the matrix
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # (V + num_vectors, dim)
-    # a fresh Parameter: the resize may swap the tensor under the old one, which autograd then
-    # still believes has the old number of rows
-    embedding_layer = text_encoder.get_input_embeddings()
-    # a fresh Parameter: the optimiser holds exactly this matrix, and nothing else shares it
-    embedding_layer.weight = torch.nn.Parameter(embedding_layer.weight.detach().clone())
-    embeddings = embedding_layer.weight  # (V, dim)
+        raise GenerationError(f"--init-token {init_token!r} is {len(init_ids)} tokens; it must "
+                              f"be one token")
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)  # (num_vectors,) their rows
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # (V + n, dim)
+    # a fresh Parameter that nothing else shares: the resize may swap the tensor under the old
+    # one, which autograd would still believe has the old number of rows
+    layer = text_encoder.get_input_embeddings()
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    embeddings = layer.weight  # (V, dim)
     with torch.no_grad():
-        embeddings[token_ids] = embeddings[init_ids[0]].clone()  # start from the initializer word
+        embeddings[token_ids] = embeddings[init_ids[0]].clone()  # start from the initializer
     frozen_rows = embeddings.detach().clone()  # what every other row must stay
-    # (V,) True = a row that must not change
     keep = torch.ones(len(embeddings), dtype=torch.bool, device=embeddings.device)
-    keep[token_ids] = False
-
-    # only the embedding matrix trains; the UNet, the VAE and the rest of the text encoder are frozen
-    for module in (unet, vae, text_encoder):
+    keep[token_ids] = False  # (V,) True = a row that must not change
+    for module in (unet, vae, text_encoder):  # only the embedding matrix trains
         module.requires_grad_(False)
     embeddings.requires_grad_(True)
-    text_encoder.train()  # as diffusers' textual-inversion example (CLIP has no dropout by default)
-    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)  # only the embedding matrix
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule of this model
-    prompt = template.format(" ".join(tokens))  # e.g. "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
+    text_encoder.train()  # as diffusers' textual-inversion example (CLIP has no dropout)
+    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's schedule
+    prompt = template.format(" ".join(tokens))  # "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)  # (1, 77)
     g = torch.Generator().manual_seed(seed)  # image choice, noise and timesteps
-    losses = []  # one per step, returned for the log
-    for _ in tqdm(range(steps), desc=f"textual inversion {token}", dynamic_ncols=True, disable=None):
-        x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)  # (B, 3, R, R)
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, R/8, R/8)
-        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)  # epsilon ~ N(0, I)
-        # (B,) random timesteps
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g).to(device)
+    losses = []
+    for _ in tqdm(range(steps), desc=f"textual inversion {token}", dynamic_ncols=True,
+                  disable=None):
+        x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)
+        with torch.no_grad():  # (B, 4, R/8, R/8)
+            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
+                          generator=g).to(device)
         hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample  # (B, 4, R/8, R/8)
-        # what the UNet was trained to predict: the noise (v1) or the velocity (v-prediction models)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        # what the UNet was trained to predict: the noise (v1) or the velocity (v-prediction)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" \
             else noise_scheduler.get_velocity(latents, noise, t)
-        loss = F.mse_loss(pred.float(), target.float())  # the diffusion loss; gradients reach only the embeddings
+        loss = F.mse_loss(pred.float(), target.float())  # gradients reach only the embeddings
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -372,326 +461,351 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
 
 
 def save_embedding(path, token, vectors):
-    """safetensors {token: (n, dim)}, the single-key format diffusers' load_textual_inversion reads."""
+    """safetensors {token: (n, dim)}, the single-key format diffusers' load_textual_inversion
+    reads; fp32 on disk whatever the pipeline's dtype."""
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({token: vectors.float().cpu().contiguous()}, tmp)  # fp32 on disk whatever the pipeline's dtype
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda tmp: save_file({token: vectors.float().cpu().contiguous()}, tmp))
 
 
 def pipeline_images(train_set, index, resolution, resize):
-    """Real images at the pipeline's resolution as RGB PIL: reread from their files when the data
-    came from a folder (full detail), else upscaled from memory."""
+    """Real images at the pipeline's resolution as RGB PIL: reread from their files when the
+    data came from a folder (full detail), else upscaled from memory."""
     out = []
     for i in index:
         name = train_set.names[i] if train_set.names else ""
         if os.path.isfile(name):
             tensor = data.open_image(name, 3, resolution, resize)
         else:
-            tensor = train_set.images[i].expand(3, -1, -1) if train_set.images.shape[1] == 1 else train_set.images[i]
-            tensor = F.interpolate(tensor[None].float(), size=(resolution, resolution), mode="bicubic",
-                                   align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+            tensor = train_set.images[i].expand(3, -1, -1)  # a grey image as RGB (no-op if RGB)
+            tensor = F.interpolate(tensor[None].float(), size=(resolution, resolution),
+                                   mode="bicubic", align_corners=False)
+            tensor = tensor[0].round().clamp(0, 255).to(torch.uint8)
         out.append(to_pil(tensor).convert("RGB"))
     return out
 
 
-def load_mask(masks_dir, source, resolution, dilate=15):
-    """The object mask of a source image (white = object), dilated, at the pipeline's resolution."""
-    stem = os.path.splitext(os.path.basename(source))[0]  # masks are named after their image
-    path = os.path.join(masks_dir, stem + ".png")
+def load_mask(masks_dir, name, root, resolution, dilate=15):
+    """The object mask of a source image (white = object; data.mask_path's layout), dilated
+    so that the repainted region covers the object's edge, at the pipeline's resolution."""
+    path = data.mask_path(masks_dir, name, root)
     if not os.path.exists(path):
-        raise GenerationError(f"{path}: no mask for {source}; --masks DIR needs DIR/<image stem>.png")
-    with Image.open(path) as mask:
-        mask = mask.convert("L").resize((resolution, resolution), Image.NEAREST)  # NEAREST: stays a 0/255 mask
-    return mask.filter(ImageFilter.MaxFilter(dilate))  # dilated: the repainted region covers the object's edge
+        raise GenerationError(f"{path}: no mask for {name}; --masks DIR needs DIR/<image path "
+                              f"relative to --data, extension .png>")
+    mask = data.read_pil(path).convert("L").resize((resolution, resolution), Image.NEAREST)
+    return mask.filter(ImageFilter.MaxFilter(dilate))
 
 
-def sd_generator(args, train_set, out, device):
+def learn_class_tokens(args, pipe, train_set, resolution, out):
+    """One learned token per class ("a photo of a <token>"), trained once and reused from
+    OUT/embeddings/<class folder>.safetensors. Returns {class id: prompt}."""
+    prompts = {}
+    for c, (name, folder) in enumerate(class_folders(train_set.classes).items()):
+        token = f"<{folder.lower()}>"  # CLIP lower-cases prompts; folders differ ignoring case
+        path = os.path.join(out, "embeddings", f"{folder}.safetensors")
+        if os.path.exists(path):
+            print(f"reusing the learned token {token} from {path}")
+        else:
+            index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()  # class c's images
+            real = pipeline_images(train_set, index, resolution, args.resize)
+            x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in real])
+            vectors, losses = textual_inversion(
+                pipe, x.float() / 127.5 - 1, f"<ti-{folder.lower()}>",
+                num_vectors=args.num_vectors, init_token=args.init_token, steps=args.ti_steps,
+                lr=args.ti_lr, batch_size=args.ti_batch, template=args.prompt, seed=args.seed + c)
+            save_embedding(path, token, vectors)
+            print(f"{token}: textual inversion loss {np.mean(losses[:10]):.4f} -> "
+                  f"{np.mean(losses[-10:]):.4f}")
+        pipe.load_textual_inversion(path, token=token)  # the loader a diffusers user would call
+        prompts[c] = args.prompt.format(token)  # the pipeline expands <token> to its n vectors
+    return prompts
+
+
+def sd_generator(args, splits, device):
     """Set up DA-Fusion on Stable Diffusion; returns make_images(batch of jobs) -> list of PIL."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or
-                                                                                   ("fp16" if device.type == "cuda" else "fp32")]
-    pipe = load_sd_pipeline(args.model, device, dtype)  # fails at once if the model is not on disk
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # 512 for SD v1.x
-    classes = train_set.classes
-    prompts = {}  # class id -> prompt
-    if args.mode == "txt2img":
-        prompts = {c: args.prompt.format(name) for c, name in enumerate(classes)}  # the class name
+    train_set = splits.train
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    pipe = load_sd_pipeline(args.model, device, dtype)  # fails at once if not on disk
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.mode == "txt2img":  # the class name itself
+        prompts = {c: args.prompt.format(name) for c, name in enumerate(train_set.classes)}
     else:
-        # one learned token per class, trained once and reused from OUT/embeddings/
-        for c, name in enumerate(classes):
-            token = f"<{safe_name(name)}>"
-            path = os.path.join(out, "embeddings", f"{safe_name(name)}.safetensors")
-            if os.path.exists(path):
-                print(f"reusing the learned token {token} from {path}")
-            else:
-                index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()  # the real images of class c
-                # PIL RGB at the pipeline's resolution
-                real = pipeline_images(train_set, index, resolution, args.resize)
-                x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in real])
-                x = x.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
-                vectors, losses = textual_inversion(
-                    pipe, x, f"<ti-{safe_name(name)}>", num_vectors=args.num_vectors,
-                    init_token=args.init_token, steps=args.ti_steps, lr=args.ti_lr,
-                    batch_size=args.ti_batch, template=args.prompt, seed=args.seed + c)
-                save_embedding(path, token, vectors)
-                print(f"{token}: textual inversion loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
-            pipe.load_textual_inversion(path, token=token)  # the same loader a user of diffusers would call
-            prompts[c] = args.prompt.format(token)  # the pipeline expands <tok> to its n vectors
+        prompts = learn_class_tokens(args, pipe, train_set, resolution, args.out)
     if args.compile:  # after textual inversion, which trains through the eager UNet
         pipe.unet = torch.compile(pipe.unet)
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    inpaint = bool(args.masks) and args.mode == "img2img"  # DA-Fusion inside the object's mask
+    runner = pipe  # img2img: DA-Fusion's own mode; the others share its weights (no copy)
     if args.mode == "txt2img":
-        from diffusers import StableDiffusionPipeline
-        runner = StableDiffusionPipeline(**pipe.components)  # shares the weights: no second copy in memory
-    elif args.masks:
-        from diffusers import StableDiffusionInpaintPipeline
-        runner = StableDiffusionInpaintPipeline(**pipe.components)  # shares the weights too
-    else:
-        runner = pipe  # img2img: DA-Fusion's own mode
+        runner = StableDiffusionPipeline(**pipe.components)
+    elif inpaint:
+        runner = StableDiffusionInpaintPipeline(**pipe.components)
     runner.set_progress_bar_config(disable=True)
 
     def make_images(jobs):
         kwargs = dict(prompt=[prompts[j.label] for j in jobs], guidance_scale=args.guidance,
-                      num_inference_steps=args.steps,
-                      # one per image: batch-independent
-                      generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs],
-                      output_type="pil")
-        if args.mode == "txt2img":
+                      num_inference_steps=args.steps, output_type="pil",
+                      # one generator per image: an image does not depend on its batch
+                      generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs])
+        if args.mode == "txt2img" or inpaint:
             kwargs.update(height=resolution, width=resolution)
-        else:
-            kwargs.update(image=pipeline_images(train_set, [j.index for j in jobs], resolution, args.resize),
-                          strength=jobs[0].strength)  # run_jobs batches one strength at a time
-            if args.masks:
-                kwargs["mask_image"] = [load_mask(args.masks, j.source, resolution) for j in jobs]
-                kwargs.update(height=resolution, width=resolution)
+        if args.mode == "img2img":  # run_jobs batches one strength at a time
+            kwargs.update(image=pipeline_images(train_set, [j.index for j in jobs], resolution,
+                                                args.resize), strength=jobs[0].strength)
+        if inpaint:
+            kwargs["mask_image"] = [load_mask(args.masks, train_set.names[j.index], splits.root,
+                                              resolution) for j in jobs]
         return runner(**kwargs).images  # len(jobs) PIL images, in job order
-
-    make_images.pipeline = runner  # for benchmarks/bench_generate.py
-    return make_images, f"stable-diffusion:{args.model}"
+    return make_images
 
 
 # -----------------------------------------------------------------------------
-# The contact sheet: real | ID variations | near-OOD variations
+# The contact sheet: real | ID variations | near-OOD variations at each strength
 
 
-def contact_sheet(out, jobs, train_set, per_class=2, path=None):
-    """A picture a person can check: for a few images per class, the real image, its ID variations
-    and its near-OOD variations side by side."""
-    import evaluate  # its figure helpers (imported here: evaluate is not needed to generate)
-    plt = evaluate.pyplot()
-    by_source = {}  # source index -> kind -> its jobs
+def contact_sheet(out, jobs, train_set, path, per_class=2, per_group=2):
+    """A picture a person can check: for a few images per class, the real image, then up to
+    `per_group` of its variations of each (kind, strength), left to right."""
+    plt = data.pyplot()
+    by_source = {}  # source index -> (kind, strength) -> its jobs
     for j in jobs:
-        by_source.setdefault(j.index, {}).setdefault(j.kind, []).append(j)
+        by_source.setdefault(j.index, {}).setdefault((j.kind, j.strength), []).append(j)
     chosen = []  # the source images shown, per_class of each class
     for c in range(len(train_set.classes)):
         chosen += [i for i in by_source if int(train_set.labels[i]) == c][:per_class]
     if not chosen:
         return None
-    M = max(len(v) for s in by_source.values() for v in s.values())  # variations per kind (--per-image)
-    kinds = [k for k in ("id", "near_ood") if any(k in by_source[i] for i in chosen)]
-    cols = 1 + M * len(kinds)  # real | M ID | M near-OOD
-    height = len(chosen) * 0.9 + 0.6
+    groups = sorted({g for i in chosen for g in by_source[i]},
+                    key=lambda g: (g[0] != "id", g[1] or 0))  # ID first, then by strength
+    cols = 1 + per_group * len(groups)
+    height = len(chosen) * 0.9 + 0.7
     fig, axes = plt.subplots(len(chosen), cols, figsize=(cols * 0.9, height), squeeze=False,
                              gridspec_kw=dict(wspace=0.05, hspace=0.05))
-    fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.02, left=0.06, right=0.99)
+    fig.subplots_adjust(top=1 - 0.65 / height, bottom=0.02, left=0.08, right=0.99)
     for r, i in enumerate(chosen):
-        row = [to_pil(train_set.images[i])] + [
-            Image.open(os.path.join(out, j.path)) for k in kinds for j in by_source[i].get(k, [])]
+        row = [to_pil(train_set.images[i])]  # real, then each group's variations (or gaps)
+        for g in groups:
+            shown = by_source[i].get(g, [])[:per_group]
+            row += [Image.open(os.path.join(out, j.path)) for j in shown]
+            row += [None] * (per_group - len(shown))
         for col, ax in enumerate(axes[r]):
             ax.axis("off")
-            if col < len(row):
+            if row[col] is not None:
                 ax.imshow(row[col], cmap="gray" if row[col].mode == "L" else None)
-        axes[r][0].text(-0.2, 0.5, train_set.classes[int(train_set.labels[i])], transform=axes[r][0].transAxes,
-                        ha="right", va="center", fontsize=8)
-    titles = ["real"] + [f"{'ID' if k == 'id' else 'near-OOD'} (strength {by_source[chosen[0]][k][0].strength})"
-                         if m == 0 else "" for k in kinds for m in range(M)]
-    for col, title in enumerate(titles):
-        axes[0][col].set_title(title, fontsize=7, loc="left")
-    fig.suptitle("DA-Fusion variations: real image | ID variations | near-OOD variations", fontsize=9,
-                 y=1 - 0.1 / height)
-    path = path or os.path.join(out, "contact_sheet.png")
-    evaluate.save_figure(fig, path, dpi=110)
+        axes[r][0].text(-0.2, 0.5, data.drawable(train_set.classes[int(train_set.labels[i])]),
+                        transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
+    axes[0][0].set_title("real", fontsize=7)
+    for k, (kind, strength) in enumerate(groups):
+        title = "ID" if kind == "id" else "near-OOD"
+        title += f" s={strength:g}" if strength is not None else " txt2img"
+        axes[0][1 + k * per_group].set_title(title, fontsize=7, loc="left")
+    fig.suptitle("DA-Fusion variations: real image | ID variations | near-OOD variations "
+                 "by strength", fontsize=9, y=1 - 0.1 / height)
+    data.save_figure(fig, path, dpi=110)
     return path
+
+
+# -----------------------------------------------------------------------------
+# Generating a set
+
+
+def generate(args, splits=None, device=None):
+    """Make the synthetic set for the training split the data arguments describe; returns how
+    many images were made now (0 when everything was already on disk). Under torchrun the ranks
+    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
+    args = with_generation_defaults(args)
+    kinds = check_generation(args)
+    splits = splits or data.splits_from_args(args)  # the same split train.py will use
+    train_set = splits.train  # the real images the variations are made from
+    device = device or data.pick_device(args.gen_device)
+    rank, _ = data.distributed()
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        data.remove_stale_temporaries(args.out)  # left by an earlier run that was stopped
+    data.barrier()
+    sources = [splits.source_id(n) for n in train_set.names]
+    txt2img = args.generator == "stable-diffusion" and args.mode == "txt2img"
+    jobs = plan_jobs(train_set, sources, args.per_image, args.id_strength,
+                     args.strengths or [args.ood_strength], args.seed, kinds)
+    if txt2img:  # no source image and no strength: a txt2img row carries neither
+        for j in jobs:
+            j.source, j.strength = "", None
+    name = "ddpm" if args.generator == "ddpm" else f"stable-diffusion:{args.model}"
+    sheet = os.path.join(args.out, "contact_sheet.png")
+    t0 = time.time()
+    if len(finished_jobs(args.out, jobs, train_set.classes, name)) == len(jobs):
+        if rank == 0 and not os.path.exists(sheet):  # a cache hit: nothing to load or train
+            contact_sheet(args.out, jobs, train_set, sheet)
+        print(f"all {len(jobs)} images are already in {args.out}")
+        return 0
+    # rank 0 trains the DDPM (or learns the tokens) and saves it while the other ranks wait at
+    # this barrier; they pass it once rank 0 reaches the one below, then load what it saved
+    if rank > 0:
+        data.barrier()
+    if args.generator == "ddpm":
+        make_images = ddpm_generator(args, train_set, device)
+    else:
+        make_images = sd_generator(args, splits, device)
+    if rank == 0:
+        data.barrier()
+    made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
+    data.barrier()  # every rank's images are on disk: rank 0 lists them all
+    if rank == 0:
+        on_disk = [j for j in jobs if is_valid_image(os.path.join(args.out, j.path))]
+        write_manifest(args.out, on_disk, train_set.classes, name)
+        contact_sheet(args.out, jobs, train_set, sheet)
+    data.barrier()  # nobody reads the manifest before it is complete
+    print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} "
+          f"s; manifest {os.path.join(args.out, 'manifest.csv')}; contact sheet {sheet}")
+    return made
+
+
+DATA_KEYS = ("data", "image_size", "val_fraction", "seed", "examples_per_class", "ood_classes",
+             "resize", "masks")
+GENERATION_KEYS = ("id_strength", "ood_strength", "strengths", "per_image", "guidance", "steps",
+                   "ddpm_steps", "ddpm_batch_size")
+
+
+def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache", "dafusion")):
+    """For train.py's --positives / --negatives without --synthetic: generate both kinds with the
+    ddpm generator into a cache folder keyed by the data, split, few-shot subset and generator
+    settings, or reuse it when it is already there. Returns the folder.
+
+    Generation draws from the global random generator (the DDPM's initial weights); it runs on
+    a copy of the random state, so a run draws the same numbers afterwards whether the set was
+    generated now or read from the cache."""
+    settings = argparse.Namespace(**{**vars(args), "generator": "ddpm", "model": None,
+                                     "mode": "img2img", "kinds": "id,near_ood"})
+    settings = with_generation_defaults(settings)  # the ddpm defaults are part of the key
+    key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
+    key["strength"] = "alpha-bar of SD v1 img2img"  # sets of the older meaning are not reused
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
+    digest = _digest(json.dumps(key, sort_keys=True), 12)
+    settings.out = os.path.join(cache_root, f"{folder}-{digest}")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        made = generate(settings, splits, device)
+    print(f"synthetic set {settings.out}: " + ("reused from the cache" if made == 0 else
+                                               f"generated {made} images (cached for next time)"))
+    return settings.out
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
+def add_generation_arguments(p):
+    """The SDEdit and ddpm options (shared with train.py, which generates with the ddpm)."""
+    strength = data.float_in(0, 1, low_open=True)
+    g = p.add_argument_group("generation (DA-Fusion)")
+    g.add_argument("--id-strength", type=strength, default=0.2,
+                   help="SDEdit strength of ID variations (thesis 0.2)")
+    g.add_argument("--ood-strength", type=strength, default=0.5,
+                   help="SDEdit strength of near-OOD variations (thesis 0.5)")
+    g.add_argument("--strengths", type=data.strength_list, default=None, metavar="A,B,C",
+                   help="near-OOD variations at each of these strengths in one set (replaces "
+                        "--ood-strength), e.g. 0.3,0.5,0.7,0.9")
+    g.add_argument("--per-image", type=data.int_at_least(1), default=4,
+                   help="variations of each kind (and strength) per real image (M)")
+    g.add_argument("--guidance", type=data.float_at_least(0), default=None,
+                   help="classifier-free guidance scale (default: 7.5 Stable Diffusion, 2 ddpm)")
+    g.add_argument("--steps", type=data.int_at_least(1), default=None,
+                   help="denoising steps of a full generation; strength s runs s x steps of "
+                        "them (default 50 Stable Diffusion, 20 ddpm)")
+    g.add_argument("--gen-batch-size", type=data.int_at_least(1), default=None,
+                   help="images per generation batch (default 8 Stable Diffusion, 256 ddpm)")
+    d = p.add_argument_group("ddpm generator")
+    d.add_argument("--ddpm-steps", type=data.int_at_least(1), default=400,
+                   help="training steps of the small DDPM")
+    d.add_argument("--ddpm-batch-size", type=data.int_at_least(1), default=64,
+                   help="images per training step of the small DDPM")
+    return p
+
+
 def build_parser():
     """dafusion.py's command line: data, generation and Stable Diffusion options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_arguments(p)
+    p = data.add_data_arguments(data.Parser(__doc__))
     add_generation_arguments(p)
-    add_stable_diffusion_arguments(p)
+    p.add_argument("--kinds", default="id,near_ood",
+                   help="which kinds to make: id, near_ood or both")
+    p.add_argument("--gen-device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
+    s = p.add_argument_group("stable-diffusion generator")
+    s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm",
+                   help="ddpm: the small offline DDPM trained here; stable-diffusion: DA-Fusion "
+                        "proper (needs --model)")
+    s.add_argument("--model", default=None,
+                   help="Stable Diffusion v1.x: hub id in your local cache, or a folder")
+    s.add_argument("--mode", choices=["img2img", "txt2img"], default="img2img",
+                   help="img2img: DA-Fusion on each real image; txt2img: from the class name")
+    s.add_argument("--prompt", default="a photo of a {}", help="template; {} = token or name")
+    s.add_argument("--num-vectors", type=data.int_at_least(1), default=4,
+                   help="textual inversion: vectors per class token")
+    s.add_argument("--init-token", default="a", help="textual inversion: one-token start word")
+    s.add_argument("--ti-steps", type=data.int_at_least(1), default=1000,
+                   help="textual inversion: optimiser steps per class")
+    s.add_argument("--ti-lr", type=data.float_at_least(0, strict=True), default=5e-4,
+                   help="textual inversion: learning rate (AdamW)")
+    s.add_argument("--ti-batch", type=data.int_at_least(1), default=4,
+                   help="textual inversion: real images per step")
+    s.add_argument("--resolution", type=data.int_at_least(8), default=None,
+                   help="pixels, a multiple of 8 (default: the model's, 512 for v1.x)")
+    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="default fp16 on CUDA, fp32 elsewhere")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (GPU): the first batch compiles for a minute or "
+                        "two, later batches run faster (benchmarks/bench_generate.py)")
     p.add_argument("--out", required=True, help="output folder (re-running resumes there)")
     return p
 
 
-def add_generation_arguments(p):
-    """The SDEdit and ddpm options (shared with train.py, which generates with the ddpm generator)."""
-    g = p.add_argument_group("generation (DA-Fusion)")
-    g.add_argument("--id-strength", type=float, default=0.2, help="SDEdit strength of ID variations (thesis 0.2)")
-    g.add_argument("--ood-strength", type=float, default=0.5, help="SDEdit strength of near-OOD variations (thesis 0.5)")
-    g.add_argument("--per-image", type=int, default=4, help="variations of each kind per real image (M)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 7.5 Stable Diffusion, 2.0 ddpm)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps of a full generation; strength s runs s x steps of them "
-                        "(default 50 Stable Diffusion, 20 ddpm)")
-    g.add_argument("--gen-batch-size", type=int, default=None, help="images per generation batch "
-                   "(default 8 Stable Diffusion, 256 ddpm)")
-    g.add_argument("--kinds", default="id,near_ood", help="which kinds to make: id, near_ood or both")
-    g.add_argument("--gen-device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
-    d = p.add_argument_group("ddpm generator")
-    d.add_argument("--ddpm-steps", type=int, default=400, help="training steps of the small DDPM")
-    d.add_argument("--ddpm-batch-size", type=int, default=64, help="images per training step of the small DDPM")
-    return p
-
-
-def add_stable_diffusion_arguments(p):
-    """The options of --generator stable-diffusion (textual inversion, img2img)."""
-    s = p.add_argument_group("stable-diffusion generator")
-    s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm",
-                   help="ddpm: the small offline DDPM trained here; stable-diffusion: DA-Fusion proper (needs --model)")
-    s.add_argument("--model", default=None, help="Stable Diffusion v1.x: hub id in your local cache, or a folder")
-    s.add_argument("--mode", choices=["img2img", "txt2img"], default="img2img",
-                   help="img2img: DA-Fusion on each real image; txt2img: from the class name alone")
-    s.add_argument("--prompt", default="a photo of a {}", help="prompt template; {} = class token or name")
-    s.add_argument("--num-vectors", type=int, default=4, help="textual inversion: vectors per class token")
-    s.add_argument("--init-token", default="a", help="textual inversion: one-token word to start from")
-    s.add_argument("--ti-steps", type=int, default=1000, help="textual inversion: optimiser steps per class")
-    s.add_argument("--ti-lr", type=float, default=5e-4, help="textual inversion: learning rate (AdamW)")
-    s.add_argument("--ti-batch", type=int, default=4, help="textual inversion: real images per step")
-    s.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's, 512 for v1.x)")
-    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
-                   help="default fp16 on CUDA, fp32 elsewhere")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet for generation (GPU): the first batch compiles for a "
-                        "minute or two, later batches run faster (benchmarks/bench_generate.py)")
-    return p
-
-
-def generation_settings(args):
-    """The resolved generation settings (defaults filled in per generator), validated."""
+def with_generation_defaults(args):
+    """A copy of args with the per-generator defaults filled in (guidance, steps, batch)."""
     sd = args.generator == "stable-diffusion"
-    if args.guidance is None:
-        args.guidance = 7.5 if sd else 2.0
-    if args.steps is None:
-        args.steps = 50 if sd else 20
-    if args.gen_batch_size is None:
-        args.gen_batch_size = 8 if sd else 256
-    check_strength(args.id_strength, "--id-strength")
-    check_strength(args.ood_strength, "--ood-strength")
+    defaults = {"guidance": 7.5 if sd else 2.0, "steps": 50 if sd else 20,
+                "gen_batch_size": 8 if sd else 256}
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
+                                                  if getattr(args, k, None) is None}})
+
+
+def check_generation(args):
+    """Refuse settings that cannot work, with one line each; returns the kinds to make."""
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or any(k not in ("id", "near_ood") for k in kinds):
         raise GenerationError(f"--kinds must name id and/or near_ood; got {args.kinds!r}")
-    if args.per_image < 1:
-        raise GenerationError("--per-image must be at least 1")
-    for name, strength in (("--id-strength", args.id_strength), ("--ood-strength", args.ood_strength)):
-        if sd and args.mode == "img2img" and int(args.steps * strength) < 1:
-            raise GenerationError(f"{name} {strength} x --steps {args.steps} runs no denoising step "
-                                  f"(diffusers rounds down); raise --steps or the strength")
+    sd = args.generator == "stable-diffusion"
     if sd and not args.model:
-        raise GenerationError("--generator stable-diffusion needs --model (a hub id in your cache or a folder)")
-    if args.mode == "txt2img" and "near_ood" in kinds and args.generator == "stable-diffusion":
-        kinds = ("id",)  # txt2img has no source image to drift from: it makes ID images only
+        raise GenerationError("--generator stable-diffusion needs --model (a hub id in your "
+                              "cache or a folder)")
+    if args.resolution and args.resolution % 8:
+        raise GenerationError(f"--resolution {args.resolution} must be a multiple of 8 (the "
+                              f"VAE halves the side three times)")
+    for name, strengths in (("--id-strength", [args.id_strength]),
+                            ("--strengths" if args.strengths else "--ood-strength",
+                             args.strengths or [args.ood_strength])):
+        low = min(strengths)
+        if sd and args.mode == "img2img" and int(args.steps * low) < 1:
+            raise GenerationError(f"{name} {low} x --steps {args.steps} runs no denoising step "
+                                  f"(diffusers rounds down); raise --steps or the strength")
+    if args.mode == "txt2img" and sd and "near_ood" in kinds:
+        return ("id",)  # txt2img has no source image to drift from: ID images only
     return kinds
-
-
-def generate(args, splits=None):
-    """Make the synthetic set for the training split that the data arguments describe; returns how
-    many images were made now (0 when everything was already on disk). Under torchrun the ranks
-    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
-    kinds = generation_settings(args)  # checked settings; which kinds (id, near_ood) to make
-    splits = splits or data.splits_from_args(args)  # the same split train.py will use
-    train_set = splits.train  # the real images the variations are made from
-    device = torch.device(args.gen_device if args.gen_device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = data.distributed()  # (0, 1) outside torchrun
-    os.makedirs(args.out, exist_ok=True)
-    # one job per output image: (source index, kind, strength, seed, file name), fixed by the seed,
-    # so a stopped run continues where it stopped and every rank agrees on the list
-    jobs = plan_jobs(train_set, args.per_image, args.id_strength, args.ood_strength, args.seed, kinds)
-    t0 = time.time()
-    # nothing to do when every planned image is already on disk and readable (a cache hit)
-    if all(is_valid_image(os.path.join(args.out, j.path)) for j in jobs):
-        data.barrier()  # all ranks agree before rank 0 rewrites the manifest
-        if rank == 0:
-            write_manifest(args.out, jobs, train_set.classes, args.generator)
-            if not os.path.exists(os.path.join(args.out, "contact_sheet.png")):
-                contact_sheet(args.out, jobs, train_set)
-        data.barrier()
-        print(f"all {len(jobs)} images are already in {args.out}")
-        return 0
-    # Barrier choreography under torchrun: rank 0 trains the DDPM (or learns the tokens) and saves
-    # it while the other ranks wait at the first barrier; they pass it once rank 0 reaches the
-    # matching barrier below, and then load what it saved instead of training again.
-    if rank > 0:  # wait for rank 0 to train the DDPM / learn the tokens, then load them
-        data.barrier()
-    if args.generator == "ddpm":
-        unet = train_ddpm(train_set.images, train_set.labels, len(train_set.classes),
-                          os.path.join(args.out, "ddpm"), steps=args.ddpm_steps,
-                          batch_size=args.ddpm_batch_size, seed=args.seed, device=device)
-        K = len(train_set.classes)
-
-        def make_images(batch):
-            """A batch of jobs of one strength -> their SDEdit variations as PIL images."""
-            index = torch.tensor([j.index for j in batch])  # (b,) source images of the jobs
-            varied = sdedit(unet, train_set.images[index], train_set.labels[index], batch[0].strength,
-                            args.guidance, [j.seed for j in batch], K, args.steps)
-            return [to_pil(v) for v in varied]
-        name = "ddpm"
-    else:
-        make_images, name = sd_generator(args, train_set, args.out, device)
-    if rank == 0:  # the model is saved: release the waiting ranks
-        data.barrier()
-    # every rank makes its share of the missing images (run_jobs splits the jobs by rank)
-    made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
-    data.barrier()  # every rank's images are on disk: rank 0 writes the final manifest
-    sheet = os.path.join(args.out, "contact_sheet.png")
-    if rank == 0:
-        write_manifest(args.out, jobs, train_set.classes, name)
-        contact_sheet(args.out, jobs, train_set, path=sheet)
-    data.barrier()  # nobody reads the manifest before it is complete
-    print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} s; "
-          f"manifest {os.path.join(args.out, 'manifest.csv')}; contact sheet {sheet}")
-    return made
-
-
-DATA_KEYS = ("data", "image_size", "val_fraction", "seed", "examples_per_class", "ood_classes", "resize", "masks")
-GENERATION_KEYS = ("id_strength", "ood_strength", "per_image", "guidance", "steps", "ddpm_steps", "ddpm_batch_size")
-
-
-def cached_synthetic_set(args, splits, cache_root=os.path.join(".cache", "dafusion")):
-    """For train.py's --positives id / --negatives near_ood without --synthetic: generate both kinds
-    with the ddpm generator into a cache folder keyed by the data, split, few-shot subset and
-    generator settings, or reuse it when it is already there. Returns the folder."""
-    settings = argparse.Namespace(**vars(args))
-    settings.generator, settings.model, settings.mode, settings.kinds = "ddpm", None, "img2img", "id,near_ood"
-    generation_settings(settings)  # fills the ddpm defaults in, so they are part of the key
-    key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    settings.out = os.path.join(cache_root, f"{safe_name(os.path.basename(str(args.data).rstrip('/')))}-{digest}")
-    settings.gen_device = args.device
-    made = generate(settings, splits)
-    print(f"synthetic set {settings.out}: " + ("reused from the cache" if made == 0 else
-                                               f"generated {made} images (cached for the next run)"))
-    return settings.out
 
 
 def main(argv=None):
     """Generate the synthetic set the arguments describe (torchrun: the ranks share it)."""
     args = build_parser().parse_args(argv)
-    # torchrun --nproc_per_node=N dafusion.py ...: N processes share the images (one manifest)
-    if args.gen_device == "auto":
-        args.gen_device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.gen_device = str(data.init_distributed(torch.device(args.gen_device)))
+    device = data.init_distributed(data.pick_device(args.gen_device))
     try:
-        generate(args)
-    except (GenerationError, data.DataError) as error:
-        raise SystemExit(f"error: {error}")
+        generate(args, device=device)
+    except KeyboardInterrupt:  # one line: what is kept, and the command that goes on
+        kept = 0
+        if os.path.exists(os.path.join(args.out, "manifest.csv")):
+            with open(os.path.join(args.out, "manifest.csv"), encoding="utf-8") as f:
+                kept = max(0, len(f.read().splitlines()) - 1)
+        command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        print(f"\nCtrl-C: kept the {kept} finished images in {args.out}; continue with: "
+              f"python dafusion.py {command}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    data.run_command(main)

@@ -1,28 +1,37 @@
 """
-data.py -- real and synthetic images, few-shot and open-set splits, batch sampling and batched
-augmentations for supervised contrastive learning with DA-Fusion augmentations.
+data.py -- the images a run sees, read exactly as an image viewer shows them: real and synthetic
+images, few-shot and open-set splits, batch sampling, batched augmentations, and the plumbing
+every script shares (atomic files, devices, processes, the command line).
 
 Every source ends up as one ImageSet: a uint8 tensor (N, C, H, W) held in memory plus labels, a
-negative-only flag (near-OOD synthetic images, thesis section "re-engineered loss") and a kind
-(real / synthetic ID / synthetic near-OOD). Augmentations then run batched on the training device
-with per-sample random parameters (SimCLR, Chen et al. 2020, Appendix A), so the same code feeds a
-laptop CPU and a GPU. Sources:
+negative-only flag (near-OOD synthetic images, which the thesis's loss uses only as negatives),
+a kind (real / synthetic ID / synthetic near-OOD) and the synthetic images' strength.
+Augmentations run batched on the training device with per-sample random parameters (SimCLR,
+Chen et al. 2020, Appendix A), so the same code feeds a laptop CPU and a GPU. Sources:
 
-  digits                   sklearn's bundled handwritten digits (default; no download)
+  digits          sklearn's bundled handwritten digits (default; no download)
   mnist | fashion-mnist | cifar10   torchvision data sets under --data-root (--download to fetch)
-  PATH                     a folder in ImageFolder layout: PATH/train + PATH/test, or PATH/<class>/
-                           split by a seeded, stratified --val-fraction
-  --synthetic DIR          images written by dafusion.py, listed in DIR/manifest.csv
+  PATH            a folder in ImageFolder layout: PATH/train + PATH/test, or PATH/<class>/ split
+                  by a seeded, stratified --val-fraction; sub-folders of a class are read too
+  --synthetic DIR images written by dafusion.py, listed in DIR/manifest.csv
+
+What a viewer shows is what the model gets: EXIF rotation is applied (phone photos), 16-bit grey
+levels are scaled to 8 bits (not clipped), transparent pixels are shown on white, and hidden files
+(.DS_Store, ._*, __MACOSX) are not images. This file imports no other file of the project.
 
 Run `python data.py --data digits` to print what a configuration loads (sizes, classes, held-out
 OOD classes) and write a grid of augmented views to data_preview.png.
 """
 
 import argparse
+import collections
 import csv
 import functools
+import math
 import multiprocessing
 import os
+import pickle
+import shutil
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -31,42 +40,48 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")
-NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px upscaled
+NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px x 2
 DEFAULT_OOD = {"digits": "8,9"}  # held-out classes of the default run (open-set OOD test)
 KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2  # ImageSet.kind: where an image came from
+KINDS = {"id": KIND_ID, "near_ood": KIND_NEAR_OOD}  # the manifest's kind column -> KIND_*
+# the synthetic set's manifest, written by dafusion.py and read here: one row per image
+MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed", "generator")
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file or argument and says what to do."""
+    """Bad input: the message names the file or argument and says what to do. Every script turns
+    it into one line on stderr (run_command), never a traceback."""
 
 
 @dataclass
 class ImageSet:
-    """Images in memory. images (N, C, H, W) uint8; labels (N,) long in [0, len(classes));
-    negative_only (N,) bool; kind (N,) int8 (KIND_*); names: where each image came from."""
+    """Images in memory with what each of them is. Per-image fields have N entries."""
     images: torch.Tensor  # (N, C, H, W) uint8, decoded once
-    labels: torch.Tensor  # (N,) long class ids; a near-OOD image carries its source image's class
+    labels: torch.Tensor  # (N,) long in [0, len(classes)); a variation carries its source's class
     classes: list  # class names; labels index this list
-    negative_only: torch.Tensor = None  # (N,) bool, True = never an anchor or a positive (default: all False)
-    kind: torch.Tensor = None  # (N,) int8 KIND_REAL / KIND_ID / KIND_NEAR_OOD (default: all real)
+    negative_only: torch.Tensor = None  # (N,) bool: never an anchor or a positive (default: False)
+    kind: torch.Tensor = None  # (N,) int8 KIND_REAL / KIND_ID / KIND_NEAR_OOD (default: real)
     names: list = field(default_factory=list)  # file path or "<source>/<index>" of each image
+    strength: torch.Tensor = None  # (N,) float: SDEdit strength of a synthetic image, 0 if real
 
     def __post_init__(self):
-        n = len(self.images)  # every per-image field must have n entries
+        n = len(self.images)
         if self.negative_only is None:  # a real data set: every image may be an anchor
             self.negative_only = torch.zeros(n, dtype=torch.bool)
-        if self.kind is None:  # and every image is a real one
+        if self.kind is None:
             self.kind = torch.full((n,), KIND_REAL, dtype=torch.int8)
+        if self.strength is None:
+            self.strength = torch.zeros(n)
         # a mismatch here would silently pair images with the wrong labels later
-        if len(self.labels) != n or len(self.negative_only) != n or len(self.kind) != n:
-            raise DataError(f"ImageSet: {n} images but {len(self.labels)} labels")
+        sizes = {len(self.labels), len(self.negative_only), len(self.kind), len(self.strength)}
+        if sizes != {n}:
+            raise DataError(f"ImageSet: {n} images but per-image fields of sizes {sorted(sizes)}")
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
-            # name the first offending label, so the user can find it
             bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))][0].item()
             raise DataError(f"label {bad} is out of range for {len(self.classes)} classes "
                             f"{self.classes}; labels must be 0..{len(self.classes) - 1}")
@@ -75,56 +90,104 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, index):
-        """The images at `index` (a LongTensor), with their labels, flags and names."""
-        index = torch.as_tensor(index, dtype=torch.long)  # (n,) rows to keep, in this order
+        """The images at `index` (indices or a bool mask), with everything that belongs to them."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = torch.nonzero(index).squeeze(1)
+        index = index.long()
         return ImageSet(self.images[index], self.labels[index], self.classes,
                         self.negative_only[index], self.kind[index],
-                        [self.names[i] for i in index.tolist()] if self.names else [])
+                        [self.names[i] for i in index.tolist()] if self.names else [],
+                        self.strength[index])
+
+    def probe_set(self):
+        """What the linear classifier trains on: the real and ID images that are labelled
+        samples. Never a near-OOD image, never a negative-only one, whatever role the run gave
+        them."""
+        real_or_id = (self.kind == KIND_REAL) | (self.kind == KIND_ID)
+        return self.subset(real_or_id & ~self.negative_only)
+
+    def synthetic(self):
+        """The synthetic images (ID and near-OOD), in any role."""
+        return self.subset(self.kind != KIND_REAL)
 
     @staticmethod
     def concat(sets):
-        """One ImageSet from several (None and empty entries are skipped); they share the class list."""
-        sets = [s for s in sets if s is not None and len(s)]  # None = a part left out (--no-real)
-        return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
-                        sets[0].classes, torch.cat([s.negative_only for s in sets]),
-                        torch.cat([s.kind for s in sets]), sum((s.names for s in sets), []))
+        """One ImageSet from several (None and empty entries skipped); they share the classes."""
+        sets = [s for s in sets if s is not None and len(s)]
+        cat = lambda name: torch.cat([getattr(s, name) for s in sets])  # noqa: E731
+        return ImageSet(cat("images"), cat("labels"), sets[0].classes, cat("negative_only"),
+                        cat("kind"), sum((s.names for s in sets), []), cat("strength"))
 
 
 # -----------------------------------------------------------------------------
-# Reading images from disk
+# Reading one image as a viewer shows it
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes for 16/32-bit grey
+
+
+def as_viewed(image):
+    """A PIL image as an image viewer shows it, in mode L or RGB.
+
+    - EXIF orientation applied: phones store pictures sideways with a rotation tag;
+    - 16-bit grey (industrial cameras, PNG) scaled to 8 bits, 65535 -> 255: Pillow's
+      convert("L") would clip every value above 255 and leave a black-and-white silhouette.
+      Mode I (32-bit integers) is read as 16-bit data, values above 65535 clipped; mode F
+      (floats) as 0..1 when it stays within [0, 1], else as 0..255 grey levels;
+    - transparent pixels composited on white (convert("RGB") drops alpha and shows whatever
+      colour the invisible pixels happen to store).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT or image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)  # (H, W) the stored values
+        if image.mode in SIXTEEN_BIT:
+            grey = grey / 257.0  # 65535 / 257 = 255: the full 16-bit range to the full 8-bit one
+        elif grey.size and grey.max() <= 1.0:
+            grey = grey * 255.0
+        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        return image.convert("L" if image.mode in ("1", "L") else "RGB")  # P, CMYK, YCbCr, ...
+    return image
 
 
 def resize_pil(image, size, mode="crop"):
-    """PIL image -> size x size. mode "crop": scale the short side, centre-crop; "letterbox": scale
-    to fit and paste centred on a black canvas (keeps the aspect ratio, the seed fruit project)."""
+    """PIL image -> size x size. mode "crop": scale the short side, centre-crop; "letterbox":
+    scale to fit and paste centred on a black canvas (keeps the aspect ratio; the fruit project)."""
     w, h = image.size
-    if mode == "letterbox":  # whole image, padded to a square (the seed fruit project)
+    if mode == "letterbox":
         scale = size / max(w, h)  # the long side becomes `size`
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
         canvas = Image.new(image.mode, (size, size))  # black, same mode (L or RGB)
         canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
         return canvas
     scale = size / min(w, h)  # the short side becomes `size`, the long one is cropped
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2  # centre crop
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                         Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
 def crop_to_mask(image, mask, dilation=0.1):
     """The thesis's preprocessing: a square crop around the object mask, its box dilated by
     `dilation` of its size on every side (clipped to the image)."""
-    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)  # (P, 2) (row, col) of object pixels
+    # (P, 2) (row, col) of the object's pixels
+    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)
     if len(box) == 0:
         return image
     (top, left), (bottom, right) = box.min(0), box.max(0) + 1  # the object's bounding box
-    side = max(bottom - top, right - left) * (1 + 2 * dilation)  # a square around the box, with margin
-    cy, cx = (top + bottom) / 2, (left + right) / 2  # centred on the box
-    return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
+    side = max(bottom - top, right - left) * (1 + 2 * dilation)
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    return image.crop((round(cx - side / 2), round(cy - side / 2),
+                       round(cx + side / 2), round(cy + side / 2)))
 
 
 def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
-    """Square synthetic images get a random 20-30% cut off top and bottom (split evenly), so that
-    after letterboxing they carry black margins like the real photos (the seed fruit project)."""
+    """Square synthetic images get a random 20-30% cut off top and bottom (split evenly), so
+    that after letterboxing they carry black margins like the real photos (the fruit project)."""
     w, h = image.size
     if w != h:
         return image
@@ -132,43 +195,66 @@ def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
     return image.crop((0, cut, w, h - cut))
 
 
-def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=None):
-    """Read one image file as a (C, size, size) uint8 tensor; raises DataError naming the file."""
+def read_pil(path):
+    """Decode one file completely as a viewer shows it; DataError naming the file otherwise."""
     try:
-        with Image.open(path) as img:
-            img.load()  # force decoding now: truncated files fail here, not later
-            img = img.convert("L" if channels == 1 else "RGB")  # one mode for the whole set
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not in the middle of training
+            return as_viewed(image)
     except Exception as error:
-        raise DataError(f"{path}: cannot read this image ({error}). Replace or delete the file, "
-                        f"or pass --skip-bad-images to leave unreadable files out.") from error
+        raise DataError(f"{path}: cannot read this image ({error})") from error
+
+
+def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=None):
+    """One image file as a (C, size, size) uint8 tensor, cropped to its mask if one is given."""
+    image = read_pil(path).convert("L" if channels == 1 else "RGB")
     if mask_path is not None:
         if not os.path.exists(mask_path):
             raise DataError(f"{mask_path}: no mask for {path}. --masks DIR needs one mask per "
-                            f"image at DIR/<same relative path>.png (white = object).")
-        with Image.open(mask_path) as mask:
-            img = crop_to_mask(img, mask)  # the thesis: crop around the object first
+                            f"image at DIR/<path relative to --data, extension .png>.")
+        image = crop_to_mask(image, read_pil(mask_path))
     if margin_rng is not None:
-        img = synthetic_margin_crop(img, margin_rng)
-    array = np.asarray(resize_pil(img, size, resize), dtype=np.uint8)  # (size, size) or (size, size, 3)
-    return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)  # (C, size, size) uint8
+        image = synthetic_margin_crop(image, margin_rng)
+    array = np.asarray(resize_pil(image, size, resize), dtype=np.uint8)  # (size, size[, 3])
+    return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
+def mask_path(masks_dir, image_path, root):
+    """The one mask layout: the mask of ROOT/<rel>/<name>.<ext> is MASKS/<rel>/<name>.png."""
+    relative = os.path.splitext(os.path.relpath(image_path, root))[0]
+    return os.path.join(masks_dir, relative + ".png")
+
+
+def visible(name):
+    """False for what file managers hide: .DS_Store, ._* (macOS), .git, __MACOSX (zip files)."""
+    return not name.startswith(".") and name != "__MACOSX"
 
 
 def list_class_folders(root):
-    """ImageFolder layout: root/<class>/<images>. Returns (class names, [(path, class index)])."""
-    # sorted: class ids do not depend on the file system
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    """ImageFolder layout: root/<class>/<images, also in sub-folders>. Returns (class names,
+    [(path, class index)]), both sorted so that class ids do not depend on the file system."""
+    classes = sorted(d for d in os.listdir(root) if visible(d)
+                     and os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root}: no class folders. Expected ImageFolder layout: "
                         f"{root}/<class name>/<image files>.")
-    items = []  # (path, class index) for every image
+    items, other = [], collections.Counter()  # (path, class index); skipped extensions
     for index, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        # sorted: repeatable order
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise DataError(f"{folder}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}). "
-                            f"Add images or remove the folder.")
-        items += [(os.path.join(folder, f), index) for f in files]
+        found = []
+        for folder, subfolders, files in os.walk(os.path.join(root, name)):
+            subfolders[:] = [d for d in subfolders if visible(d)]  # prune hidden folders
+            for f in filter(visible, files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(os.path.join(folder, f))
+                else:
+                    other[os.path.splitext(f)[1].lower() or f] += 1
+        if not found:
+            raise DataError(f"{os.path.join(root, name)}: class folder has no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder.")
+        items += [(path, index) for path in sorted(found)]
+    if other:  # said once, so that a folder of .heic photos is not left out without a word
+        print(f"{root}: left out {sum(other.values())} file(s) that are not images of a known "
+              f"type ({', '.join(f'{k}: {v}' for k, v in sorted(other.items()))})")
     return classes, items
 
 
@@ -176,8 +262,8 @@ def guess_channels(paths):
     """1 if every image (of the first 50) is greyscale, else 3."""
     for path in paths[:50]:
         try:
-            with Image.open(path) as img:
-                if img.mode not in ("L", "1", "I", "I;16", "LA"):
+            with Image.open(path) as image:
+                if image.mode not in ("L", "1", "LA", "F") + SIXTEEN_BIT:
                     return 3
         except Exception:
             continue  # open_image reports unreadable files properly
@@ -185,38 +271,33 @@ def guess_channels(paths):
 
 
 def _read_image(job):
-    """open_image for load_files' workers: (C, size, size) uint8 numpy array, or the DataError."""
-    path, channels, size, resize, mask_path = job  # one picklable tuple per image
+    """open_image for load_files' workers: a (C, size, size) uint8 array, or the DataError."""
+    path, channels, size, resize, mask = job  # one picklable tuple per image
     try:
-        return open_image(path, channels, size, resize, mask_path).numpy()
+        return open_image(path, channels, size, resize, mask).numpy()
     except DataError as error:
         return error  # returned, not raised: --skip-bad-images decides what happens
 
 
 def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None, root=None):
     """[(path, label)] -> ImageSet; with skip_bad, unreadable files are dropped and counted."""
-    jobs = []  # (path, channels, size, resize, mask path) for each image
-    for path, _ in items:
-        mask_path = None
-        if masks_dir is not None:
-            # DIR/<relative path>.png
-            mask_path = os.path.join(masks_dir, os.path.splitext(os.path.relpath(path, root))[0] + ".png")
-        jobs.append((path, channels, size, resize, mask_path))
-    workers = min(16, os.cpu_count() or 1)  # processes for decoding
+    jobs = [(path, channels, size, resize, mask_path(masks_dir, path, root) if masks_dir else None)
+            for path, _ in items]
+    workers = min(16, os.cpu_count() or 1)
     if len(jobs) >= 5000 and workers > 1:
-        # large folders in worker processes: decoding small JPEGs is mostly Python work in PIL,
-        # which threads cannot share (the GIL). CIFAR-10's 60,000 files: seconds on 16 cores.
-        # "spawn": the workers start clean, whatever threads or CUDA state this process has
+        # decoding small JPEGs is mostly Python work in PIL, which threads cannot share (the
+        # GIL): processes. "spawn": they start clean, whatever threads or CUDA this one holds
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             decoded = list(tqdm(pool.map(_read_image, jobs, chunksize=256), total=len(jobs),
                                 desc=f"reading {root}", leave=False))
     else:
         decoded = [_read_image(job) for job in jobs]  # small sets: no process start-up cost
-    images, labels, names, bad = [], [], [], []  # (C, H, W) tensors, ints, paths, skipped paths
+    images, labels, names, bad = [], [], [], []
     for (path, label), image in zip(items, decoded):
         if isinstance(image, DataError):
             if not skip_bad:
-                raise image
+                raise DataError(f"{image} Replace or delete the file, or pass "
+                                f"--skip-bad-images to leave unreadable files out.")
             bad.append(path)
             continue
         images.append(torch.from_numpy(image))
@@ -226,11 +307,11 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
         print(f"--skip-bad-images: left out {len(bad)} unreadable file(s), e.g. {bad[0]}")
     if not images:
         raise DataError(f"no readable images under {root}")
-    return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)  # images (N, C, H, W) uint8
+    return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)
 
 
 # -----------------------------------------------------------------------------
-# Sources
+# Sources and splits
 
 
 def stratified_split(labels, fraction, seed):
@@ -240,29 +321,28 @@ def stratified_split(labels, fraction, seed):
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n_held = int(round(len(idx) * fraction))  # the same share of every class (stratified)
+        n_held = int(round(len(idx) * fraction))  # the same share of every class
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
-    # sorted: the original order within each split
-    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values  # original order
 
 
 def load_digits(val_fraction, seed, size):
     """sklearn's 8x8 digits, upscaled to `size` px; a seeded, stratified train/test split."""
     from sklearn.datasets import load_digits as sklearn_digits
-    digits = sklearn_digits()  # 1,797 8x8 images shipped inside scikit-learn
+    digits = sklearn_digits()  # 1,797 8x8 images shipped inside scikit-learn, values 0..16
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)  # (1797, 1, size, size)
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # uint8 like every other source
     labels = torch.tensor(digits.target)  # (1797,) 0..9
     full = ImageSet(images, labels, [str(i) for i in range(10)],
                     names=[f"digits/{i:04d}" for i in range(len(labels))])
-    train_idx, test_idx = stratified_split(labels, val_fraction, seed)  # the same share of every class
+    train_idx, test_idx = stratified_split(labels, val_fraction, seed)
     return full.subset(train_idx), full.subset(test_idx)
 
 
 def load_torchvision(name, root, download, size):
-    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision's files under `root` (downloads only if asked)."""
+    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision's files under `root`."""
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
@@ -271,36 +351,40 @@ def load_torchvision(name, root, download, size):
         try:
             ds = cls(root, train=train, download=download)
         except RuntimeError as error:
-            raise DataError(
-                f"--data {name}: not found under --data-root {root} ({error}). Either pass "
-                f"--download to fetch it, or point --data-root at a folder that holds it.") from error
-        x = torch.as_tensor(np.asarray(ds.data))  # (N, H, W) grey or (N, H, W, 3) colour, uint8
+            raise DataError(f"--data {name}: not found under --data-root {root} ({error}). "
+                            f"Either pass --download to fetch it, or point --data-root at a "
+                            f"folder that holds it.") from error
+        x = torch.as_tensor(np.asarray(ds.data))  # (N, H, W) grey or (N, H, W, 3) colour
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
         if x.shape[-1] != size:  # resized once here, not per batch
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        labels = torch.as_tensor(np.asarray(ds.targets))  # (N,)
-        splits.append(ImageSet(x, labels, list(ds.classes),
-                               names=[f"{name}/{'train' if train else 'test'}/{i}" for i in range(len(x))]))
+        part = "train" if train else "test"
+        splits.append(ImageSet(x, torch.as_tensor(np.asarray(ds.targets)), list(ds.classes),
+                               names=[f"{name}/{part}/{i}" for i in range(len(x))]))
     return splits
 
 
 def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
-    """An ImageFolder-layout folder: PATH/train + PATH/test, or PATH/<class>/ split by `val_fraction`."""
+    """An ImageFolder-layout folder: PATH/train + PATH/test, or PATH/<class>/ split here."""
     if not os.path.isdir(path):
         raise DataError(f"--data {path}: not a folder and not one of {', '.join(BUILTIN)}.")
-    train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")  # a given split
-    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+    train_dir, test_dir = os.path.join(path, "train"), os.path.join(path, "test")
+    if os.path.isdir(train_dir) != os.path.isdir(test_dir):
+        # "train" and "val" would otherwise become two classes of a single-folder data set
+        raise DataError(f"--data {path}: has {'train/' if os.path.isdir(train_dir) else 'test/'} "
+                        f"but not the other. Use PATH/train + PATH/test (rename val/ to test/), "
+                        f"or one folder of class folders.")
+    if os.path.isdir(train_dir):
         classes, train_items = list_class_folders(train_dir)
         test_classes, test_items = list_class_folders(test_dir)
         if test_classes != classes:  # class ids must mean the same in both splits
             raise DataError(f"{test_dir}: its class folders {test_classes} differ from "
                             f"{train_dir}'s {classes}; both splits need the same classes.")
-        channels = guess_channels([p for p, _ in train_items])  # one channel count for both splits
-        train = load_files(train_items, classes, channels, size, resize, skip_bad, masks_dir, path)
-        test = load_files(test_items, classes, channels, size, resize, skip_bad, masks_dir, path)
-        return train, test
-    classes, items = list_class_folders(path)  # one folder: split it ourselves
+        channels = guess_channels([p for p, _ in train_items])  # one count for both splits
+        return (load_files(train_items, classes, channels, size, resize, skip_bad, masks_dir, path),
+                load_files(test_items, classes, channels, size, resize, skip_bad, masks_dir, path))
+    classes, items = list_class_folders(path)
     channels = guess_channels([p for p, _ in items])  # 1 for greyscale sets, else 3
     full = load_files(items, classes, channels, size, resize, skip_bad, masks_dir, path)
     train_idx, test_idx = stratified_split(full.labels, val_fraction, seed)
@@ -321,7 +405,7 @@ def parse_class_list(text, classes, what="--ood-classes"):
 
 
 def few_shot_indices(labels, k, seed):
-    """K examples per class (all of a class that has fewer), seeded."""
+    """K examples per class, seeded (the caller has checked that every class has K)."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for c in torch.unique(labels).tolist():
@@ -332,31 +416,36 @@ def few_shot_indices(labels, k, seed):
 
 @dataclass
 class Splits:
-    """What a run trains and tests on. Class ids are re-numbered 0..K-1 over the training classes;
-    ood_test holds the test images of the held-out classes, its labels 0..len(ood_classes)-1
-    indexing ood_classes (for few-shot episodes on unseen classes)."""
+    """What a run trains and tests on. Labels are renumbered 0..K-1 over the training classes;
+    ood_test holds the test images of the held-out classes, its labels indexing ood_classes."""
     train: ImageSet  # the training images of the K training classes (few-shot subset if asked)
     test: ImageSet  # the test images of the same K classes
-    ood_test: ImageSet  # the test images of the held-out classes (empty without --ood-classes)
+    ood_test: ImageSet  # the test images of the held-out classes (None without --ood-classes)
     classes: list  # the K training class names, in label order
     ood_classes: list  # the held-out class names
-    source_classes: list  # every class of the source, held-out ones included
+    root: str = None  # the --data folder (None for a built-in set): manifests name sources by it
+
+    def source_id(self, name):
+        """How a manifest names a source image: relative to the --data folder, so that
+        `--data parts` and `--data ./parts` agree; a built-in set's own name otherwise."""
+        return os.path.relpath(name, self.root).replace(os.sep, "/") if self.root else name
 
 
 def remap(s, keep_classes):
     """Keep only images of keep_classes and renumber their labels 0..len(keep_classes)-1."""
-    lookup = torch.full((len(s.classes),), -1, dtype=torch.long)  # old class id -> new id, -1 = dropped
+    lookup = torch.full((len(s.classes),), -1, dtype=torch.long)  # old id -> new id, -1: dropped
     lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
-    idx = torch.nonzero(lookup[s.labels] >= 0).squeeze(1)  # images of the kept classes
-    sub = s.subset(idx)  # the kept images, still with their old labels
+    sub = s.subset(lookup[s.labels] >= 0)
     return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
-                    sub.negative_only, sub.kind, sub.names)
+                    sub.negative_only, sub.kind, sub.names, sub.strength)
 
 
 def load_data(data="digits", data_root="./.data", download=False, image_size=None,
               val_fraction=0.25, seed=0, examples_per_class=None, ood_classes=None,
               resize="crop", skip_bad_images=False, masks=None):
     """Load a source and make the splits: few-shot training subset, test set, held-out OOD test."""
+    if masks and data in BUILTIN:
+        raise DataError("--masks works with image folders (--data PATH) only")
     size = image_size or NATIVE_SIZE.get(data, 32)  # pixels per side for every image
     if data == "digits":
         train, test = load_digits(val_fraction, seed, size)
@@ -364,127 +453,224 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
         train, test = load_torchvision(data, data_root, download, size)
     else:
         train, test = load_folder(data, val_fraction, seed, size, resize, skip_bad_images, masks)
-    if masks and data in BUILTIN:
-        raise DataError("--masks works with image folders (--data PATH) only")
-    source_classes = list(train.classes)  # before the OOD classes are taken out
-    if ood_classes is None:
-        ood_classes = DEFAULT_OOD.get(data, "")
-    held = parse_class_list(ood_classes, source_classes)  # indices of the held-out classes
-    kept = [c for c in range(len(source_classes)) if c not in held]  # the classes the model trains on
+    given = ood_classes is not None  # a message may blame --ood-classes only if the user gave it
+    held = parse_class_list(ood_classes if given else DEFAULT_OOD.get(data, ""), train.classes)
+    kept = [c for c in range(len(train.classes)) if c not in held]  # the classes trained on
     if len(kept) < 2:
-        raise DataError(f"--ood-classes leaves {len(kept)} training class(es); at least 2 are needed")
+        raise DataError(f"--ood-classes {ood_classes} leaves {len(kept)} training class(es); "
+                        f"at least 2 are needed" if given else
+                        f"--data {data}: holds {len(train.classes)} class(es) {train.classes}; "
+                        f"training needs at least 2")
     ood_test = remap(test, held) if held else None  # labels index the held-out classes
+    names = train.classes
     train, test = remap(train, kept), remap(test, kept)  # labels renumbered 0..K-1
     if examples_per_class:
-        train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))  # seeded few-shot subset
-    return Splits(train, test, ood_test, train.classes, [source_classes[c] for c in held], source_classes)
+        counts = torch.bincount(train.labels, minlength=len(kept))
+        if int(counts.min()) < examples_per_class:
+            smallest = int(counts.argmin())
+            raise DataError(f"--examples-per-class {examples_per_class}: class "
+                            f"{train.classes[smallest]!r} has only {int(counts.min())} training "
+                            f"images; use at most {int(counts.min())}")
+        train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))
+    return Splits(train, test, ood_test, train.classes, [names[c] for c in held],
+                  None if data in BUILTIN else data)
 
 
 # -----------------------------------------------------------------------------
 # Synthetic images written by dafusion.py
 
-MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed")
 
+def read_manifest(folder, splits, image_size, channels, resize="crop", margin=False, seed=0,
+                  drop_leaking=False):
+    """DIR/manifest.csv -> ImageSet of synthetic images (kind, strength and source class of each).
 
-def read_manifest(folder, classes, image_size, channels, resize="crop", margin=False, seed=0):
-    """DIR/manifest.csv -> ImageSet of synthetic images. kind "id" rows are labelled training
-    samples; "near_ood" rows are negative-only samples carrying their source class."""
-    manifest = os.path.join(folder, "manifest.csv")  # written by dafusion.py
+    Every row's source must be one of this run's training images (or empty: txt2img images have
+    none): a set made with another --seed, --val-fraction or --examples-per-class holds variations
+    of test images, and training on them would leak the test set. Such rows are refused, or left
+    out (and counted) with drop_leaking."""
+    manifest = os.path.join(folder, "manifest.csv")
     if not os.path.exists(manifest):
         raise DataError(f"--synthetic {folder}: no manifest.csv there. Generate the images with "
-                        f"`python dafusion.py --out {folder}` or point --synthetic at such a folder.")
-    rng = np.random.default_rng(seed)  # the random margin crops (--synthetic-margin), repeatable
-    images, labels, kinds, names = [], [], [], []  # one entry per manifest row
-    with open(manifest, newline="") as f:
+                        f"`python dafusion.py --out {folder}` or point --synthetic at such a "
+                        f"folder.")
+    rows = []  # (line, row) of every manifest row
+    with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         reader = csv.DictReader(f)
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{manifest}: missing column(s) {missing}; needs {list(MANIFEST_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):  # line 1 is the header: numbers match an editor's
-            if row["label"] not in classes:
-                raise DataError(f"{manifest}, line {line}: class {row['label']!r} is not a class of "
-                                f"the real training data {classes}. Regenerate the synthetic set for "
-                                f"this data, or delete the rows of that class.")
-            if row["kind"] not in ("id", "near_ood"):
-                raise DataError(f"{manifest}, line {line}: kind {row['kind']!r} must be 'id' or 'near_ood'")
-            path = os.path.join(folder, row["path"])
-            if not os.path.exists(path):
-                raise DataError(f"{manifest}, line {line}: {path} does not exist. Re-run dafusion.py "
-                                f"on {folder} to regenerate missing images (it resumes).")
+            raise DataError(f"{manifest}: missing column(s) {missing}; needs "
+                            f"{list(MANIFEST_COLUMNS)}")
+        rows = list(enumerate(reader, start=2))  # line 1 is the header: numbers match an editor
+    if not rows:
+        raise DataError(f"{manifest}: no rows")
+    rows = _keep_training_sources(rows, splits, manifest, drop_leaking)
+    rng = np.random.default_rng(seed)  # the random margin crops (--synthetic-margin), repeatable
+    images, labels, kinds, strengths, names = [], [], [], [], []
+    for line, row in rows:
+        where = f"{manifest}, line {line}"
+        if row["label"] not in splits.classes:
+            raise DataError(f"{where}: class {row['label']!r} is not a class of the real training "
+                            f"data {splits.classes}. Regenerate the synthetic set for this data, "
+                            f"or delete the rows of that class.")
+        if row["kind"] not in KINDS:
+            raise DataError(f"{where}: kind {row['kind']!r} must be 'id' or 'near_ood'")
+        try:  # txt2img rows have no strength: 1.0, the whole diffusion
+            strength = float(row["strength"]) if row["strength"].strip() else 1.0
+        except ValueError:
+            strength = math.nan
+        if not 0 < strength <= 1:
+            raise DataError(f"{where}: strength {row['strength']!r} must be a number in (0, 1]")
+        path = os.path.join(folder, row["path"])
+        if not os.path.exists(path):
+            raise DataError(f"{where}: {path} does not exist. Re-run dafusion.py on {folder} to "
+                            f"regenerate missing images (it resumes).")
+        try:
             images.append(open_image(path, channels, image_size, resize,
                                      margin_rng=rng if margin else None))
-            labels.append(classes.index(row["label"]))  # the class name -> this run's class id
-            kinds.append(KIND_ID if row["kind"] == "id" else KIND_NEAR_OOD)
-            names.append(path)
-    if not images:
-        raise DataError(f"{manifest}: no rows")
-    kind = torch.tensor(kinds, dtype=torch.int8)  # (N,) KIND_ID or KIND_NEAR_OOD
-    return ImageSet(torch.stack(images), torch.tensor(labels), list(classes),
-                    kind == KIND_NEAR_OOD, kind, names)
+        except DataError as error:
+            raise DataError(f"{error} ({where}). Delete the file and re-run dafusion.py on "
+                            f"{folder}: it makes missing images again.") from error
+        labels.append(splits.classes.index(row["label"]))
+        kinds.append(KINDS[row["kind"]])
+        strengths.append(strength)
+        names.append(path)
+    kind = torch.tensor(kinds, dtype=torch.int8)
+    return ImageSet(torch.stack(images), torch.tensor(labels), list(splits.classes),
+                    kind == KIND_NEAR_OOD, kind, names, torch.tensor(strengths))
+
+
+def _keep_training_sources(rows, splits, manifest, drop):
+    """The manifest rows whose source is one of this run's training images (or has no source);
+    the others are refused with one line that counts where they come from, or dropped."""
+    ids = lambda s: {splits.source_id(n) for n in s.names} if s is not None else set()  # noqa
+    train, test, ood = ids(splits.train), ids(splits.test), ids(splits.ood_test)
+    foreign = collections.Counter()  # where the rows from outside the training split come from
+    kept = []
+    for line, row in rows:
+        source = row["source"].strip()
+        if source and os.path.isabs(source) and splits.root:  # an older manifest: a full path
+            source = splits.source_id(source)
+        if not source or source in train:
+            kept.append((line, row))
+        else:
+            foreign["this run's test images" if source in test else "held-out OOD images"
+                    if source in ood else "images outside this run's training split"] += 1
+    if foreign and not drop:
+        counts = ", ".join(f"{n} from {where}" for where, n in foreign.most_common())
+        raise DataError(f"{manifest}: {sum(foreign.values())} of {len(rows)} rows vary images "
+                        f"this run does not train on ({counts}); training on them would leak "
+                        f"them. Generate the set with this run's --data, --seed, --val-fraction, "
+                        f"--examples-per-class and --ood-classes, or pass --drop-leaking-synthetic "
+                        f"to leave those rows out.")
+    if foreign:
+        print(f"--drop-leaking-synthetic: left out {sum(foreign.values())} of {len(rows)} rows "
+              f"of {manifest} ({', '.join(f'{n} {w}' for w, n in foreign.most_common())})")
+        if not kept:
+            raise DataError(f"{manifest}: no row is left after --drop-leaking-synthetic")
+    return kept
+
+
+def training_set(args, splits):
+    """(the images a run trains on, the set's near-OOD images or None): the real training images
+    (unless --no-real) and the synthetic images of args.synthetic in the roles the flags give:
+      --positives id | id+near_ood   labelled samples (extra positives of their class)
+      --negatives near_ood | id      negative-only samples (id: the placebo of the sweep)
+      --near-ood-strength S          of a set with several near-OOD strengths, only strength S.
+    The near-OOD images come back apart for --outlier-exposure, whatever role they have."""
+    if not args.synthetic:
+        return splits.train, None
+    _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
+    syn = read_manifest(args.synthetic, splits, H, C, args.resize, args.synthetic_margin,
+                        args.seed, args.drop_leaking_synthetic)
+    near = syn.kind == KIND_NEAR_OOD
+    if args.near_ood_strength is not None:
+        present = sorted({round(float(s), 4) for s in syn.strength[near]})
+        keep = ~near | ((syn.strength - args.near_ood_strength).abs() < 1e-6)
+        if not (keep & near).any():
+            raise DataError(f"--near-ood-strength {args.near_ood_strength}: {args.synthetic} has "
+                            f"near-OOD images of strength {present} only")
+        syn = syn.subset(keep)
+        near = syn.kind == KIND_NEAR_OOD
+    labelled = negatives = None  # the synthetic images used as positives / as negatives only
+    if args.positives != "none":
+        labelled = syn.subset(~near if args.positives == "id" else torch.ones_like(near))
+        labelled.negative_only = torch.zeros(len(labelled), dtype=torch.bool)
+    if args.negatives != "none":
+        negatives = syn.subset(near if args.negatives == "near_ood" else ~near)
+        negatives.negative_only = torch.ones(len(negatives), dtype=torch.bool)
+    for flag, part in (("--positives", labelled), ("--negatives", negatives)):
+        if part is not None and not len(part):
+            raise DataError(f"{flag}: {args.synthetic} holds no images of that kind")
+    used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives])
+    return used, syn.subset(near)
 
 
 # -----------------------------------------------------------------------------
-# Batches: m images per class, and a controlled share of negative-only images
+# Batches: m images per class, and negative-only images on top
+
+
+def epoch_generator(seed, epoch):
+    """The one random stream of an epoch's batches: a function of (seed, epoch) alone, so a
+    resumed run draws the same batches without storing them."""
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
 
 
 def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
-                        seed=0, epoch=0):
-    """One epoch of batches (a list of index tensors), deterministic in (seed, epoch).
+                        generator=None):
+    """One epoch of index batches (a list of (b,) tensors) for a contrastive loss.
 
-    Labelled samples come in groups of m (or m+1) of one class, so every anchor has a positive
-    (a class with a single image cannot give it one). When negative-only samples exist, a share
-    `negatives_share` of each batch is negative-only, drawn from the classes in that batch so that
-    same-class hard-negative masking has something to contrast. Every labelled sample appears once.
-    """
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)  # one stream per (seed, epoch)
+    Labelled samples come in groups of m (or m+1) of one class, so that every anchor has a
+    positive (a class with a single image cannot give it one). The groups are shuffled and dealt
+    round-robin into ceil(labelled / batch_size) batches: every labelled sample appears once an
+    epoch and the number of batches depends on the sizes alone. When negative-only samples
+    exist, round(batch_size * negatives_share) of them ride on top of each batch (the labelled
+    part does not shrink), drawn with replacement from the classes the batch holds, so that
+    same-class hard-negative masking has something to contrast."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
     real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
     negatives = torch.nonzero(negative_only).squeeze(1)  # near-OOD samples
-    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # per batch
-    n_real = max(m_per_class, batch_size - n_neg)  # labelled samples per batch
     groups = []  # chunks of m same-class indices
     for c in torch.unique(labels[real]).tolist():
-        idx = real[labels[real] == c]  # every labelled sample of class c
-        idx = idx[torch.randperm(len(idx), generator=g)]  # in a fresh order each epoch
-        chunks = list(torch.split(idx, m_per_class))  # groups of m
+        idx = real[labels[real] == c]
+        chunks = list(torch.split(idx[torch.randperm(len(idx), generator=g)], m_per_class))
         if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
             chunks[-2:] = [torch.cat(chunks[-2:])]
         groups += chunks
-    # shuffle the groups and pack them into batches of about n_real labelled samples
+    n_batches = min(len(groups), math.ceil(len(real) / batch_size))
     order = torch.randperm(len(groups), generator=g).tolist()
-    batches, current, filled = [], [], 0  # finished batches; groups of the batch being filled; its size
-    for gi in order:
-        current.append(groups[gi])
-        filled += len(groups[gi])
-        if filled >= n_real:  # full: close this batch, start the next
-            batches.append(torch.cat(current))
-            current, filled = [], 0
-    if current:  # the last, smaller batch (every labelled sample appears once)
-        batches.append(torch.cat(current))
-    if n_neg:  # add the negatives: sampled with replacement, from the classes the batch holds
-        neg_labels = labels[negatives]  # the source class of each near-OOD image
-        for b, batch in enumerate(batches):
-            pool = negatives[torch.isin(neg_labels, labels[batch])]  # near-OOD images of the classes in this batch
-            pool = pool if len(pool) else negatives  # no match at all: any negative will do
-            # (n_neg,) with replacement: negatives can be few
-            pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]
-            batches[b] = torch.cat([batch, pick])  # (n_real + n_neg,) labelled first, then negatives
+    batches = [torch.cat([groups[i] for i in order[b::n_batches]]) for b in range(n_batches)]
+    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0
+    for b, batch in enumerate(batches if n_neg else []):
+        pool = negatives[torch.isin(labels[negatives], labels[batch])]  # this batch's classes
+        pool = pool if len(pool) else negatives  # no match at all: any negative will do
+        pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]  # with replacement
+        batches[b] = torch.cat([batch, pick])  # labelled first, then the negatives
     return batches
 
 
+def count_contrastive_batches(labels, negative_only, batch_size, m_per_class=4):
+    """len(contrastive_batches(...)), from the class sizes alone (no draw, no model)."""
+    sizes = torch.bincount(labels[~negative_only]).tolist()  # labelled images per class
+    groups = 0
+    for n in filter(None, sizes):
+        chunks = math.ceil(n / m_per_class)  # torch.split's chunks of m, the last one shorter
+        groups += chunks - (chunks > 1 and n % m_per_class == 1)  # a lone last image joins
+    return min(groups, math.ceil(sum(sizes) / batch_size))
+
+
 class BatchImages(torch.utils.data.Dataset):
-    """train.py --data-on host: item i is the uint8 images (b, C, H, W) of this process's share of
-    batch i (for (T, 3) triplet batches, the a, p, n images of each triplet in turn). Indexed by
+    """train.py --data-on host: item i is the uint8 images (b, C, H, W) of this process's share
+    of batch i (for (T, 3) triplet batches, the a, p, n images of each triplet in turn). Read by
     a DataLoader with batch_size=None, so one worker gathers a whole batch in one indexing."""
 
     def __init__(self, images, batches, rank=0, world=1):
-        # images (N, C, H, W) uint8 in host memory; batches: the epoch's index tensors
         self.images, self.batches, self.rank, self.world = images, batches, rank, world
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        share = self.batches[i].tensor_split(self.world)[self.rank]  # this rank's rows (torchrun)
+        share = self.batches[i].tensor_split(self.world)[self.rank]  # this rank's rows
         return self.images[share.flatten()]  # (b, C, H, W) uint8; (3T, C, H, W) for triplets
 
 
@@ -499,25 +685,26 @@ def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memor
     that .to(device, non_blocking=True) copies while the device still works on the step before.
     The path for training sets larger than the GPU's memory; the views are made on the device."""
     loader = torch.utils.data.DataLoader(
-        BatchImages(images, batches, rank, world), sampler=range(first, len(batches)), batch_size=None,
-        num_workers=workers, pin_memory=pin_memory, worker_init_fn=_ignore_ctrl_c,
-        prefetch_factor=4 if workers else None,
-        # the loader draws its workers' seeds from this generator, not from the global one that
-        # dropout uses: a run with --data-on host draws the same numbers as one without
+        BatchImages(images, batches, rank, world), sampler=range(first, len(batches)),
+        batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        worker_init_fn=_ignore_ctrl_c, prefetch_factor=4 if workers else None,
+        # the workers' seeds come from this generator, not from the global one that dropout
+        # uses: a run with --data-on host draws the same numbers as one without
         generator=torch.Generator().manual_seed(0))
     return iter(loader)
+
 
 # -----------------------------------------------------------------------------
 # Batched augmentations on the training device (per-sample random parameters)
 
 
 def to_float(images, mean, std):
-    """uint8 (B, C, H, W) -> normalised float."""
+    """uint8 (B, C, H, W) -> float, normalised with the real training images' statistics."""
     return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def _affine(images, theta):
-    """Resample (B, C, H, W) images through per-sample affine maps theta (B, 2, 3); zeros outside."""
+    """Resample (B, C, H, W) through per-sample affine maps theta (B, 2, 3); zeros outside."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -528,31 +715,33 @@ def _uniform(n, low, high, g, device):
 
 
 def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
-    """The seed Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
+    """The Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
     B, dev = x.shape[0], x.device
-    # per-sample parameters, all (B,): angle in radians, zoom, shift (in units of half the image)
+    # per-sample parameters, all (B,): angle in radians, zoom, shift in half-image units
     angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180
     s = 1.0 / _uniform(B, *scale, g, dev)  # the sampling grid shrinks when the image grows
     tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
-    # one affine map per sample; zeros padding is the "pad" of the seed project's rotation
     theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
                          torch.stack([s * angle.sin(), s * angle.cos(), ty], 1)], 1)  # (B, 2, 3)
-    return _affine(x, theta)
+    return _affine(x, theta)  # zeros padding: the "pad" of the Siamese project
 
 
 @functools.lru_cache(maxsize=None)
 def _hue_rotation_basis(device):
     """Hue rotation by angle a in RGB = T^-1 R(a) T, T = RGB -> YIQ, R(a) rotating the (I, Q)
-    plane. R(a) = diag(1, 0, 0) + cos a diag(0, 1, 1) + sin a [[0,0,0],[0,0,-1],[0,1,0]], so the
-    RGB matrix is keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
+    plane, = keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
     Made once per device: no host-device copy (a synchronisation) in every training step."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=torch.float64)
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                           [0.211, -0.523, 0.312]], dtype=torch.float64)
     parts = [torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)),
              torch.diag(torch.tensor([0, 1.0, 1.0], dtype=torch.float64)),
              torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64)]
-    return tuple((from_yiq @ r @ to_yiq).float().to(device) for r in parts)
+    return tuple((torch.linalg.inv(to_yiq) @ r @ to_yiq).float().to(device) for r in parts)
+
+
+def _grey(x):
+    """(B, 1, H, W) luminance of (B, 3, H, W) RGB (ITU-R 601 weights, as torchvision's)."""
+    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
@@ -561,104 +750,234 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     blur (p 0.5) for images of 64 px or more. x is in [0, 1], (B, C, H, W)."""
     B, C, H, W = x.shape
     dev = x.device  # every random number is drawn on the images' device (no host round trip)
-    # ---- random resized crop (area in crop_scale, aspect ratio 3/4..4/3) + flip, one affine map
+    # ---- random resized crop (area in crop_scale, aspect 3/4..4/3) + flip, one affine map
     area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
     log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
     sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
     sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    # crop centre, anywhere the crop still fits inside the image (normalised coordinates)
+    # the crop's centre, anywhere the crop still fits (normalised coordinates)
     cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
-    sign = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=dev)
+    flips = torch.rand(B, generator=g, device=dev) < 0.5
+    sign = torch.where(flips, -1.0, 1.0) if flip else torch.ones(B, device=dev)
     zero = torch.zeros(B, device=dev)
-    # (B, 2, 3): output pixel -> input point; scaling by (sw, sh) picks the crop, sign flips it
-    theta = torch.stack([torch.stack([sw * sign, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
-    x = _affine(x, theta)  # (B, C, H, W): crop, resize back to H x W, flip, in one resampling
+    # (B, 2, 3): output pixel -> input point; (sw, sh) pick the crop, sign flips it
+    theta = torch.stack([torch.stack([sw * sign, zero, cx], 1),
+                         torch.stack([zero, sh, cy], 1)], 1)
+    x = _affine(x, theta)  # crop, resize back to H x W and flip in one resampling
     # ---- colour jitter with probability 0.8 (each factor per sample)
     jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()
     s = 0.8 * strength
     brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
     contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-    x = (x * brightness).clamp(0, 1)  # brightness: scale every pixel
-    # (B, 1, H, W) luminance (ITU-R 601 weights, as torchvision's grayscale)
-    grey = x.mean(1, keepdim=True) if C == 1 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    # contrast: blend with the image's mean grey level
-    x = ((x - grey.mean((2, 3), keepdim=True)) * contrast + grey.mean((2, 3), keepdim=True)).clamp(0, 1)
+    x = (x * brightness).clamp(0, 1)
+    mean_grey = (x.mean(1, keepdim=True) if C == 1 else _grey(x)).mean((2, 3), keepdim=True)
+    x = ((x - mean_grey) * contrast + mean_grey).clamp(0, 1)  # contrast: blend with mean grey
     if C == 3:
         saturation = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-        grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        x = ((x - grey) * saturation + grey).clamp(0, 1)  # saturation: blend with each pixel's grey
-        # hue: rotate the chroma plane of YIQ by a random angle (up to 0.2 s of a full turn)
+        x = ((x - _grey(x)) * saturation + _grey(x)).clamp(0, 1)  # blend with each pixel's grey
+        # hue: rotate the chroma plane of YIQ by up to 0.2 s of a full turn
         angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
-        keep, cos_part, sin_part = _hue_rotation_basis(dev)  # (3, 3) each, made once per device
-        matrix = keep + angle.cos().view(B, 1, 1) * cos_part + angle.sin().view(B, 1, 1) * sin_part  # (B, 3, 3)
+        keep, cos_part, sin_part = _hue_rotation_basis(dev)
+        matrix = (keep + angle.cos().view(B, 1, 1) * cos_part
+                  + angle.sin().view(B, 1, 1) * sin_part)  # (B, 3, 3)
         x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
-        # ---- random grayscale, p 0.2
-        to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2
-        grey = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
-        x = torch.where(to_grey, grey, x)
-    # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the image (large images only)
+        to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2  # random grayscale
+        x = torch.where(to_grey, _grey(x).expand_as(x), x)
+    # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the side (large images only)
     if H >= 64:
-        k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size, about 10% of the side (SimCLR)
+        k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size
         sigma = _uniform(B, 0.1, 2.0, g, dev)  # (B,) blur strength per image
-        # p 0.5: tiny sigma = no blur
-        sigma = torch.where(torch.rand(B, generator=g, device=dev) < 0.5, sigma, torch.full_like(sigma, 1e-3))
-        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,) offsets from the kernel centre
-        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, k) one 1-D Gaussian per image
+        blur = torch.rand(B, generator=g, device=dev) < 0.5
+        sigma = torch.where(blur, sigma, torch.full_like(sigma, 1e-3))  # tiny sigma: no blur
+        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,) offsets from the centre
+        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, k) 1-D Gaussians
         kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-        y = x.reshape(1, B * C, H, W)  # every (image, channel) its own group: per-image kernels in one conv
-        # horizontal pass
-        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=B * C)
-        # vertical pass (separable)
-        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kernel[:, None, :, None], groups=B * C)
+        y = x.reshape(1, B * C, H, W)  # each (image, channel) its own group: one conv for all
+        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"),
+                     kernel[:, None, None, :], groups=B * C)  # horizontal pass
+        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"),
+                     kernel[:, None, :, None], groups=B * C)  # vertical pass (separable)
         x = y.reshape(B, C, H, W)
     return x
 
 
 def augment(images, how, g, mean, std):
     """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
-    x = images.float() / 255.0  # (B, C, H, W) in [0, 1]
+    x = images.float() / 255.0
     if how == "rotation":
         x = augment_rotation(x, g)
     elif how == "simclr":
         x = augment_simclr(x, g)
     elif how != "none":
         raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # normalised with the real images' statistics
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def channel_stats(images):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     x = images.float() / 255.0
-    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # (C,), (C,); clamp: a constant channel
-
-
-def atomic_write_text(text, path):
-    """Write text to a temporary name beside `path`, then rename: a reader (or a crash) never
-    sees half a file. Used for every config, metrics, report and results file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # clamp: a constant channel
 
 
 # -----------------------------------------------------------------------------
-# Several processes (torchrun): which share of the work is this process's
+# Files: written whole or not at all, read safely
+
+
+def to_device(x, device):
+    """x on `device` without making the host wait: a host -> CUDA copy goes from pinned
+    (page-locked) memory with non_blocking=True; from ordinary memory the driver may first wait
+    for the GPU to finish everything queued (a hidden synchronisation in every step). Any other
+    copy blocks (a non-blocking copy to the host could be read before it arrives). supcon.py
+    keeps a copy of these lines for its own index vectors, so that it can be copied alone."""
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
+        # its copy is done: the source cannot be overwritten while the copy is in flight
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def atomic_write(path, write):
+    """write(tmp) fills a temporary file or folder beside `path`, which is then renamed into
+    place: a crash or Ctrl-C never leaves half a file where a reader (or --resume) looks. The
+    one writer of every file and folder the project makes. tmp keeps path's extension, so
+    writers that infer the format from the name (PIL, matplotlib, torch) still do."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{ext}"
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.isdir(tmp):  # left by a crash in the middle of writing a folder
+        shutil.rmtree(tmp)
+    write(tmp)
+    if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed over a folder
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
+
+
+def write_text(path, text):
+    """A text file (config, metrics, report, table), written atomically in UTF-8."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the *.tmp.* files and folders an interrupted run left in `folder` (atomic_write's
+    temporaries); they are never a finished result. Returns how many were removed."""
+    stale = [os.path.join(d, name) for d, subfolders, files in os.walk(folder)
+             for name in subfolders + files if ".tmp." in name or name.endswith(".tmp")]
+    for path in sorted(stale, reverse=True):  # children before the folders that hold them
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    return len(stale)
+
+
+def load_torch_file(path, what):
+    """A checkpoint or model file written by this project: tensors and plain containers only.
+    Anything else is refused with one line: a pickled Python object could run code on loading."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise DataError(f"{what} {path}: refused for safety: the file holds Python objects "
+                        f"other than tensors, which could run code when loaded. Use a file "
+                        f"written by this project.") from error
+    except Exception as error:  # a truncated zip, or no PyTorch file at all
+        raise DataError(f"{what} {path}: not a complete PyTorch file ({type(error).__name__}); "
+                        f"it may be truncated. Use a file written by this project.") from error
+    if not isinstance(state, dict):
+        raise DataError(f"{what} {path}: not a checkpoint of this project (no dictionary)")
+    return state
+
+
+def load_weights(module, state, key, path, what):
+    """module.load_state_dict(state[key]), or one line saying the file is of another model."""
+    try:
+        module.load_state_dict(state[key])
+    except (KeyError, RuntimeError, TypeError) as error:
+        detail = f"no {key!r} entry" if isinstance(error, KeyError) else \
+            str(error).strip().splitlines()[0][:160]
+        raise DataError(f"{what} {path}: its weights do not fit this model ({detail}); it was "
+                        f"saved by a run with another --model, --loss, --embedding-dim or "
+                        f"data") from error
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, with fonts for non-ASCII class names:
+    DejaVu Sans (bundled with matplotlib: Latin, Greek, Cyrillic), then any CJK font installed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [name for name in ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans",
+                             "WenQuanYi Zen Hei", "Droid Sans Fallback", "IPAexGothic",
+                             "Microsoft YaHei", "MS Gothic", "PingFang SC", "Hiragino Sans")
+           if name in installed]
+    plt.rcParams["font.family"] = ["DejaVu Sans"] + cjk  # per-glyph fallback (matplotlib >= 3.6)
+    return plt
+
+
+def drawable(text):
+    """`text` if the plot fonts hold all its characters, else an ASCII stand-in that keeps names
+    apart ("U+87BA U+4E1D"): a missing glyph would be drawn as an empty box."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    fonts = [FT2Font(font_manager.findfont(family, fallback_to_default=False))
+             for family in pyplot().rcParams["font.family"]]
+    if all(any(f.get_char_index(ord(ch)) for f in fonts) for ch in text if not ch.isspace()):
+        return text
+    return " ".join(ch if ord(ch) < 128 else f"U+{ord(ch):04X}" for ch in text)
+
+
+def save_figure(fig, path, dpi=120):
+    """Save a matplotlib figure as PNG (atomically) and close it. Returns the file's name."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+    pyplot().close(fig)
+    return os.path.basename(path)
+
+
+# -----------------------------------------------------------------------------
+# Devices and processes (torchrun): where this process computes, and its share of the work
+
+
+def pick_device(name):
+    """--device: auto (CUDA, then Apple's MPS, then the CPU), or a torch device the user named,
+    refused with one line when this machine does not have it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise DataError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:1, "
+                        f"mps)") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or
+                                  (device.index or 0) >= torch.cuda.device_count()):
+        raise DataError(f"--device {name}: no such CUDA GPU here "
+                        f"({torch.cuda.device_count()} visible); use --device auto or cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise DataError(f"--device {name}: Apple's MPS is not available here; use --device auto")
+    return device
 
 
 def init_distributed(device):
-    """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment): join the process
-    group -- NCCL on CUDA, gloo on CPU -- and return this process's device (cuda:LOCAL_RANK);
-    processes other than rank 0 print nothing from then on (rank 0 alone logs). In a plain
-    `python` run it changes nothing and returns device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not under torchrun: one process
+    """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1): join the process group -- NCCL on
+    CUDA, gloo on CPU -- and return this process's device (cuda:LOCAL_RANK); ranks other than 0
+    print nothing from then on. In a plain `python` run it changes nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     if device.type == "cuda":  # one GPU per process, the one torchrun assigned
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        # NCCL between GPUs, gloo between CPU processes (the CI test)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if torch.distributed.get_rank() > 0:  # rank 0 alone prints
+        if torch.distributed.get_rank() > 0:
             sys.stdout = open(os.devnull, "w")
     return device
 
@@ -676,53 +995,172 @@ def barrier():
         torch.distributed.barrier()
 
 
+# -----------------------------------------------------------------------------
+# The command line: every value checked where argparse reads it, errors on one line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its error as one line ("prog: error: argument --lr: ..."), not the usage
+    block first, and the module docstring as the help text."""
+
+    def __init__(self, description, **kwargs):
+        super().__init__(description=description, **kwargs,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False, what=""):
+    """An argparse `type` that reads a finite number of `kind` within [low, high] (or open
+    ends), so that --lr nan or --batch-size 0 costs a second, not a data load."""
+    def read(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    return read
+
+
+def int_at_least(low):
+    """type=: an integer >= low."""
+    return _number(int, low, what=f"an integer >= {low}")
+
+
+def float_at_least(low, strict=False):
+    """type=: a finite number >= low (> low with strict)."""
+    return _number(float, low, low_open=strict, what=f"a number {'>' if strict else '>='} {low}")
+
+
+def float_in(low, high, low_open=False, high_open=False):
+    """type=: a finite number in the interval given."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return _number(float, low, high, low_open, high_open, what=f"a number in {interval}")
+
+
+def strength_list(text):
+    """type=: 'a,b,c' -> sorted strengths in (0, 1]."""
+    read = float_in(0, 1, low_open=True)
+    values = sorted({read(t.strip()) for t in text.split(",") if t.strip()})
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one strength, e.g. 0.3,0.5,0.7")
+    return values
+
+
 def add_data_arguments(parser):
-    """The data options, shared by train.py, data.py and dafusion.py."""
+    """The data options, shared by train.py, data.py, dafusion.py and evaluate.py."""
     d = parser.add_argument_group("data")
     d.add_argument("--data", default="digits",
-                   help="digits (default, bundled with scikit-learn), mnist, fashion-mnist, cifar10, "
-                        "or PATH to an image folder (PATH/train + PATH/test, or PATH/<class>/)")
+                   help="digits (default, bundled with scikit-learn), mnist, fashion-mnist, "
+                        "cifar10, or PATH to an image folder (PATH/train + PATH/test, or "
+                        "PATH/<class>/)")
     d.add_argument("--data-root", default="./.data", help="where torchvision data sets live")
-    d.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
-    d.add_argument("--image-size", type=int, default=None,
-                   help="side in pixels (default: native; digits 16, MNIST 28, CIFAR 32, folders 32)")
+    d.add_argument("--download", action="store_true", help="allow torchvision to download")
+    d.add_argument("--image-size", type=int_at_least(8), default=None,
+                   help="side in pixels (default: native; digits 16, MNIST 28, CIFAR 32, "
+                        "folders 32)")
     d.add_argument("--resize", choices=["crop", "letterbox"], default="crop",
-                   help="folders: centre-crop the short side, or letterbox (keep aspect, black canvas)")
-    d.add_argument("--val-fraction", type=float, default=0.25,
+                   help="folders: centre-crop the short side, or letterbox (keep aspect, black)")
+    d.add_argument("--val-fraction", type=float_in(0, 1, high_open=True), default=0.25,
                    help="test share when a source has no test split (digits, single folder)")
-    d.add_argument("--examples-per-class", type=int, default=None,
+    d.add_argument("--examples-per-class", type=int_at_least(1), default=None,
                    help="few-shot: keep K training images per class (seeded)")
     d.add_argument("--ood-classes", default=None,
-                   help="classes held out of training; their test images are the near-OOD test set "
-                        "(names or indices, comma-separated; default for digits: 8,9; '' for none)")
+                   help="classes held out of training; their test images are the near-OOD test "
+                        "set (names or indices, comma-separated; default for digits: 8,9; '' "
+                        "for none)")
     d.add_argument("--masks", default=None,
-                   help="folder of object masks (same relative paths, .png): crop a square around each "
-                        "dilated mask (the thesis's preprocessing)")
-    d.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
-    d.add_argument("--seed", type=int, default=0, help="seed of splits, sampling, augmentation, init")
+                   help="folder of object masks, MASKS/<image path relative to --data>.png "
+                        "(white = object): crop a square around each dilated mask (the thesis)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images of --data out (counted)")
+    d.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of splits, sampling, augmentation, initialisation")
     return parser
 
 
+def add_synthetic_arguments(parser):
+    """Which synthetic images a run uses, and in which role (train.py; evaluate.py reads them
+    back from a run's config)."""
+    s = parser.add_argument_group("synthetic data (DA-Fusion, see dafusion.py)")
+    s.add_argument("--synthetic", default=None,
+                   help="folder with manifest.csv written by dafusion.py; without it, "
+                        "--positives / --negatives generate with the ddpm generator into a "
+                        "cache (.cache/dafusion)")
+    s.add_argument("--positives", choices=["none", "id", "id+near_ood"], default="none",
+                   help="id: the in-distribution synthetic images as extra labelled samples; "
+                        "id+near_ood: the near-OOD ones too, as plain positives (an ablation)")
+    s.add_argument("--negatives", choices=["none", "near_ood", "id"], default="none",
+                   help="near_ood: the near-OOD synthetic images as negative-only samples; id: "
+                        "the ID ones instead (a placebo)")
+    s.add_argument("--near-ood-strength", type=float_in(0, 1, low_open=True), default=None,
+                   help="of a set with several near-OOD strengths (dafusion.py --strengths), "
+                        "use only this one")
+    s.add_argument("--no-real", action="store_true",
+                   help="train on the synthetic positives alone (the fruit project's "
+                        "'synthetic only')")
+    s.add_argument("--synthetic-margin", action="store_true",
+                   help="cut 20-30%% off top and bottom of square synthetic images (use with "
+                        "--resize letterbox)")
+    s.add_argument("--drop-leaking-synthetic", action="store_true",
+                   help="leave out manifest rows that vary images this run does not train on "
+                        "(test or held-out images), instead of refusing the set")
+    return parser
+
+
+def given_options(parser, argv):
+    """The dests of the options typed on the command line (argv None: sys.argv[1:]). argparse
+    cannot tell a default from a value the user typed; a copy of the parser without defaults can."""
+    import copy
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
 def splits_from_args(args):
-    """load_data with the data arguments of add_data_arguments."""
+    """load_data with the options of add_data_arguments."""
     return load_data(args.data, args.data_root, args.download, args.image_size, args.val_fraction,
                      args.seed, args.examples_per_class, args.ood_classes, args.resize,
                      args.skip_bad_images, args.masks)
 
 
-if __name__ == "__main__":
-    parser = add_data_arguments(argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter))
+def run_command(main, argv=None):
+    """Run a script's main(argv) as a command: bad input (DataError) is one line on stderr and
+    exit status 1, Ctrl-C exit status 130 after the script's own one-line message."""
+    try:
+        return main(argv)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def main(argv=None):
+    """data.py's command line: what a configuration loads, and a grid of augmented views."""
+    parser = add_data_arguments(Parser(__doc__))
     parser.add_argument("--augment", default="rotation", choices=["none", "rotation", "simclr"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     splits = splits_from_args(args)
     print(f"classes {splits.classes}; held out as OOD: {splits.ood_classes or 'none'}")
+    ood = tuple(splits.ood_test.images.shape) if splits.ood_test else None
     print(f"train {tuple(splits.train.images.shape)}  test {tuple(splits.test.images.shape)}  "
-          f"ood test {tuple(splits.ood_test.images.shape) if splits.ood_test else None}")
+          f"ood test {ood}")
     import torchvision
     g = torch.Generator().manual_seed(args.seed)
     imgs = splits.train.images[:8]
-    views = [imgs.float() / 255] + [augment(imgs, args.augment, g, torch.zeros(1), torch.ones(1)).clamp(0, 1)
-                                    for _ in range(3)]
-    torchvision.utils.save_image(torch.cat(views), "data_preview.png", nrow=8)
+    views = [imgs.float() / 255] + [augment(imgs, args.augment, g, torch.zeros(1),
+                                            torch.ones(1)).clamp(0, 1) for _ in range(3)]
+    atomic_write("data_preview.png",
+                 lambda tmp: torchvision.utils.save_image(torch.cat(views), tmp, nrow=8))
     print("wrote data_preview.png (rows: original, then three augmented views)")
+
+
+if __name__ == "__main__":
+    run_command(main)

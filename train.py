@@ -1,33 +1,43 @@
 """
 train.py -- train an encoder with SupCon (near-OOD synthetic images as hard negatives only),
-SimCLR, triplet, cosine-pair or cross-entropy loss, then a linear classifier on the frozen encoder,
-and report test accuracy and OOD detection on held-out classes.
+SimCLR, triplet, cosine-pair or cross-entropy loss, then a linear classifier on the frozen
+encoder, and report test accuracy and OOD detection on held-out classes.
 
-The thesis's pipeline (section "Experiments"): contrastive pre-training of the encoder with the
-re-engineered SupCon loss (supcon.py, Eq. 1) on real images (+ ID augmentations as extra positives,
-+ near-OOD augmentations as negatives only), then a linear classifier on the frozen encoder
-trained on real (+ ID) images. `--loss ce` trains encoder + classifier end to end (the baseline).
+The thesis's pipeline: contrastive pre-training of the encoder with the re-engineered SupCon
+loss (supcon.py: Khosla et al. 2020, Eq. 2, with negative-only samples) on real images (+ ID
+augmentations as extra positives, + near-OOD augmentations as negatives only), then a linear
+classifier on the frozen encoder trained on the real (+ ID) images. `--loss ce` trains encoder
+and classifier end to end (the baseline). run() below is that algorithm, top to bottom:
 
-Run:   python train.py                                  # SupCon on sklearn's digits, CPU, ~1 min
+    load the data (generating the synthetic set on a cache miss); build model and optimiser
+    for every step:  make two augmented views -> loss -> backward -> optimiser step -> log
+    at every epoch's end: a line in metrics.jsonl and a checkpoint
+    then: linear probe on the frozen encoder, evaluation (evaluate.py), metrics.json
+
+Run:   python train.py                                  # SupCon on sklearn's digits, CPU
        python train.py --loss triplet --mining semi_hard
        python train.py --data PATH --model resnet18 --image-size 64
        python train.py --synthetic DIR --positives id --negatives near_ood
+       python train.py --train-steps 2000 ...           # the same compute in every setting
        python train.py --resume runs/<name>             # continue an interrupted run exactly
        torchrun --nproc_per_node=4 train.py --model resnet18 ...   # DistributedDataParallel
-Results go to runs/<name>/: config.json, metrics.jsonl (per epoch), metrics.json, checkpoint.pt.
+Results go to runs/<name>/: config.json, metrics.jsonl (per epoch), metrics.json, checkpoint.pt,
+model.pt and report.md with its pictures.
 
-Several GPUs (torchrun): every process holds the data, cuts the same global batch into one shard
-per process, and gathers the embeddings of all shards *with* their gradients before the loss, so
-every anchor contrasts the whole global batch and the gradients equal one process on that batch.
-Rank 0 alone writes files and prints.
+Batches: labelled images come m per class (every anchor has a positive); negative-only images
+ride on top (--negatives-per-batch x --batch-size of them), so a run with negatives sees the same
+labelled images per step as one without, and their views come from a random stream of their own.
+Several GPUs (torchrun): every process holds the data, embeds its shard of the global batch and
+gathers all shards' embeddings *with* their gradients before the loss, so every anchor contrasts
+the whole global batch and the gradients equal one process's on that batch. Rank 0 alone writes.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -44,631 +54,768 @@ import evaluate
 import supcon
 
 LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")
+# what --resume may change: where and how fast the run computes, and how long it goes on
+RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "eval_every",
+                     "epochs", "train_steps"}
 
 
 def build_parser():
     """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_arguments(p)
-    s = p.add_argument_group("synthetic data (DA-Fusion, see dafusion.py)")
-    s.add_argument("--synthetic", default=None,
-                   help="folder with manifest.csv written by dafusion.py; without it, --positives / "
-                        "--negatives generate with the ddpm generator into a cache (.cache/dafusion)")
-    s.add_argument("--positives", choices=["none", "id", "id+near_ood"], default="none",
-                   help="id: add the in-distribution synthetic images as labelled training samples; "
-                        "id+near_ood: the near-OOD ones too, as plain positives (an ablation)")
-    s.add_argument("--no-real", action="store_true",
-                   help="train on the synthetic positives alone (the seed fruit project's 'synthetic only')")
-    s.add_argument("--negatives", choices=["none", "near_ood"], default="none",
-                   help="near_ood: add the near-OOD synthetic images as negative-only samples")
-    s.add_argument("--negatives-per-batch", type=float, default=0.25,
-                   help="share of each batch that is negative-only (when there are negatives)")
-    s.add_argument("--m-per-class", type=int, default=4,
+    p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__)))
+    b = p.add_argument_group("batches")
+    b.add_argument("--negatives-per-batch", type=data.float_in(0, 10), default=0.25,
+                   help="negative-only images per batch, as a share of --batch-size, on top of "
+                        "the labelled images (when the run has negatives)")
+    b.add_argument("--m-per-class", type=data.int_at_least(2), default=4,
                    help="labelled images come in groups of m per class, so anchors have positives")
-    s.add_argument("--synthetic-margin", action="store_true",
-                   help="cut 20-30%% off top and bottom of square synthetic images (use with --resize letterbox)")
-    dafusion.add_generation_arguments(p)  # used when --positives/--negatives come without --synthetic
+    dafusion.add_generation_arguments(p)  # for --positives/--negatives without --synthetic
     m = p.add_argument_group("model")
     m.add_argument("--model", default="cnn", choices=["cnn", *supcon.RESNETS],
-                   help="cnn: the seed project's small CNN; ResNets get a 3x3 stem for images <= 64 px")
-    m.add_argument("--pretrained", action="store_true", help="ImageNet weights (ResNets; must be cached)")
-    m.add_argument("--embedding-dim", type=int, default=128, help="output size of the projection head")
-    l = p.add_argument_group("loss")
-    l.add_argument("--loss", choices=LOSSES, default="supcon",
-                   help="supcon (Eq. 1), simclr (labels ignored), triplet, cosine (pairs), ce (end-to-end baseline)")
-    l.add_argument("--temperature", type=float, default=0.1, help="SupCon / SimCLR tau")
-    l.add_argument("--base-temperature", type=float, default=None,
-                   help="multiply the SupCon loss by tau/base (the reference code's 0.07); default off")
-    l.add_argument("--hard-negatives", choices=["same_class", "all"], default="same_class",
-                   help="which anchors a near-OOD negative contrasts: its source class's, or every one")
-    l.add_argument("--negative-weight", type=float, default=1.0, help="weight of near-OOD exp-terms")
-    l.add_argument("--chunk-size", type=int, default=1024,
-                   help="SupCon anchors per block of the exact chunked path (memory about 4 x this x N "
-                        "bytes; larger blocks run faster on a GPU); 0 = the plain path")
-    l.add_argument("--margin", type=float, default=None, help="triplet (default 0.5) / cosine (default 0.0)")
-    l.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
-    l.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean", help="triplet distance")
-    l.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
-                   help="triplets mined in each batch, or over the whole training set once per epoch")
-    l.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
-                   help="views for training (auto: rotation for greyscale data, simclr for colour)")
+                   help="cnn: the fruit project's small CNN; ResNets get a 3x3 stem up to 64 px")
+    m.add_argument("--pretrained", action="store_true",
+                   help="ImageNet weights (ResNets; must be in torchvision's cache)")
+    m.add_argument("--embedding-dim", type=data.int_at_least(1), default=128,
+                   help="output size of the projection head")
+    ls = p.add_argument_group("loss")
+    ls.add_argument("--loss", choices=LOSSES, default="supcon",
+                    help="supcon, simclr (labels ignored), triplet, cosine (pairs), ce (baseline)")
+    ls.add_argument("--temperature", type=data.float_at_least(0, strict=True), default=0.1,
+                    help="SupCon / SimCLR tau")
+    ls.add_argument("--base-temperature", type=data.float_at_least(0, strict=True), default=None,
+                    help="multiply the SupCon loss by tau/base (the reference code's 0.07)")
+    ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
+                    help="which anchors a negative-only image contrasts: its source class's "
+                         "(default for supcon) or every one (default and only choice for simclr)")
+    ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,
+                    help="w, the weight of negative-only exp-terms (0: in the batch, not the loss)")
+    ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,
+                    help="SupCon anchors per block of the exact chunked path (memory about 4 x "
+                         "this x N bytes; larger blocks run faster on a GPU); 0 = the plain path")
+    ls.add_argument("--margin", type=data.float_at_least(0), default=None,
+                    help="triplet (default 0.5) / cosine (default 0.0)")
+    ls.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
+    ls.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean",
+                    help="triplet distance")
+    ls.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
+                    help="triplets mined in each batch, or over the whole set once per epoch")
+    ls.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
+                    help="views for training (auto: rotation for greyscale, simclr for colour)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30, help="passes over the labelled training images")
-    o.add_argument("--batch-size", type=int, default=256, help="images per batch (x2 views)")
-    o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="SGD has momentum 0.9")
-    o.add_argument("--lr", type=float, default=None, help="default: 1e-3 AdamW, 0.05 SGD")
-    o.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the optimiser")
-    o.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
-    o.add_argument("--linear-epochs", type=int, default=100, help="linear classifier on frozen features")
-    o.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="every N epochs, a linear probe's test accuracy in metrics.jsonl (accuracy vs minutes)")
+    o.add_argument("--epochs", type=data.int_at_least(1), default=30,
+                   help="passes over the labelled training images")
+    o.add_argument("--train-steps", type=data.int_at_least(1), default=None,
+                   help="the run's optimiser steps, whatever the training set's size (instead of "
+                        "--epochs): equal compute for settings with more or fewer images")
+    o.add_argument("--batch-size", type=data.int_at_least(2), default=256,
+                   help="labelled images per batch (x2 views); negatives ride on top")
+    o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="SGD has momentum 0.9")
+    o.add_argument("--lr", type=data.float_at_least(0, strict=True), default=None,
+                   help="default: 1e-3 AdamW, 0.05 SGD")
+    o.add_argument("--weight-decay", type=data.float_at_least(0), default=1e-4,
+                   help="L2 penalty of the optimiser")
+    o.add_argument("--warmup-epochs", type=data.float_at_least(0), default=1.0,
+                   help="linear warm-up, then cosine decay")
+    o.add_argument("--linear-epochs", type=data.int_at_least(1), default=100,
+                   help="linear classifier on frozen features")
+    o.add_argument("--outlier-exposure", type=data.float_at_least(0), default=0.0,
+                   metavar="LAMBDA", help="the linear classifier also learns a uniform softmax "
+                   "on the near-OOD images (Hendrycks et al. 2019; their lambda 0.5)")
+    o.add_argument("--eval-every", type=data.int_at_least(0), default=0, metavar="N",
+                   help="every N epochs, a linear probe's test accuracy in metrics.jsonl")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
     o.add_argument("--data-on", choices=["auto", "device", "host"], default="auto",
                    help="where the decoded uint8 training set lives. device: copied once to the "
                         "device (fastest); host: stays in host memory, DataLoader workers gather "
-                        "each batch into pinned memory, copied while the previous step runs (sets "
-                        "larger than the GPU's memory). auto: device when the set takes less than "
-                        "half of the GPU's free memory. Views are made on the device either way")
-    o.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes of --data-on host (default: 4, at most one per core)")
-    o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first steps)")
+                        "each batch into pinned memory (sets larger than the GPU's memory). auto: "
+                        "device when the set takes under half of the GPU's free memory")
+    o.add_argument("--workers", type=data.int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes of --data-on host")
+    o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     o.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)")
+                   help="under torchrun: batch-norm statistics over the global batch")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs", help="parent folder of run folders")
     r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
-    r.add_argument("--resume", default=None, metavar="RUN", help="continue the run in folder RUN")
-    r.add_argument("--no-report", action="store_true", help="metrics only: no pictures, no report.md")
+    r.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in folder RUN (more --epochs / --train-steps: to the "
+                        "new total)")
+    r.add_argument("--no-report", action="store_true", help="metrics only: no pictures")
     r.add_argument("--init-from", default=None, metavar="RUN",
-                   help="start from the weights of a finished run (pre-train on synthetic, fine-tune on real)")
+                   help="start from a finished run's weights (pre-train on synthetic, fine-tune)")
     return p
 
 
+def check_args(args, given):
+    """Refuse combinations that cannot work, each with one line that says how to fix it.
+    given: the options typed on the command line."""
+    uses_synthetic = args.positives != "none" or args.negatives != "none"
+    refuse = [
+        (args.negatives != "none" and args.loss == "ce", "--negatives needs a contrastive loss "
+         "(--loss supcon, simclr, triplet or cosine): cross-entropy cannot use negative-only "
+         "images"),
+        (args.loss == "simclr" and args.hard_negatives == "same_class", "--loss simclr has no "
+         "classes to mask negatives by: use --hard-negatives all (its default)"),
+        (args.synthetic and not uses_synthetic and not args.outlier_exposure, "--synthetic DIR "
+         "given but not used: add --positives id and/or --negatives near_ood"),
+        (args.positives == "id+near_ood" and args.negatives != "none", "--positives id+near_ood "
+         "uses the near-OOD images as positives; drop --negatives"),
+        (args.no_real and args.positives == "none", "--no-real leaves nothing to train on: add "
+         "--positives id"),
+        (args.mining_scope == "dataset" and args.loss != "triplet",
+         "--mining-scope dataset is for --loss triplet"),
+        (args.batch_size < args.m_per_class, f"--batch-size {args.batch_size} is smaller than "
+         f"--m-per-class {args.m_per_class}: a batch must hold one group of a class"),
+        (args.outlier_exposure and (args.loss == "ce" or not (args.synthetic or uses_synthetic)),
+         "--outlier-exposure trains the linear probe of a contrastive run on near-OOD images: it "
+         "needs --synthetic DIR (or --positives id) and a contrastive --loss"),
+        ("epochs" in given and "train_steps" in given, "--epochs and --train-steps both given: "
+         "--train-steps sets the run's length; drop one"),
+    ]
+    for wrong, message in refuse:
+        if wrong:
+            raise data.DataError(message)
+
+
+def with_defaults(args):
+    """A copy of args with the defaults that depend on other options filled in."""
+    defaults = {"margin": 0.5 if args.loss == "triplet" else 0.0,  # the seed projects' margins
+                "lr": 1e-3 if args.optimizer == "adamw" else 0.05,
+                "hard_negatives": "all" if args.loss == "simclr" else "same_class"}
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
+                                                  if getattr(args, k) is None}})
+
+
+def open_run(parser, args, argv):
+    """(settings, run folder, resumed?) A new run gets a new folder (refused if it holds a run;
+    made only when its config is written, after the data loaded). --resume keeps the run's saved
+    settings; options typed beside it must be ones a resumed run can honour."""
+    given = data.given_options(parser, argv)
+    if not args.resume:
+        check_args(args, given)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{stamp}"]
+        if data.distributed()[1] > 1:  # the ranks' clocks may differ by a second: rank 0's name
+            torch.distributed.broadcast_object_list(name, src=0)
+        run_dir = os.path.join(args.out, name[0])
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            raise data.DataError(f"{run_dir} already holds a run; choose another --name, or "
+                                 f"continue it with --resume {run_dir}")
+        return with_defaults(args), run_dir, False
+    run_dir = args.resume
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise data.DataError(f"--resume {run_dir}: no config.json there; is it a run folder?")
+    if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        raise data.DataError(f"--resume {run_dir}: no checkpoint.pt, so nothing to continue (the "
+                             f"run stopped before its first checkpoint); start it again as a new "
+                             f"run")
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    defaults = vars(parser.parse_args([]))  # options added after the run started
+    for key in sorted(given - RESUME_MAY_CHANGE - {"resume"}):
+        if getattr(args, key) != saved.get(key, defaults[key]):
+            raise data.DataError(f"--resume continues the run as it was set up: --"
+                                 f"{key.replace('_', '-')} cannot change (the run has "
+                                 f"{saved.get(key, defaults[key])!r}); start a new run to change "
+                                 f"it")
+    if "epochs" in given and saved.get("train_steps"):
+        raise data.DataError("--resume: the run's length is --train-steps "
+                             f"{saved['train_steps']}; extend it with --train-steps")
+    settings = {**defaults, **saved, **{k: getattr(args, k) for k in given & RESUME_MAY_CHANGE},
+                "resume": run_dir}
+    return argparse.Namespace(**settings), run_dir, True
+
+
 # -----------------------------------------------------------------------------
-# Small helpers
+# Data, model, schedule
 
 
-def pick_device(name):
-    """--device auto: CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":  # what the user asked for, e.g. cuda:1
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
+def load_training_data(args, device):
+    """(settings, splits, training set, near-OOD images): the real splits plus the synthetic
+    images the flags ask for, generated into the cache first on a miss (settings then name
+    the cache folder, so config.json says which set the run used)."""
+    splits = data.splits_from_args(args)  # train / test / held-out OOD test
+    if not len(splits.test):
+        raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
+                             "fraction above 0 or a PATH/test folder")
+    wants = args.positives != "none" or args.negatives != "none" or args.outlier_exposure
+    if wants and not args.synthetic:
+        folder = dafusion.cached_synthetic_set(args, splits, device)
+        args = argparse.Namespace(**{**vars(args), "synthetic": folder})
+    train_set, near_ood = data.training_set(args, splits)
+    return args, splits, train_set, near_ood
 
 
 def lr_factor(step, total_steps, warmup_steps):
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:  # large-batch SGD is unstable in its first steps (Goyal et al. 2017)
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 after warm-up
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite; the message says where and what to try."""
-    pass
+def build_training(args, channels, size, num_classes, device, world):
+    """The model (encoder + the loss's head), the linear classifier and the optimiser."""
+    model, classifier = supcon.build_model(args.model, args.loss, channels, size, num_classes,
+                                           args.embedding_dim, args.pretrained)
+    if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
+        path = os.path.join(args.init_from, "model.pt")
+        init = data.load_torch_file(path, "--init-from")
+        data.load_weights(model, init, "model", path, "--init-from")
+        data.load_weights(classifier, init, "classifier", path, "--init-from")
+    model, classifier = model.to(device), classifier.to(device)
+    if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and args.sync_bn:  # batch statistics over all ranks' shards
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # contrastive losses train the encoder only; their linear probe trains after
+    params = [*model.parameters(), *(classifier.parameters() if args.loss == "ce" else [])]
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return model, classifier, opt
 
 
-# -----------------------------------------------------------------------------
-# Model and loss
+def count_batches(args, train_set):
+    """Batches per epoch; a function of the set's sizes alone (not of the draws or a model)."""
+    if args.loss == "ce":
+        return math.ceil(len(train_set) / args.batch_size)
+    if args.mining_scope == "dataset":  # triplets of batch_size // 3, about batch_size images
+        labelled = int((~train_set.negative_only).sum())
+        return max(1, math.ceil(labelled / max(1, args.batch_size // 3)))
+    return data.count_contrastive_batches(train_set.labels, train_set.negative_only,
+                                          args.batch_size, args.m_per_class)
 
 
-def gather_rows(z, sizes):
-    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
-
-    z: (sizes[rank], ...) this rank's rows; returns (sum(sizes), ...) in rank order. A plain
-    torch.distributed.all_gather returns tensors without gradients; torch.distributed.nn's version
-    sends each rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
-    Shards may differ in size by one, so they are padded to the largest and cut back after."""
-    pad = max(sizes) - z.shape[0]  # all_gather needs equal shapes on every rank
-    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
-    parts = dist_nn.all_gather(z)  # world x (max(sizes), ...), differentiable
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes=None):
-    """One batch's loss. views: (b, V, C, H, W) augmented images of this process's rows of the
-    batch; labels, negative_only: (B,) for the whole batch, best on the CPU (SupCon then does its
-    row bookkeeping there, and the GPU never waits for it). sizes: the rows of each process
-    under torchrun (None in one process: b = B).
-
-    Under torchrun every rank returns a loss whose gradient, after DDP's *average* over ranks,
-    equals one process's gradient on the whole batch:
-    - contrastive losses gather all embeddings (gather_rows), so every rank computes the same
-      loss L on all B rows; backward sums the W ranks' gradients into each rank's rows (W dL/dz),
-      and DDP's average divides the W back out: no scaling;
-    - cross-entropy is a mean over rows, computed on this rank's b rows and scaled by b W / B, so
-      the average over ranks is the mean over the whole batch."""
-    b, V = views.shape[:2]  # b rows of this process, V views each
-    rank, world = data.distributed() if sizes else (0, 1)  # one process: rank 0 of 1
-    start = sum(sizes[:rank]) if sizes else 0  # where this rank's rows begin in the batch
-    x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
-    if args.loss == "ce":  # the head is nn.Identity for ce: model(x) is the encoder's features
-        local = supcon.to_device(labels[start:start + b].repeat_interleave(V), x.device)  # (b*V,)
-        return F.cross_entropy(classifier(model(x)), local) * (b * world / len(labels))
-    z = model(x).float().view(b, V, -1)  # (b, V, D)
-    if sizes:  # torchrun: the loss needs every rank's embeddings
-        z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
-    if args.loss == "supcon":  # Eq. 1 with labels: positives share the class
-        return supcon.supcon_loss(z, labels, negative_only, temperature=args.temperature,
-                                  base_temperature=args.base_temperature,
-                                  hard_negatives=args.hard_negatives,
-                                  negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)
-    if args.loss == "simclr":  # labels=None: positives are the other views of the same image
-        return supcon.supcon_loss(z, None, negative_only, temperature=args.temperature,
-                                  base_temperature=args.base_temperature, hard_negatives="all",
-                                  negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)
-    # triplet / cosine: every view is a sample of its image's class
-    z, labels, negative_only = z.flatten(0, 1), labels.repeat_interleave(V), negative_only.repeat_interleave(V)
-    if args.loss == "triplet":  # (B*V, D) rows, each view its own sample
-        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin, mining=args.mining,
-                                   distance=args.distance, generator=generator)
-    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+def epoch_batches(args, train_set, epoch, embeddings=None):
+    """The index batches of one epoch, drawn from the epoch's own stream (data.epoch_generator).
+    Dataset-scope triplet mining returns (T, 3) triplet batches mined on `embeddings` (N, D)."""
+    g = data.epoch_generator(args.seed, epoch)
+    if args.mining_scope == "dataset":
+        a, p, n = supcon.mine_triplets(embeddings, train_set.labels, train_set.negative_only,
+                                       margin=args.margin, mining=args.mining,
+                                       distance=args.distance, generator=g)
+        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3)
+        return list(triplets.tensor_split(count_batches(args, train_set)))
+    if args.loss == "ce":  # plain shuffled batches
+        return list(torch.randperm(len(train_set), generator=g).split(args.batch_size))
+    return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
+                                    args.m_per_class, args.negatives_per_batch, g)
 
 
 def data_placement(args, images, device):
     """--data-on auto: the training set goes to the GPU when it takes less than half of the free
     memory (the rest is for the model and the activations), else it stays in host memory."""
-    if args.data_on != "auto":  # the user's choice
+    if args.data_on != "auto":
         return args.data_on
-    if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one memory
+    if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one
         return "device"
     free_bytes, _ = torch.cuda.mem_get_info(device)
     return "device" if images.nbytes < free_bytes / 2 else "host"
 
 
-def check_args(args):
-    """Refuse combinations that cannot work, saying how to fix them."""
-    if args.margin is None:  # the seed projects' margins
-        args.margin = 0.5 if args.loss == "triplet" else 0.0
-    if args.lr is None:  # the usual learning rates of each optimiser
-        args.lr = 1e-3 if args.optimizer == "adamw" else 0.05
-    uses_synthetic = args.positives != "none" or args.negatives != "none"  # any DA-Fusion images at all
-    if args.negatives != "none" and args.loss == "ce":
-        raise SystemExit("--negatives near_ood needs a contrastive loss (--loss supcon, simclr, triplet "
-                         "or cosine): cross-entropy has no way to use negative-only images.")
-    if args.loss == "simclr" and args.negatives != "none" and args.hard_negatives == "same_class":
-        args.hard_negatives = "all"  # SimCLR has no classes to mask by
-    if args.synthetic and not uses_synthetic:
-        raise SystemExit("--synthetic DIR given but not used: add --positives id and/or --negatives near_ood")
-    if args.positives == "id+near_ood" and args.negatives != "none":
-        raise SystemExit("--positives id+near_ood uses the near-OOD images as positives; drop --negatives")
-    if args.no_real and args.positives == "none":
-        raise SystemExit("--no-real leaves nothing to train on: add --positives id")
-    if args.init_from and not os.path.exists(os.path.join(args.init_from, "model.pt")):
-        raise SystemExit(f"--init-from {args.init_from}: no model.pt there; pass a finished run folder")
-    if args.mining_scope == "dataset" and args.loss != "triplet":
-        raise SystemExit("--mining-scope dataset is for --loss triplet")
-    if not 0 <= args.negatives_per_batch < 1:
-        raise SystemExit("--negatives-per-batch must be in [0, 1)")
-    if args.workers < 0:
-        raise SystemExit("--workers must be >= 0 (0: gather the batches in the main process)")
+def batch_stream(images, batches, first, data_on, device, workers):
+    """(step, batch, this rank's rows, their uint8 images on the device) for batches[first:].
+    data_on "host": DataLoader workers gather the images into pinned memory a few batches ahead
+    and the copy overlaps the previous step; "device": indexed on the device."""
+    rank, world = data.distributed()
+    fetched = data.host_batches(images, batches, first, rank, world, workers,
+                                pin_memory=device.type == "cuda") if data_on == "host" else None
+    for step in range(first, len(batches)):
+        rows = batches[step].tensor_split(world)[rank]  # this rank's shard (all of it alone)
+        if fetched is not None:  # gathered by a worker, pinned: the copy does not wait
+            local = next(fetched)
+        else:
+            local = images[data.to_device(rows.flatten(), device)]
+        yield step, batches[step], rows, data.to_device(local, device)
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The training step
 
 
-def load_training_data(args):
-    """Real splits plus the synthetic images the flags ask for; returns (splits, train set)."""
-    splits = data.splits_from_args(args)  # train / test / held-out OOD test
-    train_set = splits.train  # the real images; synthetic ones are appended below
-    if (args.positives != "none" or args.negatives != "none") and not args.synthetic:
-        args.synthetic = dafusion.cached_synthetic_set(args, splits)  # generate once, then reuse
-    if args.synthetic:
-        _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
-        synthetic = data.read_manifest(args.synthetic, splits.classes, H, C, args.resize,
-                                       args.synthetic_margin, args.seed)
-        keep = torch.zeros(len(synthetic), dtype=torch.bool)  # (S,) which synthetic images this run uses
-        if args.positives in ("id", "id+near_ood"):
-            keep |= synthetic.kind == data.KIND_ID
-        if args.negatives == "near_ood" or args.positives == "id+near_ood":
-            keep |= synthetic.kind == data.KIND_NEAR_OOD
-        synthetic = synthetic.subset(torch.nonzero(keep).squeeze(1))  # only the kinds asked for
-        if args.positives == "id+near_ood":  # the ablation: near-OOD images as labelled positives
-            synthetic.negative_only = torch.zeros_like(synthetic.negative_only)
-        train_set = data.ImageSet.concat([None if args.no_real else train_set, synthetic])
-    return splits, train_set
+class Generators:
+    """The run's own random streams, stored in every checkpoint so --resume draws the same
+    numbers: the labelled images' views, the negative-only images' views, triplet mining."""
+
+    def __init__(self, seed, device):
+        self.augment = torch.Generator(device=device).manual_seed(seed)
+        self.mining = torch.Generator(device=device).manual_seed(seed + 1)
+        self.negatives = torch.Generator(device=device).manual_seed(seed + 2)
 
 
-def epoch_batches(args, train_set, epoch, model, mean, std, device):
-    """The index batches of one epoch (deterministic in seed and epoch). Dataset-scope triplet
-    mining returns (T, 3) triplet index batches instead, mined on the current embeddings."""
-    if args.mining_scope == "dataset":  # embed the whole set, mine triplets over it
-        with torch.no_grad():
-            model.eval()  # mining sees the embeddings without dropout or batch statistics
-            # (N, D) embeddings of the whole training set, no augmentation, 512 images at a time
-            z = torch.cat([model(data.to_float(train_set.images[s:s + 512].to(device), mean, std)).float().cpu()
-                           for s in range(0, len(train_set), 512)])
-            model.train()
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # one stream per (seed, epoch)
-        # (T,) each: one triplet per anchor
-        a, p, n = supcon.mine_triplets(z, train_set.labels, train_set.negative_only,
-                                       margin=args.margin, mining=args.mining,
-                                       distance=args.distance, generator=g)
-        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3) shuffled
-        return list(torch.split(triplets, max(1, args.batch_size // 3)))  # about batch_size images per step
-    if args.loss == "ce":  # plain shuffled batches for cross-entropy
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        # plain shuffled batches
-        return list(torch.split(torch.randperm(len(train_set), generator=g), args.batch_size))
-    return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
-                                    args.m_per_class, args.negatives_per_batch, args.seed, epoch)
+def make_views(images, n_labelled, how, n_views, gens, mean, std):
+    """(b, C, H, W) uint8 -> (b, V, C, H, W) augmented float views. The labelled rows (first)
+    draw from gens.augment, the negative-only rows after them from gens.negatives, so labelled
+    images get the same views whether or not negatives ride on their batch."""
+    parts = [(images[:n_labelled], gens.augment), (images[n_labelled:], gens.negatives)]
+    views = [torch.cat([data.augment(x, how, g, mean, std) for x, g in parts if len(x)])
+             for _ in range(n_views)]  # V of (b, C, H, W)
+    layout = torch.channels_last if images.is_cuda else torch.contiguous_format  # NHWC on CUDA
+    return torch.stack([v.contiguous(memory_format=layout) for v in views], 1)  # (b, V, C, H, W)
 
 
-def train_linear(args, features, labels, num_classes, device, seed):
-    """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded."""
-    g = torch.Generator().manual_seed(seed)  # the batch order of the linear probe
+def gather_rows(z, sizes):
+    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
+
+    z: (sizes[rank], ...) this rank's rows -> (sum(sizes), ...) in rank order. A plain
+    all_gather returns tensors without gradients; torch.distributed.nn's version sends each
+    rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
+    Shards may differ in size by one: padded to the largest and cut back after."""
+    pad = max(sizes) - z.shape[0]
+    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
+    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
+
+
+def compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes=None):
+    """One batch's loss. views: (b, V, C, H, W) views of this process's rows; labels and
+    negative_only: (B,) for the whole batch, best on the CPU (SupCon then does its row
+    bookkeeping there and the GPU never waits for it). sizes: each process's rows under
+    torchrun (None in one process). Dataset-scope triplets: views (3T, 1, ...), a p n in turn.
+
+    Under torchrun every rank returns a loss whose gradient, after DDP's average over ranks,
+    equals one process's on the whole batch. Contrastive losses gather all embeddings, so every
+    rank computes the same loss on all B rows and backward sums the W ranks' gradients (DDP's
+    average divides them out). Means over this rank's rows (cross-entropy, dataset-scope
+    triplets) are scaled by b W / B, so that their average over ranks is the whole batch's."""
+    rank, world = data.distributed() if sizes else (0, 1)
+    share = sizes[rank] * world / sum(sizes) if sizes else 1.0  # b W / B
+    b, V = views.shape[:2]
+    x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
+    if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
+        start = sum(sizes[:rank]) if sizes else 0
+        local = data.to_device(labels[start:start + b].repeat_interleave(V), x.device)
+        return F.cross_entropy(classifier(model(x)), local) * share
+    if args.mining_scope == "dataset":  # (T, 3, D): each triplet's anchor, positive, negative
+        z = model(x).float().view(-1, 3, args.embedding_dim)
+        if not len(z):  # no triplet in this rank's share (e.g. semi-hard found none)
+            return x.sum() * 0.0
+        return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
+                                     distance=args.distance) * share
+    z = model(x).float().view(b, V, -1)  # (b, V, D)
+    if sizes:
+        z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
+    if args.loss in ("supcon", "simclr"):  # Eq. 2 of Khosla et al.; SimCLR: labels=None
+        return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
+                                  temperature=args.temperature,
+                                  base_temperature=args.base_temperature,
+                                  hard_negatives=args.hard_negatives,
+                                  negative_weight=args.negative_weight,
+                                  chunk_size=args.chunk_size or None)
+    # triplet / cosine: every view is a sample of its image's class
+    z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B*V, D), (B*V,)
+    negative_only = negative_only.repeat_interleave(V)
+    if args.loss == "triplet":
+        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,
+                                   mining=args.mining, distance=args.distance, generator=generator)
+    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+
+
+def train_step(args, model, classifier, opt, sched, views, labels, negative_only, generator,
+               sizes=None, updating=contextlib.nullcontext()):
+    """One optimiser step: forward under bf16 autocast on CUDA, backward outside it (as
+    autocast's documentation asks), then the update inside `updating`. Returns the whole
+    batch's loss as a device scalar, unread (reading it would wait for the device)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda)
+    with autocast:
+        loss = compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes)
+    value = loss.detach().clone()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with updating:  # the parameters change now: a checkpoint must not see half of it
+        opt.step()
+        sched.step()
+    if sizes:  # the whole batch's loss from the ranks' (compute_loss's scaling)
+        torch.distributed.all_reduce(value)
+        value /= len(sizes)
+    return value
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, Ctrl-C and the log: what makes a stopped run continue exactly
+
+
+class Checkpoint:
+    """checkpoint.pt: everything --resume needs to continue at (epoch, step) as if never
+    stopped -- weights, optimiser, schedule, every random state, the epoch's log so far."""
+
+    def __init__(self, run_dir, model, classifier, opt, sched, gens, device):
+        self.path = os.path.join(run_dir, "checkpoint.pt")
+        self.model, self.classifier, self.opt, self.sched = model, classifier, opt, sched
+        self.gens, self.device = gens, device
+        self.at, self.busy = None, False  # the step a checkpoint taken now would hold
+
+    def rng_states(self):
+        """Every random state a step draws from."""
+        states = {f"{name}_rng": getattr(self.gens, name).get_state()
+                  for name in ("augment", "mining", "negatives")}
+        states["cpu_rng"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def mark(self, epoch, step):
+        """Called before each step: where a checkpoint taken during this step restarts."""
+        self.at = (epoch, step, self.rng_states())
+
+    @contextlib.contextmanager
+    def updating(self):
+        """Around the optimiser step: a second Ctrl-C now leaves the last checkpoint as it was."""
+        self.busy = True
+        yield
+        self.busy = False
+
+    def save(self, epoch, step, rng, log_state):
+        """Atomically, by rank 0 only."""
+        if data.distributed()[0] > 0:
+            return
+        state = {"model": self.model.state_dict(), "classifier": self.classifier.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "epoch": epoch, "step": step, "log": log_state, **rng}
+        data.atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def restore(self):
+        """Load checkpoint.pt into the run; returns (epoch, step, log state)."""
+        state = data.load_torch_file(self.path, "--resume checkpoint")
+        for key, module in (("model", self.model), ("classifier", self.classifier)):
+            data.load_weights(module, state, key, self.path, "--resume checkpoint")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        on = "cpu" if self.device.type == "cpu" else self.device  # a CPU generator's own state
+        for name in ("augment", "mining", "negatives"):
+            getattr(self.gens, name).set_state(state[f"{name}_rng"].to(on))
+        torch.set_rng_state(state["cpu_rng"].cpu())
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        return state["epoch"], state["step"], state.get("log", {})
+
+    @contextlib.contextmanager
+    def on_ctrl_c(self, log, run_dir):
+        """A Ctrl-C between steps saves the run at the step it stopped before."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            log.progress.close()
+            if self.busy:
+                print(f"\ninterrupted during an update: kept {self.path} as it was")
+            elif self.at is not None and data.distributed()[0] == 0:
+                epoch, step, rng = self.at
+                self.save(epoch, step, rng, log.state())
+                print(f"\ninterrupted: saved {self.path} at epoch {epoch + 1}, step {step}. "
+                      f"Continue with: python train.py --resume {run_dir}")
+            raise
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks to stop at the next step boundary (a second stops at once). Ctrl-C
+    reaches every rank, not always at the same step: all stop when one asks."""
+
+    def __init__(self, device):
+        self.device, self.requested, self.previous = device, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving and stopping after this step (press again to stop at once)")
+
+    def check(self):
+        """Raise KeyboardInterrupt here, between steps, if any rank was asked to stop."""
+        requested = self.requested
+        if data.distributed()[1] > 1:
+            flag = torch.tensor(float(requested), device=self.device)
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            raise KeyboardInterrupt
+
+
+class Diverged(data.DataError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+class EpochLog:
+    """metrics.jsonl: one line per epoch, exact across --resume (the epoch's mean loss counts
+    the steps before a stop; lines after the checkpoint's epoch are dropped on resuming).
+
+    Each step's loss is read one step late: reading a value waits for the device, and one
+    step of lag lets it work through the next step meanwhile. On CUDA the copy goes into pinned
+    memory behind an event, which has long passed when it is read (value.item() a step later
+    would wait for everything queued since)."""
+
+    def __init__(self, run_dir, checkpoint_path, start, done, state, total):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.checkpoint_path, self.pending = checkpoint_path, None
+        self.loss_sum, self.loss_steps = state.get("loss_sum", 0.0), state.get("loss_steps", 0)
+        self.minutes_before, self.t0, self.paused = state.get("minutes", 0.0), time.time(), 0.0
+        self.lines = []  # the lines of finished epochs, up to the checkpoint's
+        if start > (0, 0) and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.lines = [line for line in f.read().splitlines()
+                              if line.strip() and json.loads(line)["epoch"] <= start[0]]
+        self.rank = data.distributed()[0]
+        self.progress = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True,
+                             disable=None if self.rank == 0 else True)
+
+    def minutes(self):
+        """Training minutes, continued across --resume, without the probes' time."""
+        return self.minutes_before + (time.time() - self.t0 - self.paused) / 60
+
+    def state(self):
+        """What a checkpoint keeps of the epoch so far."""
+        self.flush()
+        return {"loss_sum": self.loss_sum, "loss_steps": self.loss_steps, "minutes": self.minutes()}
+
+    def step(self, value, epoch, step):
+        """Log this step's loss (device scalar): the previous one is read now."""
+        self.flush()
+        if value.is_cuda:
+            done = torch.cuda.Event()
+            value = value.to("cpu", non_blocking=True)  # valid once `done` has passed
+            done.record()
+            self.pending = (value, done, epoch, step)
+        else:
+            self.pending = (value, None, epoch, step)
+
+    def flush(self):
+        """Read the pending loss; stop the run on inf / nan."""
+        if self.pending is None:
+            return
+        value, done, epoch, step = self.pending
+        self.pending = None
+        if done is not None:
+            done.synchronize()
+        value = value.item()
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint {self.checkpoint_path} is kept"
+                    if os.path.exists(self.checkpoint_path) else "no checkpoint was written yet")
+            raise Diverged(f"loss is {value} at epoch {epoch + 1}, step {step}. Stopped; {kept}. "
+                           f"Try a lower --lr or a higher --temperature.")
+        self.loss_sum, self.loss_steps = self.loss_sum + value, self.loss_steps + 1
+        self.progress.update(1)
+        self.progress.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
+
+    def end_epoch(self, epoch, steps_done, lr, probe=None):
+        """The epoch's line: mean loss, learning rate, minutes (and a probe, untimed)."""
+        self.flush()
+        record = {"epoch": epoch + 1, "optimizer_steps": steps_done,
+                  "loss": self.loss_sum / max(1, self.loss_steps), "lr": lr,
+                  "minutes": self.minutes()}
+        if probe is not None and self.rank == 0:
+            t = time.time()
+            record["probe_accuracy"] = probe()
+            self.paused += time.time() - t
+            self.progress.write(f"epoch {epoch + 1}: linear probe test accuracy "
+                                f"{record['probe_accuracy']:.4f} after {record['minutes']:.2f} min")
+        self.lines.append(json.dumps(record))
+        if self.rank == 0:
+            data.write_text(self.path, "\n".join(self.lines) + "\n")
+        self.loss_sum, self.loss_steps = 0.0, 0
+
+
+# -----------------------------------------------------------------------------
+# After training: the linear probe and the evaluation
+
+
+def train_linear(args, features, labels, num_classes, device, seed, outliers=None):
+    """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded.
+    outliers (M, F): with --outlier-exposure lambda, each step also adds lambda times the
+    cross-entropy of a batch of outliers to the uniform distribution (Hendrycks et al. 2019)."""
+    g = torch.Generator().manual_seed(seed)  # the batch order of the probe
     torch.manual_seed(seed)  # its initial weights
-    classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W: (K, F), b: (K,)
-    # standardise the features (the statistics are folded into the layer at the end)
-    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # (F,) each; clamp: a dead feature
-    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex: one setting serves all runs
+    classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)
+    # standardised features (the statistics are folded into the layer at the end)
+    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # clamp: a dead feature
+    x, y = ((features - mu) / sigma).to(device), labels.to(device)
+    oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0
+    x_out = ((outliers - mu) / sigma).to(device) if oe else None  # (M, F)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # cosine decay, no warm-up
-    for _ in range(args.linear_epochs):  # full passes over the (N, F) features
-        # the order is drawn on the CPU (the same on every device) and moved over once per epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
+    for _ in range(args.linear_epochs):
+        # the order is drawn on the CPU (the same on every device), moved over once an epoch
         for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
-            # the probe never changes the encoder
-            loss = F.cross_entropy(classifier(x[idx]), y[idx])  # mean over the batch of 256
+            loss = F.cross_entropy(classifier(x[idx]), y[idx])
+            if oe:  # -mean log-softmax = cross-entropy to the uniform distribution
+                pick = torch.randint(len(x_out), (len(idx),), generator=g).to(device)
+                loss = loss - oe * classifier(x_out[pick]).log_softmax(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    with torch.no_grad():  # fold the standardisation in: W (x - mu)/sigma + b
-        w = classifier.weight / sigma.to(device)  # (K, F) W / sigma
-        classifier.bias -= (w * mu.to(device)).sum(1)  # b - (W / sigma) mu
+    with torch.no_grad():  # fold the standardisation in: W (x - mu) / sigma + b
+        w = classifier.weight / sigma.to(device)  # (K, F)
+        classifier.bias -= (w * mu.to(device)).sum(1)
         classifier.weight.copy_(w)
     return classifier
 
 
-def probe_accuracy(args, model, classifier, labelled, test, mean, std, device, num_classes):
-    """Test accuracy of a linear probe on the current encoder (ce: of its own head), for
-    --eval-every. It runs on its own copy of the random state, so evaluating during training
-    changes nothing that training draws afterwards (resume stays exact)."""
-    # fork_rng: the global random state is restored when the probe is done
+def fit_probe(args, model, classifier, train_set, near_ood, mean, std, device, num_classes):
+    """The classifier evaluated: a fresh linear probe on the frozen encoder's features of the
+    probe set (real + ID images, never near-OOD ones), or ce's own head."""
+    if args.loss == "ce":
+        return classifier
+    probe_set = train_set.probe_set()
+    features = evaluate.extract_features(model, probe_set.images, mean, std, device)
+    outliers = None
+    if args.outlier_exposure and near_ood is not None:
+        outliers = evaluate.extract_features(model, near_ood.images, mean, std, device)
+    return train_linear(args, features, probe_set.labels, num_classes, device, args.seed, outliers)
+
+
+def probe_accuracy(args, model, classifier, train_set, near_ood, test, mean, std, device):
+    """Test accuracy of the probe on the current encoder, for --eval-every. It runs on a copy
+    of the random state, so training draws the same numbers afterwards (resume stays exact)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
-        if args.loss != "ce":  # a fresh probe on the frozen features, as at the end of the run
-            train_f = evaluate.extract_features(model, labelled.images, mean, std, device)
-            classifier = train_linear(args, train_f, labelled.labels, num_classes, device, args.seed)
+        probe = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
+                          len(test.classes))
+        test_f = evaluate.extract_features(model, test.images, mean, std, device)
         with torch.no_grad():
-            predicted = classifier(test_f.to(device)).argmax(1).cpu()  # (N_test,)
+            predicted = probe(test_f.to(device)).argmax(1).cpu()
     return (predicted == test.labels).float().mean().item()
 
 
-def main(argv=None):
-    """Parse the arguments, set up the run folder (or reopen it for --resume) and train."""
-    args = build_parser().parse_args(argv)
-    # under torchrun: join the process group (rank 0 alone prints from here on)
-    device = data.init_distributed(pick_device(args.device))
-    rank, world = data.distributed()
-    if args.resume:
-        config_path = os.path.join(args.resume, "config.json")
-        if not os.path.exists(config_path):
-            raise SystemExit(f"--resume {args.resume}: no config.json there; is it a run folder?")
-        with open(config_path) as f:  # the configuration the run started with
-            saved = json.load(f)
-        # the saved configuration; options added to train.py after the run started get their defaults
-        defaults = vars(build_parser().parse_args([]))
-        args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume, "device": args.device})
-        run_dir = args.resume  # write into the same folder
-    else:
-        check_args(args)  # refuse impossible flag combinations before any work
-        name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if world > 1:  # the clocks of the ranks may differ by a second: rank 0's name for all
-            torch.distributed.broadcast_object_list(name, src=0)
-        run_dir = os.path.join(args.out, name[0])  # runs/<name>: config, checkpoints, metrics, plots
-        if os.path.exists(os.path.join(run_dir, "config.json")):
-            raise SystemExit(f"{run_dir} already holds a run; choose another --name, or continue "
-                             f"it with --resume {run_dir}")
-        data.barrier()  # every rank has checked before rank 0 writes
-        if rank == 0:  # rank 0 alone writes files
-            os.makedirs(run_dir, exist_ok=True)
-    try:
-        return run(args, run_dir, device)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
-def run(args, run_dir, device):
-    """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
-    rank, world = data.distributed()
-    torch.manual_seed(args.seed)  # model initialisation and dropout
-    # ---- data: real training images (+ synthetic ID positives, + near-OOD negative-only images)
-    splits, train_set = load_training_data(args)
-    _, C, H, _ = train_set.images.shape  # channels and side of every image
-    K = len(splits.classes)  # training classes (held-out OOD classes excluded)
-    # the seed projects' choices
-    augment = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
-    print(f"data {args.data}: {len(splits.train)} real training images, {len(train_set) - len(splits.train)} "
-          f"synthetic ({int(train_set.negative_only.sum())} negative-only), {len(splits.test)} test, "
-          f"{K} classes; held out as OOD: {splits.ood_classes or 'none'}; device {device}")
-    if not args.resume and rank == 0:
-        data.atomic_write_text(json.dumps(vars(args), indent=2), os.path.join(run_dir, "config.json"))
-
-    # normalisation statistics of the real training images (synthetic ones do not shift them)
-    mean, std = data.channel_stats(splits.train.images)
-    mean, std = mean.to(device), std.to(device)  # (C,), (C,)
-    # ---- model: encoder + the loss's head; the linear classifier (trained here only for ce)
-    model, classifier = supcon.build_model(args.model, args.loss, C, H, K, args.embedding_dim, args.pretrained)
-    if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
-        init = torch.load(os.path.join(args.init_from, "model.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(init["model"])
-        classifier.load_state_dict(init["classifier"])
-    model, classifier = model.to(device), classifier.to(device)
-    if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1 and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all ranks' shards
-    # contrastive: the probe trains later
-    params = list(model.parameters()) + (list(classifier.parameters()) if args.loss == "ce" else [])
-    if args.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    # the schedule needs the number of steps; dataset-scope mining only knows it after mining,
-    # so it is estimated there from one triplet per training image
-    steps_per_epoch = len(epoch_batches(args, train_set, 0, model, mean, std, device)) \
-        if args.mining_scope != "dataset" else math.ceil(len(train_set) / max(1, args.batch_size // 3))
-    total = args.epochs * steps_per_epoch  # optimiser steps of the whole run
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * steps_per_epoch)))
-    # own generators for augmentation and mining, so a checkpoint can store and restore them
-    aug_gen = torch.Generator(device=device).manual_seed(args.seed)
-    mine_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-
-    # ---- resume: model, optimiser, schedule, RNG, position (epoch and step within it)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    start_epoch, start_step = 0, 0
-    if args.resume and os.path.exists(checkpoint_path):
-        # tensors and plain containers only: never arbitrary pickles
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        classifier.load_state_dict(state["classifier"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        aug_gen.set_state(state["augment_rng"].cpu() if device.type == "cpu" else state["augment_rng"])
-        mine_gen.set_state(state["mining_rng"].cpu() if device.type == "cpu" else state["mining_rng"])
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-        start_epoch, start_step = state["epoch"], state["step"]  # where the interrupted run stopped
-        print(f"resumed {run_dir} at epoch {start_epoch + 1}, step {start_step}")
-
-    # what the training step calls: DDP wrappers under torchrun (they average the gradients over
-    # ranks), torch.compile on request; `model` and `classifier` stay the plain modules that are saved
-    net, head = model, classifier
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-        if args.loss == "ce":
-            head = DistributedDataParallel(classifier, device_ids=ids)
-    if args.compile:
-        net = torch.compile(net)
-
-    def rng_states():
-        """The random states a checkpoint stores, so --resume draws the same numbers."""
-        states = {"augment_rng": aug_gen.get_state(), "mining_rng": mine_gen.get_state(),
-                  "cpu_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            states["cuda_rng"] = torch.cuda.get_rng_state()
-        return states
-
-    def save_checkpoint(epoch, step, rng):
-        """Everything --resume needs to continue at (epoch, step) as if never stopped."""
-        if rank > 0:
-            return
-        atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "step": step, **rng}, checkpoint_path)
-
-    # Ctrl-C asks to stop at the next step boundary (a second Ctrl-C stops at once)
-    stop = {"requested": False}
-
-    def on_ctrl_c(signum, frame):
-        """SIGINT handler: the first Ctrl-C asks to stop at the next step boundary."""
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nCtrl-C: saving and stopping after this step (press again to stop at once)")
-
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-
-    def stopping(requested):
-        """Ctrl-C reaches every rank, not always at the same step: all stop when one asks."""
-        if world == 1:
-            return requested
-        flag = torch.tensor(float(requested), device=device)
-        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def start_reading(value):
-        """Queue a copy of a step's loss (a device scalar) to the host, for read_loss a step later.
-        On CUDA the copy goes into pinned memory behind an event: read_loss then waits for that
-        event only, which has long passed. (value.item() a step later would not do: its copy
-        queues behind everything sent since, so it would wait for the GPU to run dry.)"""
-        if device.type != "cuda":
-            return value, None
-        done = torch.cuda.Event()
-        host = value.to("cpu", non_blocking=True)  # into pinned memory; valid once `done` has passed
-        done.record()
-        return host, done
-
-    def read_loss(pending):
-        """Read a step's loss (see start_reading), log it, stop on inf/nan."""
-        if pending is None:
-            return
-        (value, done), at_epoch, at_step = pending
-        if done is not None:
-            done.synchronize()  # the copy has arrived
-        value = value.item()
-        if not math.isfinite(value):
-            raise Diverged(f"loss is {value} at epoch {at_epoch + 1}, step {at_step}. Stopped; "
-                           f"the last good checkpoint {checkpoint_path} is kept. Try a lower "
-                           f"--lr or a higher --temperature.")
-        losses.append(value)
-        progress.update(1)
-        progress.set_postfix(epoch=at_epoch + 1, loss=f"{value:.4f}")
-
-    def mean_over_ranks(value):
-        """The whole batch's loss from this rank's (the scaling of compute_loss makes it the mean)."""
-        if world > 1:
-            torch.distributed.all_reduce(value)
-            value = value / world
-        return value
-
-    def to_layout(x):
-        """channels_last on CUDA (faster convolutions), unchanged elsewhere."""
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-    # ---- the training set, decoded once to uint8: on the device (default), or in host memory
-    # for sets larger than the GPU's, fetched a batch at a time; views are made per batch
-    data_on = data_placement(args, train_set.images, device)
-    images = train_set.images.to(device) if data_on == "device" else train_set.images  # (N, C, H, W)
-    if data_on == "host":
-        print(f"training set in host memory ({train_set.images.nbytes / 2**20:.0f} MiB): "
-              f"{args.workers} DataLoader workers gather the batches")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    views = 1 if args.loss == "ce" else 2  # two augmented views per image for contrastive losses
-    metrics_log = os.path.join(run_dir, "metrics.jsonl")
-    # the images the linear classifier trains on: real + ID, never the negative-only ones
-    labelled = train_set.subset(torch.nonzero(~train_set.negative_only).squeeze(1))
-    # training minutes: continued across --resume, without the time of --eval-every probes
-    minutes_before, probe_seconds = 0.0, 0.0
-    if start_epoch > 0 and os.path.exists(metrics_log):
-        with open(metrics_log) as f:
-            minutes_before = json.loads(f.read().splitlines()[-1])["minutes"]
-    t_start = time.time()
-    model.train()
-    progress = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc="train",
-                    dynamic_ncols=True, disable=None if rank == 0 else True)
-    epoch, step, updating, rng_at_step = start_epoch, start_step, False, rng_states()
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            # index batches of this epoch: m images per class + a share of negative-only ones
-            batches = epoch_batches(args, train_set, epoch, model, mean, std, device)
-            losses, pending = [], None  # pending: (start_reading(loss), epoch, step) not yet read
-            first_step = start_step if epoch == start_epoch else 0  # a resumed epoch starts mid-way
-            if data_on == "host":  # worker processes gather the uint8 images of the coming batches
-                fetched = data.host_batches(images, batches, first_step, rank, world, args.workers,
-                                            pin_memory=device.type == "cuda")
-            for step in range(first_step, len(batches)):
-                rng_at_step = rng_states()  # what a checkpoint taken before this step holds
-                if stopping(stop["requested"]):
-                    raise KeyboardInterrupt
-                batch_cpu = batches[step]  # (B,) indices into the training set
-                # the copy does not wait for the device (a blocking copy, or one from pageable
-                # memory, would, and the device would then idle while this step is being queued)
-                batch = supcon.to_device(batch_cpu, device)
-                # under torchrun this rank embeds its shard of the batch, (b,) of (B,); in one
-                # process the shard is the whole batch
-                shards = batch.tensor_split(world)
-                local, sizes = shards[rank], ([len(s) for s in shards] if world > 1 else None)
-                # (b, C, H, W) uint8 images of this rank's rows ((3T, ...) for triplet batches)
-                if data_on == "host":  # gathered by a worker; copied while the device is busy
-                    local_images = supcon.to_device(next(fetched), device)  # already pinned by the workers
-                else:
-                    local_images = images[local.flatten()]
-                if args.mining_scope == "dataset":  # (T, 3) triplets: embed a, p, n (one view each)
-                    x = data.augment(local_images, augment, aug_gen, mean, std)
-                    with autocast:
-                        z = net(to_layout(x)).float().view(len(local), 3, -1)
-                    # mean over this rank's triplets, scaled as in compute_loss
-                    loss = supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                                 distance=args.distance) * (len(local) * world / len(batch))
-                else:
-                    x = torch.stack([to_layout(data.augment(local_images, augment, aug_gen, mean, std))
-                                     for _ in range(views)], 1)  # (b, V, C, H, W)
-                    with autocast:  # labels from the CPU copy: see compute_loss
-                        loss = compute_loss(args, net, head, x, train_set.labels[batch_cpu],
-                                            train_set.negative_only[batch_cpu], mine_gen, sizes)
-                value = mean_over_ranks(loss.detach())  # the loss of the whole batch, on the device
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                updating = True  # parameters change now: no checkpoint of a half-done step
-                opt.step()
-                sched.step()
-                updating = False
-                # the previous step's loss is read now, not this one's: reading a value waits for
-                # the GPU, and one step of lag lets it work through this step meanwhile
-                read_loss(pending)
-                pending = (start_reading(value), epoch, step)
-            read_loss(pending)  # the epoch's last step, before its checkpoint is written
-            pending = None
-            step = 0  # the next epoch starts at its first step
-            # one line per epoch in metrics.jsonl, and a checkpoint --resume can continue from
-            record = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)), "lr": sched.get_last_lr()[0],
-                      "minutes": minutes_before + (time.time() - t_start - probe_seconds) / 60}
-            if args.eval_every and (epoch + 1) % args.eval_every == 0 and rank == 0:
-                t_probe = time.time()
-                record["probe_accuracy"] = probe_accuracy(args, model, classifier, labelled, splits.test,
-                                                          mean, std, device, K)
-                probe_seconds += time.time() - t_probe
-                progress.write(f"epoch {epoch + 1}: linear probe test accuracy {record['probe_accuracy']:.4f} "
-                               f"after {record['minutes']:.2f} min of training")
-            if rank == 0:
-                with open(metrics_log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            save_checkpoint(epoch + 1, 0, rng_states())
-    except KeyboardInterrupt:
-        progress.close()
-        if updating:  # stopped inside an optimiser step: the last checkpoint stays as it was
-            print(f"\ninterrupted during an update: kept {checkpoint_path} as it was")
-        elif rank == 0:  # everything up to the last finished step; --resume continues from there exactly
-            save_checkpoint(epoch, step, rng_at_step)
-            print(f"\ninterrupted: saved {checkpoint_path} at epoch {epoch + 1}, step {step}. "
-                  f"Continue with: python train.py --resume {run_dir}")
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    progress.close()
-    train_minutes = minutes_before + (time.time() - t_start - probe_seconds) / 60
-    if rank > 0:  # rank 0 alone trains the linear classifier, evaluates and writes the results
-        return {}
-
-    # ---- linear classifier on the frozen encoder (real + ID images; never near-OOD ones)
-    if args.loss != "ce":
-        features = evaluate.extract_features(model, labelled.images, mean, std, device)
-        classifier = train_linear(args, features, labelled.labels, K, device, args.seed)
-    atomic_save({"model": model.state_dict(), "classifier": classifier.state_dict(),
-                 "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes},
-                os.path.join(run_dir, "model.pt"))
-    # ---- the evaluation of evaluate.py: metrics.json, and report.md with the pictures
-    synthetic = train_set.subset(torch.nonzero(train_set.kind != data.KIND_REAL).squeeze(1))
-    results = {"train_minutes": train_minutes, "epochs": args.epochs,
-               **evaluate.evaluate(model, classifier, splits, labelled, mean, std, device, run_dir,
-                                   synthetic, pictures=not args.no_report, seed=args.seed)}
-    data.atomic_write_text(json.dumps(results, indent=2), os.path.join(run_dir, "metrics.json"))
+def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std, device,
+           minutes, steps):
+    """Linear probe, model.pt, the evaluation of evaluate.py, metrics.json; the results."""
+    classifier = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
+                           len(splits.classes))
+    arch = {k: getattr(args, k) for k in ("model", "loss", "embedding_dim")}  # to rebuild it
+    state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
+             "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
+    data.atomic_write(os.path.join(run_dir, "model.pt"), lambda tmp: torch.save(state, tmp))
+    results = {"train_minutes": minutes, "epochs": steps / count_batches(args, train_set),
+               "optimizer_steps": steps,
+               **evaluate.evaluate(model, classifier, splits, mean, std, device, run_dir,
+                                   train_set.synthetic(), pictures=not args.no_report,
+                                   seed=args.seed)}
+    data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(results, indent=2))
     line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
     if "ood_auroc_knn" in results:
-        line += f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN {results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}"
-    print(f"{line}; training {train_minutes:.2f} min; results in {run_dir}"
-          + ("" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"))
+        line += (f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN "
+                 f"{results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}")
+    report = "" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"
+    print(f"{line}; {steps} steps, {minutes:.2f} min of training; results in {run_dir}{report}")
     return results
 
 
-if __name__ == "__main__":
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    """Parse the arguments, open the run folder (new, or --resume's) and train."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # under torchrun: join the process group (rank 0 alone prints from here on)
+    device = data.init_distributed(data.pick_device(args.device))
     try:
-        main()
-    except (Diverged, data.DataError) as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+        args, run_dir, resumed = open_run(parser, args, argv)
+        return run(args, run_dir, device, resumed)
+    finally:
+        if data.distributed()[1] > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, run_dir, device, resumed=False):
+    """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
+    rank, world = data.distributed()
+    # ---- data: real training images (+ synthetic ID positives, + negative-only images)
+    args, splits, train_set, near_ood = load_training_data(args, device)
+    _, C, H, _ = train_set.images.shape
+    K = len(splits.classes)  # training classes (held-out OOD classes excluded)
+    augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
+    mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
+    print(f"data {args.data}: {len(splits.train)} real training images, "
+          f"{len(train_set) - len(splits.train)} synthetic ({int(train_set.negative_only.sum())} "
+          f"negative-only), {len(splits.test)} test, {K} classes; held out as OOD: "
+          f"{splits.ood_classes or 'none'}; device {device}")
+    # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
+    # whether the synthetic set was generated in this run or read from the cache
+    torch.manual_seed(args.seed)
+    model, classifier, opt = build_training(args, C, H, K, device, world)
+    per_epoch = count_batches(args, train_set)
+    total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * per_epoch)))
+    gens = Generators(args.seed, device)
+    checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
+    epoch0, step0, log_state = checkpoint.restore() if resumed else (0, 0, {})
+    done = epoch0 * per_epoch + step0  # optimiser steps already taken
+    if resumed:
+        check_resumable(run_dir, done, total)
+        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps")
+    if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
+        if resumed:  # the temporaries a stop may have left are never a finished file
+            data.remove_stale_temporaries(run_dir)
+        data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
+    log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
+    # what the step calls: DDP wrappers under torchrun (they average the gradients over ranks)
+    # and torch.compile on request; `model` and `classifier` stay the plain modules saved
+    step_model, step_classifier = model, classifier
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=ids)
+        if args.loss == "ce":
+            step_classifier = DistributedDataParallel(classifier, device_ids=ids)
+    if args.compile:
+        step_model = torch.compile(step_model)
+    data_on = data_placement(args, train_set.images, device)
+    images = train_set.images.to(device) if data_on == "device" else train_set.images
+    n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
+    probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
+                                   splits.test, mean, std, device)
+    # ---- the loop: make views -> loss -> backward -> optimiser step -> log
+    model.train()
+    with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
+        for epoch in range(epoch0, math.ceil(total / per_epoch)):
+            z = evaluate.extract_features(model, train_set.images, mean, std, device, head=True) \
+                if args.mining_scope == "dataset" else None  # the set's embeddings, to mine
+            batches = epoch_batches(args, train_set, epoch, z)[:total - epoch * per_epoch]
+            first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
+            for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
+                                                         args.workers):
+                checkpoint.mark(epoch, step)  # what a checkpoint taken during this step holds
+                ctrl_c.check()  # a Ctrl-C stops here, between steps
+                n_labelled = rows.numel() if args.mining_scope == "dataset" else \
+                    int((~train_set.negative_only[rows]).sum())  # labelled rows come first
+                views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)
+                sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
+                loss = train_step(args, step_model, step_classifier, opt, sched, views,
+                                  train_set.labels[batch], train_set.negative_only[batch],
+                                  gens.mining, sizes, checkpoint.updating())
+                log.step(loss, epoch, step)
+            steps_done = epoch * per_epoch + len(batches)
+            due = args.eval_every and (epoch + 1) % args.eval_every == 0
+            log.end_epoch(epoch, steps_done, sched.get_last_lr()[0], probe if due else None)
+            checkpoint.save(epoch + 1, 0, checkpoint.rng_states(), log.state())
+    log.progress.close()
+    if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
+        return {}
+    return finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std,
+                  device, log.minutes(), total)
+
+
+def check_resumable(run_dir, steps_done, total):
+    """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    if steps_done > total:
+        raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
+                             f"more than the {total} asked for; it cannot be shortened")
+    if steps_done == total and finished:
+        raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
+                             f"steps); pass a larger --epochs or --train-steps to train on")
+
+
+if __name__ == "__main__":
+    data.run_command(main)

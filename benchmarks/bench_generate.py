@@ -5,12 +5,12 @@ benchmarks/bench_generate.py -- DA-Fusion generation throughput (images per seco
    from configs with random weights -- the compute is the real model's (UNet about 860M
    parameters, CLIP ViT-L/14 text encoder, the SD VAE), nothing is downloaded. It is saved once in
    diffusers' folder layout (.cache/bench_generate) and then goes through dafusion.py's own path:
-   sd_generator loads it like a downloaded model (fp16 on CUDA, PyTorch's fused attention), loads the class token (random vectors stand in for textual inversion) and returns
+   sd_generator loads it like a downloaded model (fp16 on CUDA, PyTorch's fused attention),
+   loads the class token (random vectors stand in for textual inversion) and returns
    make_images, which both settings call with jobs from plan_jobs. 512 px, strength 0.5, 50 DDIM
    steps, guidance 15, in one process:
      (a) one image per call, as DA-Fusion's own code generates;
-     (b) --batch-size images per call (one prompt and one seeded generator per image); on CUDA
-         also with the UNet and VAE in channels_last (measured slower than NCHW on the H100);
+     (b) --batch-size images per call (one prompt and one seeded generator per image);
      (c) with --compile: as (b), dafusion.py --compile (torch.compile of the UNet).
    The printed ratio is (b) / (a).
 2. The offline ddpm generator (dafusion.py's default): train it on digits once (cached in
@@ -70,22 +70,25 @@ def sd_images_per_second(args, device):
     n = max(args.images, args.batch_size)
     g = torch.Generator().manual_seed(0)
     # one class of 32 px images (noise): pipeline_images upsamples them to the model's resolution
-    train_set = data.ImageSet(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                              torch.zeros(n, dtype=torch.long), ["part"])
-    gen_args = dafusion.build_parser().parse_args(
-        ["--out", out, "--generator", "stable-diffusion", "--model", folder, "--guidance", str(args.guidance),
-         "--steps", str(args.steps), "--ood-strength", str(args.strength), "--num-vectors", "4"])
-    dafusion.generation_settings(gen_args)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    part = data.ImageSet(images, torch.zeros(n, dtype=torch.long), ["part"],
+                         names=[f"noise/{i}" for i in range(n)])
+    splits = data.Splits(part, part, None, ["part"], [])
+    gen_args = dafusion.with_generation_defaults(dafusion.build_parser().parse_args(
+        ["--out", out, "--generator", "stable-diffusion", "--model", folder, "--guidance",
+         str(args.guidance), "--steps", str(args.steps), "--ood-strength", str(args.strength),
+         "--num-vectors", "4"]))
     with open(os.path.join(folder, "text_encoder", "config.json")) as f:
         hidden = json.load(f)["hidden_size"]
     dafusion.save_embedding(os.path.join(out, "embeddings", "part.safetensors"), "<part>",
                             0.01 * torch.randn(4, hidden, generator=g))
-    make_images, _ = dafusion.sd_generator(gen_args, train_set, out, device)
+    make_images = dafusion.sd_generator(gen_args, splits, device)
     compiled = None
     if args.compile:  # a second generator, as `dafusion.py --compile` builds it
         gen_args.compile = True
-        compiled = dafusion.sd_generator(gen_args, train_set, out, device)[0]
-    jobs = dafusion.plan_jobs(train_set, 1, args.strength, args.strength, 0, kinds=("near_ood",))
+        compiled = dafusion.sd_generator(gen_args, splits, device)
+    jobs = dafusion.plan_jobs(part, part.names, 1, args.strength, [args.strength], 0,
+                              kinds=("near_ood",))
     pixels = SIZES[args.size]["pixels"]
     print(f"img2img through dafusion.py, {pixels} px, strength {args.strength}, {args.steps} steps, "
           f"guidance {args.guidance}, {dtype}")
@@ -104,10 +107,6 @@ def sd_images_per_second(args, device):
 
     rates = {"(a) one image per call": rate(1, max(2, args.images // 8)),
              f"(b) {args.batch_size} images per call": rate(args.batch_size, args.images)}
-    if device.type == "cuda":  # (b) with the UNet and VAE in channels_last: slower on the H100
-        for module in (make_images.pipeline.unet, make_images.pipeline.vae):
-            module.to(memory_format=torch.channels_last)
-        rates["(b) in channels_last layout"] = rate(args.batch_size, args.images)
     if compiled is not None:
         del make_images
         rates[f"(c) {args.batch_size} images per call, --compile"] = rate(args.batch_size, args.images, compiled)

@@ -5,11 +5,11 @@ pipelines in one process, on the same data, model and batch:
   (a) reference-style: PIL transforms (SimCLR's random resized crop, flip, colour jitter, grayscale)
       in DataLoader worker processes, two views per image, fp32, the reference-style loss of
       bench_loss.py. This is how the widely copied SupCon code trains.
-  (b) this project's path (train.py): the training set decoded once into a uint8 tensor on the
-      device, the same augmentations batched on the device with per-sample parameters
-      (data.augment_simclr), bf16 autocast and channels_last on CUDA, the
-      chunked supcon_loss with its row bookkeeping on the CPU, host -> device copies from pinned
-      memory (no step waits for the GPU); then
+  (b) this project's path: train.py's own functions (make_views, train_step) on the training
+      set decoded once into a uint8 tensor on the device: the same augmentations batched on the
+      device with per-sample parameters, bf16 autocast and channels_last on CUDA, the chunked
+      supcon_loss with its row bookkeeping on the CPU, host -> device copies from pinned memory
+      (no step waits for the GPU); then
       (b) again with the images in host memory, gathered by DataLoader workers (train.py
       --data-on host); --compile adds (c): (b) with torch.compile, as train.py --compile.
 
@@ -23,7 +23,6 @@ torchvision's files under --data-root instead; `--data digits` works anywhere.)
 """
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ from torchvision import transforms
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import supcon  # noqa: E402
+import train  # noqa: E402
 from bench_loss import baseline_supcon  # noqa: E402
 
 
@@ -69,16 +69,11 @@ def build(args, in_channels, image_size, num_classes, device):
     return model, opt
 
 
-def step(model, opt, views, labels, loss_fn, channels_last=False, autocast=contextlib.nullcontext()):
-    """One SupCon step on views (B, 2, C, H, W); the forward pass under `autocast`, backward outside
-    it (as train.py does and PyTorch's autocast documentation asks)."""
+def reference_step(model, opt, views, labels, loss_fn):
+    """One step of the reference-style pipeline: fp32, the reference-style loss."""
     B = views.shape[0]
-    x = views.flatten(0, 1)  # (2B, C, H, W)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        z = model(x).float().view(B, 2, -1)  # (B, 2, D)
-        loss = loss_fn(z, labels)
+    z = model(views.flatten(0, 1)).view(B, 2, -1)  # (B, 2, D)
+    loss = loss_fn(z, labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -116,25 +111,29 @@ def reference_pipeline(args, splits, mean, std, device):
                 batches = iter(loader)
                 views, labels = next(batches)
             views, labels = views.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            step(model, opt, views, labels, lambda z, y: baseline_supcon(z, y, no_negatives))
+            reference_step(model, opt, views, labels, lambda z, y: baseline_supcon(z, y, no_negatives))
     return timed(run_steps, args.warmup, args.steps, device)
 
 
 def project_pipeline(args, splits, mean, std, device, compile=False, data_on="device"):
-    """(b): uint8 images on the device, batched augmentations, bf16 + channels_last on CUDA.
+    """(b): train.py's own step (train.make_views, train.train_step) on uint8 images held on
+    the device: batched augmentations, bf16 autocast and channels_last on CUDA, CPU labels.
     data_on="host": the images stay in host memory and DataLoader workers gather each batch into
     pinned memory (train.py --data-on host, for sets larger than the GPU's memory)."""
     s = splits.train
     model, opt = build(args, s.images.shape[1], s.images.shape[2], len(splits.classes), device)
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda:  # as train.py: NHWC weights, cuDNN's fastest algorithms
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     forward = torch.compile(model) if compile else model
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # constant, as (a)
+    settings = train.with_defaults(train.build_parser().parse_args(
+        ["--loss", "supcon", "--temperature", "0.1", "--chunk-size", "1024"]))
+    gens = train.Generators(0, device)
     images = s.images.to(device) if data_on == "device" else s.images  # decoded once
     mean, std = mean.to(device), std.to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    no_negatives = torch.zeros(args.batch_size, dtype=torch.bool)
     fetched = iter(())  # host path: the uint8 images of the coming batches, from the workers
     order = torch.empty(0, dtype=torch.long)
 
@@ -143,18 +142,18 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
         for _ in range(n):
             if len(order) < args.batch_size:  # a new epoch (its order drawn on the CPU)
                 order = torch.randperm(len(images))
-                epoch_batches = list(order[:len(order) // args.batch_size * args.batch_size].split(args.batch_size))
+                whole = len(order) // args.batch_size * args.batch_size
+                batches = list(order[:whole].split(args.batch_size))
                 if data_on == "host":
-                    fetched = data.host_batches(images, epoch_batches, workers=args.workers, pin_memory=cuda)
-            batch, order = order[:args.batch_size], order[args.batch_size:]  # (B,) on the CPU, as train.py's
-            if data_on == "host":  # (B, C, H, W) uint8, gathered by a worker
-                batch_images = supcon.to_device(next(fetched), device)  # as train.py
-            else:
-                batch_images = images[supcon.to_device(batch, device)]  # from pinned memory, as train.py
-            views = torch.stack([data.augment(batch_images, "simclr", g, mean, std) for _ in range(2)], 1)
-            # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits for it
-            step(forward, opt, views, s.labels[batch],
-                 lambda z, y: supcon.supcon_loss(z, y, temperature=0.1, chunk_size=1024), cuda, autocast)
+                    fetched = data.host_batches(images, batches, workers=args.workers,
+                                                pin_memory=cuda)
+            batch, order = order[:args.batch_size], order[args.batch_size:]  # (B,) CPU
+            local = data.to_device(next(fetched), device) if data_on == "host" else \
+                images[data.to_device(batch, device)]  # (B, C, H, W) uint8, as train.py
+            views = train.make_views(local, len(local), "simclr", 2, gens, mean, std)
+            # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits
+            train.train_step(settings, forward, None, opt, sched, views, s.labels[batch],
+                             no_negatives, gens.mining)
     return timed(run_steps, args.warmup, args.steps, device)
 
 

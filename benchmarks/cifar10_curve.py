@@ -23,7 +23,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import data  # noqa: E402
-import evaluate  # noqa: E402
 import train  # noqa: E402
 
 # SupCon, ResNet-18 with the small-image stem, 32 px, batch 512 x 2 views, SGD with warm-up and
@@ -71,8 +70,8 @@ def main():
     text = "\n".join(rows) + "\n"
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    data.atomic_write_text(text, os.path.join(HERE, "results", "cifar10_curve.md"))
-    plt = evaluate.pyplot()
+    data.write_text(os.path.join(HERE, "results", "cifar10_curve.md"), text)
+    plt = data.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["minutes"] for r in records], [r["probe_accuracy"] for r in records], marker="o")
     ax.axhline(0.9, ls=":", c="grey", label="90%")
@@ -82,7 +81,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(HERE, "results", "cifar10_curve.png")
-    evaluate.save_figure(fig, path)
+    data.save_figure(fig, path)
     print(f"curve: {path}")
 
 

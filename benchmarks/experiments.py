@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
-import evaluate  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,7 +154,7 @@ def fs(metrics, key):
 
 def tsne_sheet(pictures, path):
     from PIL import Image
-    plt = evaluate.pyplot()
+    plt = data.pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(18, 10.5))
     for ax, (title, file) in zip(axes.flat, pictures):
         ax.imshow(Image.open(file))
@@ -163,7 +162,7 @@ def tsne_sheet(pictures, path):
         ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    evaluate.save_figure(fig, path, dpi=80)
+    data.save_figure(fig, path, dpi=80)
     return path
 
 
@@ -196,8 +195,8 @@ def main():
                   + (f" Rows kept from an earlier run of this command (--keep-finished): "
                      f"{'; '.join(args.kept)}." if args.kept else ""), ""]
         text = "\n".join(header + rows) + "\n"
-        data.atomic_write_text(text, os.path.join(HERE, "results", f"{tag}.md"))
-        data.atomic_write_text(json.dumps(raw, indent=1, default=float), os.path.join(HERE, "results", f"{tag}.json"))
+        data.write_text(os.path.join(HERE, "results", f"{tag}.md"), text)
+        data.write_text(os.path.join(HERE, "results", f"{tag}.json"), json.dumps(raw, indent=1, default=float))
         return text
 
     args.save = save

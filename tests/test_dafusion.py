@@ -79,7 +79,7 @@ def test_saved_embeddings_load_back_through_diffusers(tiny_model, tmp_path):
     vectors = torch.randn(3, pipe.text_encoder.config.hidden_size)
     path = str(tmp_path / "emb" / "cls.safetensors")
     dafusion.save_embedding(path, "<cls>", vectors)
-    assert not os.path.exists(path + ".tmp")
+    assert not os.path.exists(path.replace(".safetensors", ".tmp.safetensors"))
     pipe.load_textual_inversion(path, token="<cls>")
     ids = pipe.tokenizer.convert_tokens_to_ids(dafusion.placeholder_tokens("<cls>", 3))
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], vectors)
@@ -130,7 +130,8 @@ def test_img2img_end_to_end_with_seeds(tiny_model, toy_folder, tmp_path):
         b = np.asarray(Image.open(os.path.join(out_b, r["path"])))
         assert np.array_equal(a, b), r["path"]
     # data.py reads the result: the near-OOD rows are negative-only
-    syn = data.read_manifest(out, ["blue", "red"], 24, 3)
+    splits = data.load_data(toy_folder, image_size=24, ood_classes="", val_fraction=0)
+    syn = data.read_manifest(out, splits, 24, 3)
     assert int(syn.negative_only.sum()) == 8 and len(syn) == 16
 
 
@@ -153,10 +154,11 @@ def test_missing_model_fails_at_once(tmp_path, toy_folder):
 
 
 @pytest.mark.parametrize("flag,value", [("--id-strength", "0"), ("--ood-strength", "1.5"), ("--id-strength", "-0.1")])
-def test_strength_outside_0_1_is_refused(flag, value, tmp_path):
-    args = dafusion.build_parser().parse_args(["--out", str(tmp_path), flag, value])
-    with pytest.raises(dafusion.GenerationError, match=r"must be in \(0, 1\]"):
-        dafusion.generate(args)
+def test_strength_outside_0_1_is_refused(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # refused where argparse reads it, before any data
+        dafusion.build_parser().parse_args(["--out", str(tmp_path), flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {value} is not a number in (0, 1]" in capsys.readouterr().err
 
 
 def test_too_few_steps_for_a_strength_is_refused(tiny_model, toy_folder, tmp_path):
@@ -212,15 +214,16 @@ def test_ddpm_variations_drift_with_strength(digits_ddpm):
 def test_ddpm_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     argv = ["--out", str(tmp_path / "syn"), "--examples-per-class", "3", "--per-image", "2",
             "--ddpm-steps", "5", "--gen-batch-size", "4"]
-    real_save, calls = dafusion.save_image_atomic, {"n": 0}
+    real_write, calls = data.atomic_write, {"n": 0}
 
-    def crash_on_the_6th_image(image, path):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        real_save(image, path)
+    def crash_on_the_6th_image(path, write):
+        if path.endswith(".png") and "contact_sheet" not in path:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+        real_write(path, write)
 
-    monkeypatch.setattr(dafusion, "save_image_atomic", crash_on_the_6th_image)
+    monkeypatch.setattr(data, "atomic_write", crash_on_the_6th_image)
     with pytest.raises(KeyboardInterrupt):
         dafusion.main(argv)
     out = str(tmp_path / "syn")
@@ -229,7 +232,7 @@ def test_ddpm_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     rows = read_rows(out)
     assert len(on_disk) == 5 and sorted(r["path"] for r in rows) == [p for p in on_disk if not p.endswith(".tmp.png")]
     assert not any(p.endswith(".tmp.png") for p in on_disk)
-    monkeypatch.setattr(dafusion, "save_image_atomic", real_save)
+    monkeypatch.setattr(data, "atomic_write", real_write)
     assert dafusion.generate(dafusion.build_parser().parse_args(argv)) == 96 - 5  # 8 classes x 3 images x 2 kinds x 2, minus those on disk
     rows = read_rows(out)
     assert len(rows) == 96 and all(os.path.exists(os.path.join(out, r["path"])) for r in rows)

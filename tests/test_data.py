@@ -104,23 +104,34 @@ def test_labels_out_of_range():
         data.ImageSet(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 5]), ["a", "b", "c"])
 
 
-def write_manifest(folder, rows):
+def write_manifest(folder, rows, source="", strength=0.5):
+    """A manifest of flat grey images; rows: (path, label, kind) or (path, label, kind, source)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "manifest.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "kind", "source", "strength", "seed", "generator"])
-        for path, label, kind in rows:
+        for path, label, kind, *src in rows:
             full = os.path.join(folder, path)
             os.makedirs(os.path.dirname(full), exist_ok=True)
             Image.new("L", (10, 10), 128).save(full)
-            w.writerow([path, label, kind, "src.png", 0.5, 0, "test"])
+            w.writerow([path, label, kind, src[0] if src else source, strength, 0, "test"])
+
+
+def splits_of(classes, train_names=(), test_names=(), ood_names=()):
+    """A Splits with one tiny image per name, for the manifest reader's source checks."""
+    def images(names):
+        return data.ImageSet(torch.zeros(len(names), 1, 4, 4, dtype=torch.uint8),
+                             torch.zeros(len(names), dtype=torch.long), list(classes),
+                             names=list(names))
+    return data.Splits(images(train_names), images(test_names),
+                       images(ood_names) if ood_names else None, list(classes), [])
 
 
 def test_manifest_reader(tmp_path):
     folder = str(tmp_path / "syn")
     write_manifest(folder, [("id/1/a_0.png", "1", "id"), ("near_ood/0/b_0.png", "0", "near_ood"),
                             ("near_ood/1/c_0.png", "1", "near_ood")])
-    s = data.read_manifest(folder, ["0", "1"], 8, 1)
+    s = data.read_manifest(folder, splits_of(["0", "1"]), 8, 1)
     assert s.images.shape == (3, 1, 8, 8)
     assert s.labels.tolist() == [1, 0, 1] and s.negative_only.tolist() == [False, True, True]
     assert s.kind.tolist() == [data.KIND_ID, data.KIND_NEAR_OOD, data.KIND_NEAR_OOD]
@@ -130,13 +141,13 @@ def test_manifest_errors(tmp_path):
     folder = str(tmp_path / "syn")
     write_manifest(folder, [("id/7/a_0.png", "7", "id")])
     with pytest.raises(data.DataError, match="line 2: class '7' is not a class"):
-        data.read_manifest(folder, ["0", "1"], 8, 1)
+        data.read_manifest(folder, splits_of(["0", "1"]), 8, 1)
     write_manifest(folder, [("id/1/a_0.png", "1", "id")])
     os.remove(os.path.join(folder, "id/1/a_0.png"))
     with pytest.raises(data.DataError, match="a_0.png does not exist"):
-        data.read_manifest(folder, ["0", "1"], 8, 1)
+        data.read_manifest(folder, splits_of(["0", "1"]), 8, 1)
     with pytest.raises(data.DataError, match="no manifest.csv"):
-        data.read_manifest(str(tmp_path), ["0"], 8, 1)
+        data.read_manifest(str(tmp_path), splits_of(["0"]), 8, 1)
 
 
 def test_sampler_guarantees_positives_and_negative_share():
@@ -146,7 +157,7 @@ def test_sampler_guarantees_positives_and_negative_share():
     neg = torch.zeros(300, dtype=torch.bool)
     neg[200:] = True
     batches = data.contrastive_batches(labels, neg, batch_size=64, m_per_class=4,
-                                       negatives_share=0.25, seed=3, epoch=1)
+                                       negatives_share=0.25, generator=data.epoch_generator(3, 1))
     seen = torch.cat([b[~neg[b]] for b in batches])
     assert sorted(seen.tolist()) == list(range(200))  # every labelled image once per epoch
     for b in batches:
@@ -155,7 +166,7 @@ def test_sampler_guarantees_positives_and_negative_share():
         assert ((counts == 0) | (counts >= 2)).all()  # every labelled image has a positive
         assert len(negative) == 16  # 25% of 64
         assert torch.isin(labels[negative], labels[real]).all()  # hard negatives of classes present
-    again = data.contrastive_batches(labels, neg, 64, 4, 0.25, seed=3, epoch=1)
+    again = data.contrastive_batches(labels, neg, 64, 4, 0.25, data.epoch_generator(3, 1))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 

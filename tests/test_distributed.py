@@ -37,8 +37,7 @@ def free_port():
 
 def ddp_gradients_match(rank, loss, flags):
     """One DDP step on this rank's shard vs. one process on the whole batch (computed here too)."""
-    args = train.build_parser().parse_args(["--loss", loss, *flags])
-    train.check_args(args)
+    args = train.with_defaults(train.build_parser().parse_args(["--loss", loss, *flags]))
     torch.manual_seed(0)  # the same model, batch and labels on both ranks
     model, classifier = supcon.build_model("cnn", loss, 1, 8, 3)
     model.eval()  # no dropout: both computations see the same function
@@ -74,7 +73,7 @@ def ddp_gradients_match(rank, loss, flags):
 def generation_is_shared(rank, out):
     """run_jobs under 2 ranks: each image made once, by one rank; one manifest lists them all."""
     s = data.load_data("digits", examples_per_class=2, ood_classes="")
-    jobs = dafusion.plan_jobs(s.train, 2, 0.2, 0.5, seed=0)
+    jobs = dafusion.plan_jobs(s.train, s.train.names, 2, 0.2, [0.5], seed=0)
     made = []
 
     def make_images(batch):

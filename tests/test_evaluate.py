@@ -139,7 +139,7 @@ def test_evaluate_cli_writes_metrics_report_and_pictures(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["ood"]) == {"held-out classes 8,9", "external"}
     for scores in metrics["ood"].values():
-        assert set(scores) == {"MSP", "k-NN", "Mahalanobis"}
+        assert set(scores) == {"MSP", "k-NN", "k-NN (k=1)", "Mahalanobis"}
         assert all(0 <= v["auroc"] <= 1 and 0 <= v["fpr95"] <= 1 for v in scores.values())
     assert metrics["few_shot"]["1-shot"]["episodes"] == 100 and metrics["train_minutes"] > 0
     report = (run / "report.md").read_text()

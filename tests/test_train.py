@@ -16,8 +16,8 @@ TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--
 
 @pytest.mark.parametrize("loss", ["supcon", "simclr", "triplet", "cosine", "ce"])
 def test_each_loss_falls_on_a_fixed_batch(loss):
-    args = train.build_parser().parse_args(["--loss", loss, "--margin", "0.5" if loss != "cosine" else "0.0"])
-    train.check_args(args)
+    args = train.with_defaults(train.build_parser().parse_args(
+        ["--loss", loss, "--margin", "0.5" if loss != "cosine" else "0.0"]))
     torch.manual_seed(0)
     s = data.load_data("digits", examples_per_class=8, ood_classes="")
     model, classifier = supcon.build_model(args.model, args.loss, 1, 16, 10)
@@ -45,7 +45,7 @@ def test_default_run_writes_its_folder(tmp_path):
     run = tmp_path / "r"
     for name in ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "model.pt"):
         assert (run / name).exists(), name
-    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert not any(".tmp" in p.name for p in run.iterdir())  # no temporary left behind
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     saved = json.loads((run / "metrics.json").read_text())
     assert 0 <= saved["test_accuracy"] <= 1 and 0 <= saved["ood_auroc_knn"] <= 1
@@ -54,7 +54,7 @@ def test_default_run_writes_its_folder(tmp_path):
     # checkpoints hold tensors and plain containers only: weights_only loading works
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 0
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(data.DataError, match="already holds a run"):
         train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
 
 
@@ -106,19 +106,58 @@ def test_eval_every_logs_probe_accuracy_and_changes_no_weight(tmp_path, loss):
     assert plain["test_accuracy"] == probed["test_accuracy"]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+# (extra flags, steps per epoch at --batch-size 16): SupCon, and dataset-scope triplets, whose
+# (T, 3) batches go through the same step, interrupt and divergence handling
+LOOPS = [([], 6), (["--loss", "triplet", "--mining-scope", "dataset"], 20)]
+
+
+@pytest.mark.parametrize("extra,per_epoch", LOOPS)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, extra,
+                                                             per_epoch):
     real_loss, calls = train.compute_loss, {"n": 0}
 
-    def nan_on_step_8(*a, **k):
+    def nan_at_epoch_2_step_1(*a, **k):
         calls["n"] += 1
         value = real_loss(*a, **k)
-        return value * float("nan") if calls["n"] == 8 else value
+        return value * float("nan") if calls["n"] == per_epoch + 2 else value
 
-    monkeypatch.setattr(train, "compute_loss", nan_on_step_8)
+    monkeypatch.setattr(train, "compute_loss", nan_at_epoch_2_step_1)
     with pytest.raises(train.Diverged, match="epoch 2, step 1.*last good checkpoint"):
-        train.main(TINY + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
+        train.main(TINY + extra + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    real_loss = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(train.Diverged, match="epoch 1, step 0.*no checkpoint was written yet"):
+        train.main(TINY + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+def test_dataset_triplets_resume_after_ctrl_c_like_the_uninterrupted_run(tmp_path, monkeypatch):
+    args = TINY + LOOPS[1][0] + ["--batch-size", "16", "--no-report", "--out", str(tmp_path)]
+    train.main(args + ["--name", "straight"])
+    real_loss, calls = train.compute_loss, {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 23:  # step 2 of the second epoch (20 triplet batches an epoch)
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(train, "compute_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--name", "cut"])
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    monkeypatch.setattr(train, "compute_loss", real_loss)
+    train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -127,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     (["--synthetic", "somewhere"], "not used"),
 ])
 def test_bad_argument_combinations(argv, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(data.DataError, match=message):
         train.main(argv + ["--out", str(tmp_path)])
 
 
