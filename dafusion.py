@@ -682,8 +682,13 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
     folder = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
     digest = _digest(json.dumps(key, sort_keys=True), 12)
     settings.out = os.path.join(cache_root, f"{folder}-{digest}")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        made = generate(settings, splits, device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            made = generate(settings, splits, device)
+    except KeyboardInterrupt:  # one line: what is kept, and how to go on
+        print(f"\nCtrl-C while generating the synthetic set: its finished images are kept in "
+              f"{settings.out}; the same command goes on from there", file=sys.stderr)
+        raise
     print(f"synthetic set {settings.out}: " + ("reused from the cache" if made == 0 else
                                                f"generated {made} images (cached for next time)"))
     return settings.out
@@ -723,7 +728,7 @@ def add_generation_arguments(p):
 
 def build_parser():
     """dafusion.py's command line: data, generation and Stable Diffusion options."""
-    p = data.add_data_arguments(data.Parser(__doc__))
+    p = data.add_data_arguments(data.Parser(__doc__, "dafusion.py"))
     add_generation_arguments(p)
     p.add_argument("--kinds", default="id,near_ood",
                    help="which kinds to make: id, near_ood or both")
@@ -775,6 +780,8 @@ def check_generation(args):
     if sd and not args.model:
         raise GenerationError("--generator stable-diffusion needs --model (a hub id in your "
                               "cache or a folder)")
+    if args.masks and not os.path.isdir(args.masks):
+        raise GenerationError(f"--masks {args.masks}: no such folder")
     if args.resolution and args.resolution % 8:
         raise GenerationError(f"--resolution {args.resolution} must be a multiple of 8 (the "
                               f"VAE halves the side three times)")

@@ -1003,8 +1003,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with its error as one line ("prog: error: argument --lr: ..."), not the usage
     block first, and the module docstring as the help text."""
 
-    def __init__(self, description, **kwargs):
-        super().__init__(description=description, **kwargs,
+    def __init__(self, description, prog, **kwargs):
+        super().__init__(description=description, prog=prog, **kwargs,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(self, message):
@@ -1025,6 +1025,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False, what="")
                 (high is not None and (value >= high if high_open else value > high)):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
+    read.checked = True  # marks a validated numeric option (tests/test_inputs.py looks for it)
     return read
 
 
@@ -1051,6 +1052,9 @@ def strength_list(text):
     if not values:
         raise argparse.ArgumentTypeError("needs at least one strength, e.g. 0.3,0.5,0.7")
     return values
+
+
+strength_list.checked = True
 
 
 def add_data_arguments(parser):
@@ -1137,14 +1141,15 @@ def run_command(main, argv=None):
     try:
         return main(argv)
     except DataError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 def main(argv=None):
     """data.py's command line: what a configuration loads, and a grid of augmented views."""
-    parser = add_data_arguments(Parser(__doc__))
+    parser = add_data_arguments(Parser(__doc__, "data.py"))
     parser.add_argument("--augment", default="rotation", choices=["none", "rotation", "simclr"])
     args = parser.parse_args(argv)
     splits = splits_from_args(args)

@@ -525,7 +525,10 @@ def load_run(run_dir, device, overrides=None):
     args = run_settings(run_dir, overrides)
     state = data.load_torch_file(os.path.join(run_dir, "model.pt"), "model file")
     splits = data.splits_from_args(args)
-    if splits.classes != state.get("classes"):
+    if "classes" not in state:
+        raise data.DataError(f"model file {os.path.join(run_dir, 'model.pt')}: not written by "
+                             f"train.py (it holds no class list)")
+    if splits.classes != state["classes"]:
         raise data.DataError(f"{run_dir}: the data's classes {splits.classes} differ from the "
                              f"run's {state.get('classes')}; pass the run's --data options")
     # what the network is: saved with the weights (older runs: from config.json)
@@ -677,7 +680,7 @@ def nearness_table(result):
 
 def build_parser():
     """evaluate.py's command line: a run folder again, or the nearness meter."""
-    p = data.add_data_arguments(data.Parser(__doc__))
+    p = data.add_data_arguments(data.Parser(__doc__, "evaluate.py"))
     p.add_argument("run", nargs="?", default=None, help="a run folder written by train.py")
     p.add_argument("--ood-data", default=None, help="a folder of OOD images (any layout)")
     p.add_argument("--episodes", type=data.int_at_least(1), default=200,
@@ -709,6 +712,8 @@ def main(argv=None):
         return result
     if not a.run:
         parser.error("give a run folder (runs/<name>) or --nearness DIR")
+    if a.ood_data and not os.path.isdir(a.ood_data):  # before the run's data loads
+        raise data.DataError(f"--ood-data {a.ood_data}: no such folder")
     m = evaluate_run(a.run, overrides, a.ood_data, a.device, a.episodes, not a.no_pictures)
     print(f"test accuracy {m['test_accuracy']:.4f} (k-NN {m['knn_accuracy']:.4f})")
     for set_name, scores in m["ood"].items():

@@ -61,7 +61,7 @@ RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "ev
 
 def build_parser():
     """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
-    p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__)))
+    p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__, "train.py")))
     b = p.add_argument_group("batches")
     b.add_argument("--negatives-per-batch", type=data.float_in(0, 10), default=0.25,
                    help="negative-only images per batch, as a share of --batch-size, on top of "
@@ -171,6 +171,13 @@ def check_args(args, given):
          "needs --synthetic DIR (or --positives id) and a contrastive --loss"),
         ("epochs" in given and "train_steps" in given, "--epochs and --train-steps both given: "
          "--train-steps sets the run's length; drop one"),
+        # files named on the command line: checked now, not after the data has loaded
+        (args.synthetic and not os.path.isfile(os.path.join(args.synthetic, "manifest.csv")),
+         f"--synthetic {args.synthetic}: no manifest.csv there; make the set with dafusion.py "
+         f"--out {args.synthetic}"),
+        (args.masks and not os.path.isdir(args.masks), f"--masks {args.masks}: no such folder"),
+        (args.init_from and not os.path.isfile(os.path.join(args.init_from, "model.pt")),
+         f"--init-from {args.init_from}: no model.pt there; pass a finished run folder"),
     ]
     for wrong, message in refuse:
         if wrong:
@@ -480,15 +487,20 @@ class Checkpoint:
         state = data.load_torch_file(self.path, "--resume checkpoint")
         for key, module in (("model", self.model), ("classifier", self.classifier)):
             data.load_weights(module, state, key, self.path, "--resume checkpoint")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        on = "cpu" if self.device.type == "cpu" else self.device  # a CPU generator's own state
-        for name in ("augment", "mining", "negatives"):
-            getattr(self.gens, name).set_state(state[f"{name}_rng"].to(on))
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        return state["epoch"], state["step"], state.get("log", {})
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            on = "cpu" if self.device.type == "cpu" else self.device  # a CPU generator's state
+            for name in ("augment", "mining", "negatives"):
+                getattr(self.gens, name).set_state(state[f"{name}_rng"].to(on))
+            torch.set_rng_state(state["cpu_rng"].cpu())
+            if self.device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+            return int(state["epoch"]), int(state["step"]), state.get("log", {})
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise data.DataError(f"--resume checkpoint {self.path}: does not fit this run "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                                 f"it was written by another version or another run") from error
 
     @contextlib.contextmanager
     def on_ctrl_c(self, log, run_dir):

@@ -142,6 +142,8 @@ def test_txt2img_makes_id_images_per_class(tiny_model, toy_folder, tmp_path):
     assert len(rows) == 8 and {r["kind"] for r in rows} == {"id"}
     assert sorted(r["label"] for r in rows) == ["blue"] * 4 + ["red"] * 4
     assert not os.path.exists(os.path.join(out, "embeddings"))  # txt2img uses the class name
+    # no source image and no strength: a txt2img image had neither
+    assert {(r["source"], r["strength"]) for r in rows} == {("", "")}
 
 
 def test_missing_model_fails_at_once(tmp_path, toy_folder):
@@ -242,3 +244,43 @@ def test_ddpm_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     for r in rows:
         assert np.array_equal(np.asarray(Image.open(os.path.join(out, r["path"]))),
                               np.asarray(Image.open(os.path.join(straight, r["path"])))), r["path"]
+
+
+# -----------------------------------------------------------------------------
+# Inputs the Stable Diffusion path must read as the user laid them out
+
+
+def test_non_ascii_class_names_get_their_own_token_and_folder(tiny_model, tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("螺丝", "螺母", "zero one", "zero-one"):  # two all-CJK names, two that slug alike
+        os.makedirs(tmp_path / "parts" / name)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "parts" / name / "p.png")
+    out = str(tmp_path / "syn")
+    dafusion.generate(sd_args(out, tiny_model, str(tmp_path / "parts"), ["--per-image", "1"]))
+    rows = read_rows(out)
+    assert len(rows) == 8 and len({r["path"] for r in rows}) == 8  # 4 classes x 2 kinds
+    assert all(os.path.exists(os.path.join(out, r["path"])) for r in rows)
+    assert len(os.listdir(os.path.join(out, "embeddings"))) == 4  # one learned token each
+
+
+def test_masks_have_one_layout_for_cropping_and_inpainting(tiny_model, tmp_path):
+    # an ImageFolder with a sub-folder; masks at MASKS/<path relative to --data>.png
+    for c in ("red", "blue"):
+        for i in range(2):
+            os.makedirs(tmp_path / "parts" / c / "lot1", exist_ok=True)
+            os.makedirs(tmp_path / "masks" / c / "lot1", exist_ok=True)
+            Image.new("RGB", (24, 24), (200, 10, 10) if c == "red" else (10, 10, 200)).save(
+                tmp_path / "parts" / c / "lot1" / f"im{i}.jpg")
+            mask = Image.new("L", (24, 24))
+            mask.paste(255, (6, 6, 18, 18))
+            mask.save(tmp_path / "masks" / c / "lot1" / f"im{i}.png")
+    parts, masks = str(tmp_path / "parts"), str(tmp_path / "masks")
+    s = data.load_data(parts, image_size=24, ood_classes="", val_fraction=0, masks=masks)
+    assert len(s.train) == 4  # every image found its mask and was cropped around it
+    out = str(tmp_path / "syn")
+    made = dafusion.generate(sd_args(out, tiny_model, parts, ["--masks", masks, "--per-image", "1"]))
+    assert made == 8 and len(read_rows(out)) == 8  # inpainted inside the same masks
+    os.remove(tmp_path / "masks" / "red" / "lot1" / "im1.png")
+    with pytest.raises(data.DataError, match=r"masks/red/lot1/im1\.png: no mask"):
+        data.load_data(parts, image_size=24, ood_classes="", val_fraction=0, masks=masks)
