@@ -674,8 +674,9 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
     Generation draws from the global random generator (the DDPM's initial weights); it runs on
     a copy of the random state, so a run draws the same numbers afterwards whether the set was
     generated now or read from the cache."""
-    settings = argparse.Namespace(**{**vars(args), "generator": "ddpm", "model": None,
-                                     "mode": "img2img", "kinds": "id,near_ood"})
+    defaults = vars(build_parser().parse_args(["--out", cache_root]))  # dafusion.py's own
+    settings = argparse.Namespace(**{**defaults, **vars(args), "generator": "ddpm",
+                                     "model": None, "mode": "img2img", "kinds": "id,near_ood"})
     settings = with_generation_defaults(settings)  # the ddpm defaults are part of the key
     key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
     key["strength"] = "alpha-bar of SD v1 img2img"  # sets of the older meaning are not reused
