@@ -289,7 +289,7 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
         # GIL): processes. "spawn": they start clean, whatever threads or CUDA this one holds
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             decoded = list(tqdm(pool.map(_read_image, jobs, chunksize=256), total=len(jobs),
-                                desc=f"reading {root}", leave=False))
+                                desc=f"reading {root}", leave=False, disable=None))
     else:
         decoded = [_read_image(job) for job in jobs]  # small sets: no process start-up cost
     images, labels, names, bad = [], [], [], []
@@ -609,10 +609,16 @@ def training_set(args, splits):
 # Batches: m images per class, and negative-only images on top
 
 
+def stream_seed(seed, index):
+    """The seed of the index-th stream of a run (an epoch's batches, a step's dropout): a
+    function of (seed, index) alone, so a resumed run draws the same numbers without storing
+    them, and two settings of one seed draw the same ones."""
+    return seed * 100003 + index
+
+
 def epoch_generator(seed, epoch):
-    """The one random stream of an epoch's batches: a function of (seed, epoch) alone, so a
-    resumed run draws the same batches without storing them."""
-    return torch.Generator().manual_seed(seed * 100003 + epoch)
+    """The random stream of an epoch's batches."""
+    return torch.Generator().manual_seed(stream_seed(seed, epoch))
 
 
 def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,

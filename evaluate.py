@@ -520,11 +520,12 @@ def run_settings(run_dir, overrides=None):
     return argparse.Namespace(**{**vars(parser.parse_args([])), **saved, **(overrides or {})})
 
 
-def load_run(run_dir, device, overrides=None):
-    """runs/<name>: its settings, splits, model and classifier, and normalisation statistics."""
+def load_run(run_dir, device, overrides=None, splits=None):
+    """runs/<name>: its settings, splits (read from its data unless given), model and
+    classifier, and normalisation statistics."""
     args = run_settings(run_dir, overrides)
     state = data.load_torch_file(os.path.join(run_dir, "model.pt"), "model file")
-    splits = data.splits_from_args(args)
+    splits = splits or data.splits_from_args(args)
     if "classes" not in state:
         raise data.DataError(f"model file {os.path.join(run_dir, 'model.pt')}: not written by "
                              f"train.py (it holds no class list)")

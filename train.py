@@ -116,6 +116,9 @@ def build_parser():
                    help="L2 penalty of the optimiser")
     o.add_argument("--warmup-epochs", type=data.float_at_least(0), default=1.0,
                    help="linear warm-up, then cosine decay")
+    o.add_argument("--warmup-steps", type=data.int_at_least(0), default=None,
+                   help="the warm-up in optimiser steps (instead of --warmup-epochs): the same "
+                        "schedule for settings whose epochs differ in length")
     o.add_argument("--linear-epochs", type=data.int_at_least(1), default=100,
                    help="linear classifier on frozen features")
     o.add_argument("--outlier-exposure", type=data.float_at_least(0), default=0.0,
@@ -171,6 +174,8 @@ def check_args(args, given):
          "needs --synthetic DIR (or --positives id) and a contrastive --loss"),
         ("epochs" in given and "train_steps" in given, "--epochs and --train-steps both given: "
          "--train-steps sets the run's length; drop one"),
+        ("warmup_epochs" in given and "warmup_steps" in given, "--warmup-epochs and "
+         "--warmup-steps both given; drop one"),
         # files named on the command line: checked now, not after the data has loaded
         (args.synthetic and not os.path.isfile(os.path.join(args.synthetic, "manifest.csv")),
          f"--synthetic {args.synthetic}: no manifest.csv there; make the set with dafusion.py "
@@ -758,8 +763,9 @@ def run(args, run_dir, device, resumed=False):
     model, classifier, opt = build_training(args, C, H, K, device, world)
     per_epoch = count_batches(args, train_set)
     total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, int(args.warmup_epochs * per_epoch)))
+    warmup = args.warmup_steps if args.warmup_steps is not None else \
+        int(args.warmup_epochs * per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     gens = Generators(args.seed, device)
     checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
     epoch0, step0, log_state = checkpoint.restore() if resumed else (0, 0, {})
@@ -799,6 +805,9 @@ def run(args, run_dir, device, resumed=False):
                                                          args.workers):
                 checkpoint.mark(epoch, step)  # what a checkpoint taken during this step holds
                 ctrl_c.check()  # a Ctrl-C stops here, between steps
+                # dropout draws from the global generator, re-seeded each step: the labelled
+                # rows (first in the batch) get the same masks with or without negatives
+                torch.manual_seed(data.stream_seed(args.seed, epoch * per_epoch + step))
                 n_labelled = rows.numel() if args.mining_scope == "dataset" else \
                     int((~train_set.negative_only[rows]).sum())  # labelled rows come first
                 views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)

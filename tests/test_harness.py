@@ -3,6 +3,7 @@ negatives, the k-NN reference set is the real training images, a seed gives the 
 cold or a warm synthetic cache, strength means the same noise in both generators, and the
 nearness meter measures what it claims on cases whose answer is known."""
 
+import argparse
 import json
 import os
 
@@ -160,3 +161,20 @@ def test_nearness_meter_on_a_set(synthetic_set, capsys):
         assert 0 <= row["ood_auroc"] <= 1
     assert saved["held_out"]["classes"] == ["8", "9"] and 0 <= saved["held_out"]["ood_auroc"] <= 1
     assert "| near-OOD | 0.9 | 48 |" in capsys.readouterr().out
+
+
+def test_outlier_exposure_flattens_the_probes_softmax_on_outliers():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 3
+    labels = torch.arange(3).repeat(40)
+    features = centres[labels] + torch.randn(120, 8, generator=g)
+    outliers = torch.randn(60, 8, generator=g) + 6  # a region of their own, no class
+    settings = argparse.Namespace(linear_epochs=30, outlier_exposure=0.0)
+    plain = train.train_linear(settings, features, labels, 3, torch.device("cpu"), 0)
+    settings.outlier_exposure = 0.5
+    exposed = train.train_linear(settings, features, labels, 3, torch.device("cpu"), 0, outliers)
+    with torch.no_grad():
+        msp = lambda probe, x: probe(x).softmax(1).max(1).values.mean().item()  # noqa: E731
+        assert msp(exposed, outliers) < msp(plain, outliers) - 0.05
+        # and it still classifies the labelled images, if at some cost (3 classes: chance 1/3)
+        assert (exposed(features).argmax(1) == labels).float().mean() > 0.6

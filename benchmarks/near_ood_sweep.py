@@ -1,0 +1,520 @@
+"""
+benchmarks/near_ood_sweep.py -- When do near-OOD negatives help? A calibrated sweep with a
+control, the obvious alternative (outlier exposure) and paired statistics.
+
+The thesis asked whether "bad" synthetic images (high-strength SDEdit variations) used ONLY as
+negatives in the SupCon loss improve accuracy and OOD detection. Every row of the real + ID
+family trains the same encoder (same initial weights, labelled batches, labelled views and
+dropout masks) for the same number of optimiser steps and is evaluated on the same sets; each is
+compared seed by seed with a control that has identical batches and compute but gives the
+negatives weight 0 in the loss (the small CNN has no batch norm, so at w = 0 the negatives change
+nothing: the control equals real + ID up to float rounding, a check this script prints).
+
+Setup (CPU version): CIFAR-10 JPEGs (../shared/data), 7 training classes (airplane, automobile,
+bird, deer, frog, ship, truck), 50 real images per class (seeded), the fruit project's small CNN
+at 32 px, SupCon (tau 0.1), 128 labelled images per batch (+ 32 negatives on top), AdamW 1e-3,
+the same --train-steps for every row. Held out: cat and dog (the test near-OOD classes: animals
+like the training birds, deer and frogs) and horse (the VALIDATION OOD class, used only to
+choose the best strength). One synthetic set per seed from the offline ddpm generator: 2 ID
+variations per image at strength 0.2 and 2 near-OOD variations at each of 0.3, 0.5, 0.7, 0.9
+(dafusion.py --strengths), shared by all rows of the seed; its nearness table (evaluate.py's
+meter, the seed's real + ID run as reference) says which strengths are near-OOD by measurement.
+
+Primary metric, fixed before running: k-NN OOD AUROC (Sun et al. 2022) with k = 5 of the 350
+real training images (k/N = 1.4%; their k = 50 of 50,000 is 0.1%, and k = 50 here would be a
+whole class), of the held-out cat and dog test images against the 7,000 ID test images. Also:
+FPR@95 of that score, k = 1 and 50, MSP AUROC, linear-probe test accuracy (the run's probe, and
+a probe refitted on the real images alone), a far-OOD set (the 1,797 sklearn digits at 32 px
+RGB). Validation: 100 training images per class outside every seed's few-shot set (ID) against
+500 horse training images (OOD), k = 5.
+
+Rows. Phase 1 (the confirmatory family, fixed in advance): near-OOD negatives at 0.3 / 0.5 /
+0.7 / 0.9 and the ID variations (0.2) as negatives, each against the control (same-class
+masking, w = 1, 32 negatives per batch), Holm-corrected on the primary metric; beside them
+real only and real + ID (descriptive; real + ID against the control is the noise check). The
+best strength is chosen on validation: the strength with the largest mean paired gain over
+the control, if that gain exceeds the 0.5 row's by more than one standard error, else 0.5.
+Phase 2 (exploratory, against "negatives s=best"): w = 0.25 and 4, 0.1 and 0.5 of a batch,
+--hard-negatives all; and outlier exposure (Hendrycks et al. 2019, lambda 0.5), the near-OOD
+images of the best strength on the linear probe of the real + ID encoder (no negatives in
+SupCon), against real + ID on MSP and accuracy (its encoder IS real + ID's).
+
+Statistics: per row and metric, the per-seed differences to the reference row, their mean and
+95% t-interval, a two-sided paired t-test; Holm at 0.05 over the phase-1 family.
+
+Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 2 CPU cores
+      python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke   # a smoke run
+Runs go to runs/sweep/ (a stopped sweep continues: finished runs are reused; delete runs/sweep
+after changing the code); results to benchmarks/results/near_ood_sweep.{json,md,png}.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import dafusion  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TEST_OOD, VAL_OOD = ["cat", "dog"], ["horse"]
+STRENGTHS = [0.3, 0.5, 0.7, 0.9]
+CONTROL_STRENGTH = 0.5  # the thesis's near-OOD strength; w = 0 removes it from the loss
+K = 5  # the primary k of the k-NN score (see the top of this file)
+PRIMARY, SELECT = "test_knn_auroc", "val_knn_auroc"  # the primary metric; the one that chooses
+CONTROL, REAL_ID = "control (w = 0)", "real + ID"
+METRICS = [  # (key, what)
+    ("test_knn_auroc", f"k-NN (k={K}) OOD AUROC, cat+dog (primary)"),
+    ("test_knn_fpr95", f"k-NN (k={K}) FPR@95, cat+dog"),
+    ("test_knn1_auroc", "k-NN (k=1) AUROC"), ("test_knn50_auroc", "k-NN (k=50) AUROC"),
+    ("test_msp_auroc", "MSP AUROC, cat+dog"), ("test_accuracy", "test accuracy"),
+    ("test_accuracy_real_probe", "test accuracy, probe on real images"),
+    ("far_knn_auroc", f"far OOD (digits) k-NN AUROC"), ("far_knn_fpr95", "far OOD FPR@95"),
+    ("val_knn_auroc", "validation: k-NN AUROC, horse"),
+]
+
+
+def phase1_rows():
+    """{row name: (train.py flags, uses the synthetic set)}: the confirmatory family and the
+    descriptive rows, all at 32 negatives per batch when they have negatives."""
+    table = {"real only": ([], False), REAL_ID: (["--positives", "id"], True),
+             CONTROL: negatives(CONTROL_STRENGTH, "--negative-weight", "0")}
+    table.update({f"negatives s={s}": negatives(s) for s in STRENGTHS})
+    table["ID variations (0.2) as negatives"] = (["--positives", "id", "--negatives", "id"], True)
+    return table
+
+
+def phase2_rows(best):
+    """The exploratory rows at the chosen strength (outlier exposure is measured, not run)."""
+    return {f"negatives s={best}, w=0.25": negatives(best, "--negative-weight", "0.25"),
+            f"negatives s={best}, w=4": negatives(best, "--negative-weight", "4"),
+            f"negatives s={best}, 0.1 of a batch": negatives(best, "--negatives-per-batch", "0.1"),
+            f"negatives s={best}, 0.5 of a batch": negatives(best, "--negatives-per-batch", "0.5"),
+            f"negatives s={best}, all anchors": negatives(best, "--hard-negatives", "all")}
+
+
+def negatives(strength, *more):
+    """A row of real + ID with the near-OOD images of `strength` as negatives."""
+    return (["--positives", "id", "--negatives", "near_ood", "--near-ood-strength",
+             str(strength), *more], True)
+
+
+# -----------------------------------------------------------------------------
+# Data: a folder with what the sweep reads, and the evaluation sets
+
+
+def prepare_folder(args):
+    """.data/cifar10-sweep: the first --train-per-class training images of each class and every
+    test image, copied from the CIFAR-10 JPEG folder (reading 60,000 files per run would cost
+    more than training)."""
+    out = args.folder
+    if os.path.exists(os.path.join(out, "done")):
+        return out
+    source = args.cifar
+    if not os.path.isdir(source):
+        raise SystemExit(f"{source}: extract ../shared/data/cifar10-jpeg.tar.gz into .data first")
+    for split, limit in (("train", args.train_per_class), ("test", None)):
+        for c in CLASSES:
+            os.makedirs(os.path.join(out, split, c), exist_ok=True)
+            for name in sorted(os.listdir(os.path.join(source, split, c)))[:limit]:
+                shutil.copy(os.path.join(source, split, c, name), os.path.join(out, split, c, name))
+    open(os.path.join(out, "done"), "w").close()
+    return out
+
+
+def data_flags(args, seed):
+    """The data options every run and every synthetic set of a seed shares."""
+    return ["--data", args.folder, "--ood-classes", ",".join(TEST_OOD + VAL_OOD),
+            "--examples-per-class", str(args.shots), "--seed", str(seed)]
+
+
+def evaluation_sets(args):
+    """The evaluation sets, the same for every run: validation ID / OOD, test ID / OOD, far OOD;
+    and the 7-class training images every seed's few-shot set is drawn from (as train.py
+    draws it: the held-out classes removed, then data.few_shot_indices)."""
+    everything = data.load_data(args.folder, ood_classes="")  # all 10 classes, read once
+    index = {c: everything.classes.index(c) for c in CLASSES}
+    kept = [index[c] for c in CLASSES if c not in TEST_OOD + VAL_OOD]
+    pool, test_id = data.remap(everything.train, kept), data.remap(everything.test, kept)
+    used = set()  # every image some seed's few-shot set holds (seeds 0-9): never validation
+    for seed in range(10):
+        used |= set(data.few_shot_indices(pool.labels, args.shots, seed).tolist())
+    g = torch.Generator().manual_seed(12345)
+    val = []
+    for c in range(len(kept)):
+        free = [i for i in torch.nonzero(pool.labels == c).squeeze(1).tolist() if i not in used]
+        val += [free[i] for i in torch.randperm(len(free), generator=g)[:args.val_per_class]]
+    horse = torch.nonzero(everything.train.labels == index[VAL_OOD[0]]).squeeze(1)
+    from sklearn.datasets import load_digits  # far OOD: another data set altogether
+    digits = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+    digits = torch.nn.functional.interpolate(digits, size=(32, 32), mode="bilinear")
+    digits = (digits.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    sets = {"val_id": pool.subset(torch.tensor(sorted(val))),
+            "val_ood": everything.train.subset(horse[:500]), "test_id": test_id,
+            "test_ood": data.remap(everything.test, [index[c] for c in TEST_OOD]),
+            "far": data.ImageSet(digits.contiguous(), torch.zeros(len(digits), dtype=torch.long),
+                                 ["ood"])}
+    return sets, pool
+
+
+def seed_splits(pool, sets, args, seed):
+    """The splits a run of `seed` trained on (its few-shot real images), without reading files."""
+    train_set = pool.subset(data.few_shot_indices(pool.labels, args.shots, seed))
+    return data.Splits(train_set, sets["test_id"], sets["test_ood"], pool.classes,
+                       TEST_OOD + VAL_OOD, args.folder)
+
+
+# -----------------------------------------------------------------------------
+# Runs and their metrics
+
+
+def synthetic_set(args, seed):
+    """The seed's synthetic set (made once; dafusion.py resumes and reuses)."""
+    out = os.path.join(args.out, f"synthetic-seed{seed}")
+    dafusion.main(data_flags(args, seed) + ["--out", out, "--per-image", str(args.per_image),
+                                            "--strengths", ",".join(map(str, STRENGTHS))])
+    return out
+
+
+def run_folder(args, seed, name):
+    """runs/sweep/runs/<row>-seed<seed>."""
+    folder = f"{name}-seed{seed}".replace(" ", "_").replace("=", "")
+    return os.path.join(args.out, "runs", "".join(ch for ch in folder
+                                                 if ch.isalnum() or ch in "_.-+,()"))
+
+
+def run_row(args, seed, name, flags, synthetic):
+    """One train.py run (reused if it finished before); returns its folder."""
+    run_dir = run_folder(args, seed, name)
+    folder = os.path.basename(run_dir)
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped half-way starts again
+    argv = data_flags(args, seed) + flags + (["--synthetic", synthetic] if synthetic else []) + [
+        "--model", "cnn", "--loss", "supcon", "--temperature", "0.1", "--batch-size",
+        str(args.batch_size), "--train-steps", str(args.train_steps), "--warmup-steps",
+        str(args.train_steps // 20), "--linear-epochs", "100", "--device", "cpu", "--no-report",
+        "--out", os.path.join(args.out, "runs"), "--name", folder]
+    t0 = time.time()
+    train.main(argv)
+    with open(os.path.join(run_dir, "wall_seconds.txt"), "w") as f:
+        f.write(f"{time.time() - t0:.1f}\n")
+    return run_dir
+
+
+def measure(run_dir, sets, splits, outliers=None):
+    """The sweep's metrics of a finished run, from its model.pt and the evaluation sets.
+    outliers: near-OOD images to refit the run's probe with outlier exposure (lambda 0.5) on
+    the same probe images, for the outlier-exposure row."""
+    device = torch.device("cpu")
+    args, splits, model, classifier, mean, std = evaluate.load_run(run_dir, device, splits=splits)
+    feats = lambda s: evaluate.extract_features(model, s.images, mean, std, device)  # noqa
+    reference = feats(splits.train)  # the seed's real training images: the k-NN reference
+    f = {name: feats(s) for name, s in sets.items()}
+    settings = argparse.Namespace(linear_epochs=100, outlier_exposure=0.5)
+    real_probe = train.train_linear(settings, reference, splits.train.labels,
+                                    len(splits.classes), device, args.seed)
+    if outliers is not None:  # the probe of the run, refitted with outlier exposure
+        probe_set = data.training_set(args, splits)[0].probe_set()
+        classifier = train.train_linear(settings, feats(probe_set), probe_set.labels,
+                                        len(splits.classes), device, args.seed, feats(outliers))
+    with torch.no_grad():
+        logits = {name: classifier(x) for name, x in f.items()}
+        real_logits = real_probe(f["test_id"])
+    knn = lambda name, k=K: evaluate.knn_score(reference, f[name], k)  # noqa: E731
+    auroc = lambda s_in, s_out: evaluate.ood_metrics(s_in, s_out)  # noqa: E731
+    accuracy = lambda x, s: float((x.argmax(1) == s.labels).float().mean())  # noqa: E731
+    test, far = auroc(knn("test_id"), knn("test_ood")), auroc(knn("test_id"), knn("far"))
+    out = {"test_knn_auroc": test["auroc"], "test_knn_fpr95": test["fpr95"],
+           "test_knn1_auroc": auroc(knn("test_id", 1), knn("test_ood", 1))["auroc"],
+           "test_knn50_auroc": auroc(knn("test_id", 50), knn("test_ood", 50))["auroc"],
+           "test_msp_auroc": auroc(evaluate.msp_score(logits["test_id"]),
+                                   evaluate.msp_score(logits["test_ood"]))["auroc"],
+           "test_accuracy": accuracy(logits["test_id"], sets["test_id"]),
+           "test_accuracy_real_probe": accuracy(real_logits, sets["test_id"]),
+           "far_knn_auroc": far["auroc"], "far_knn_fpr95": far["fpr95"],
+           "val_knn_auroc": auroc(knn("val_id"), knn("val_ood"))["auroc"],
+           "val_accuracy": accuracy(logits["val_id"], sets["val_id"])}
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as fh:
+        out["optimizer_steps"] = json.load(fh)["optimizer_steps"]
+    with open(os.path.join(run_dir, "wall_seconds.txt")) as fh:
+        out["wall_seconds"] = float(fh.read())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Paired statistics
+
+
+def paired(results, names, versus, metric, family=False):
+    """For each row: the per-seed differences to `versus`, their mean, sd, 95% t-interval and a
+    two-sided paired t-test; family: Holm at 0.05 across these rows."""
+    from scipy import stats  # installed with scikit-learn
+    out = []
+    for name in names:
+        seeds = sorted(set(results[name]) & set(results[versus]))
+        d = np.array([results[name][s][metric] - results[versus][s][metric] for s in seeds])
+        n, sd = len(d), d.std(ddof=1) if len(d) > 1 else math.nan
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+        p = float(stats.ttest_1samp(d, 0.0).pvalue) if n > 1 and sd > 0 else math.nan
+        out.append({"config": name, "versus": versus, "metric": metric, "n": n,
+                    "mean_delta": float(d.mean()), "sd_delta": float(sd),
+                    "ci95": [float(d.mean() - half), float(d.mean() + half)], "p": p})
+    if family:
+        holm(out)
+    return out
+
+
+def holm(comparisons):
+    """Holm's step-down correction at 0.05: sort the p-values, compare the i-th smallest with
+    0.05 / (k - i); every comparison after the first failure is not significant."""
+    order = sorted(range(len(comparisons)), key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
+    going = True
+    for rank, i in enumerate(order):
+        going = going and bool(comparisons[i]["p"] <= 0.05 / (len(comparisons) - rank))
+        comparisons[i]["holm_significant"] = bool(going)
+
+
+# -----------------------------------------------------------------------------
+# The sweep
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
+
+
+def run_phase(args, table, sets, pool, results, configs, seeds):
+    """Every row of `table` for every seed, --workers runs at a time (one thread each: on two
+    cores two single-thread runs do 1.3x the work of one two-thread run, with the same
+    numbers); then each run measured here. Fills results[row][seed] and configs[row]."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=spawn, initializer=one_thread) as workers:
+        synthetic = dict(zip(seeds, workers.map(synthetic_set, [args] * len(seeds), seeds)))
+        jobs = [(seed, name, flags, synthetic[seed] if uses else None)
+                for seed in seeds for name, (flags, uses) in table.items()]
+        folders = list(workers.map(run_row, [args] * len(jobs), *zip(*jobs)))
+    for (seed, name, flags, _), run_dir in zip(jobs, folders):
+        results.setdefault(name, {})[seed] = measure(run_dir, sets,
+                                                     seed_splits(pool, sets, args, seed))
+        configs[name] = describe(flags)
+        print(f"seed {seed} {name}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in results[name][seed].items() if k.startswith("test")),
+            flush=True)
+
+
+def one_thread():
+    """A worker of the sweep computes on one core."""
+    torch.set_num_threads(1)
+
+
+def outlier_exposure(args, sets, pool, results, configs, best, seeds):
+    """The outlier-exposure row: each seed's real + ID encoder, its probe refitted with the
+    near-OOD images of strength `best` as outliers."""
+    name = f"outlier exposure s={best}"
+    for seed in seeds:
+        run_dir = run_folder(args, seed, REAL_ID)  # finished in phase 1
+        splits = seed_splits(pool, sets, args, seed)
+        syn = data.training_set(argparse.Namespace(**{**vars(evaluate.run_settings(run_dir)),
+                                                      "near_ood_strength": best}), splits)[1]
+        results.setdefault(name, {})[seed] = measure(run_dir, sets, splits, outliers=syn)
+    configs[name] = {**describe(["--positives", "id"]), "strength": best,
+                     "outlier_exposure": 0.5}
+
+
+def choose_strength(results):
+    """The validation rule: the strength with the largest mean paired gain over the control on
+    SELECT, if that gain exceeds the 0.5 row's by more than one standard error of their paired
+    difference; else the thesis's 0.5. Returns (strength, the gains)."""
+    gains = {s: paired(results, [f"negatives s={s}"], CONTROL, SELECT)[0] for s in STRENGTHS}
+    top = max(STRENGTHS, key=lambda s: gains[s]["mean_delta"])
+    if top != 0.5:
+        d = paired(results, [f"negatives s={top}"], "negatives s=0.5", SELECT)[0]
+        if not d["mean_delta"] > d["sd_delta"] / math.sqrt(d["n"]):
+            top = 0.5
+    return top, gains
+
+
+def describe(flags):
+    """A row's config for the JSON: strength, weight, share, masking, outlier exposure."""
+    get = lambda flag, default: flags[flags.index(flag) + 1] if flag in flags else default  # noqa
+    negatives = get("--negatives", "none")
+    return {"positives": get("--positives", "none"), "negatives": negatives,
+            "strength": float(get("--near-ood-strength", 0.2 if negatives == "id" else 0)) or None,
+            "negative_weight": float(get("--negative-weight", 1.0)),
+            "negatives_share": float(get("--negatives-per-batch", 0.25)),
+            "hard_negatives": get("--hard-negatives", "same_class"),
+            "outlier_exposure": float(get("--outlier-exposure", 0.0))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--train-steps", type=int, default=300, help="optimiser steps of every run")
+    p.add_argument("--batch-size", type=int, default=128, help="labelled images per batch")
+    p.add_argument("--shots", type=int, default=50, help="real training images per class")
+    p.add_argument("--per-image", type=int, default=2, help="variations per image and strength")
+    p.add_argument("--train-per-class", type=int, default=600,
+                   help="training images per class copied into the sweep's folder")
+    p.add_argument("--val-per-class", type=int, default=100, help="validation ID images per class")
+    p.add_argument("--cifar", default=".data/cifar10", help="the extracted CIFAR-10 JPEG folder")
+    p.add_argument("--folder", default=".data/cifar10-sweep")
+    p.add_argument("--out", default=os.path.join("runs", "sweep"))
+    p.add_argument("--workers", type=int, default=2, help="runs at a time, one core each")
+    p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
+    args = p.parse_args()
+    if max(args.seeds) > 9:
+        raise SystemExit("--seeds 0-9 only: validation images are kept out of seeds 0-9's sets")
+    t0 = time.time()
+    prepare_folder(args)
+    sets, pool = evaluation_sets(args)
+    results, configs = {}, {}
+    run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds)
+    check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
+    print(f"noise check, real + ID minus control on {PRIMARY}: {check['mean_delta']:+.2e} "
+          f"(sd {check['sd_delta']:.2e})")
+    best, gains = choose_strength(results)
+    print(f"validation gains over the control: " + ", ".join(
+        f"s={s}: {g['mean_delta']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
+        for s, g in gains.items()) + f"; chosen strength {best}")
+    run_phase(args, phase2_rows(best), sets, pool, results, configs, args.seeds)
+    outlier_exposure(args, sets, pool, results, configs, best, args.seeds)
+    write_results(args, results, configs, best, gains, sets, time.time() - t0)
+
+
+def comparisons_of(results, best):
+    """Every paired comparison the README reports: the phase-1 family against the control
+    (Holm on the primary metric), the descriptive rows against the control, phase 2 against
+    "negatives s=best", outlier exposure against real + ID."""
+    family = [f"negatives s={s}" for s in STRENGTHS] + ["ID variations (0.2) as negatives"]
+    phase2 = [n for n in results if n.startswith(f"negatives s={best},")]
+    oe = [n for n in results if n.startswith("outlier exposure")]
+    out = []
+    for key, _ in METRICS:
+        out += paired(results, family, CONTROL, key, family=key == PRIMARY)
+        out += paired(results, ["real only", REAL_ID], CONTROL, key)
+        out += paired(results, phase2, f"negatives s={best}", key)
+        out += paired(results, oe, REAL_ID, key)
+    return out
+
+
+def write_results(args, results, configs, best, gains, sets, seconds):
+    """near_ood_sweep.json, the markdown tables and the strength plot."""
+    tag = "smoke-" if args.smoke else ""
+    nearness = nearness_tables(args)
+    setup = {"machine": machine(), "command": "python benchmarks/near_ood_sweep.py "
+             + " ".join(sys.argv[1:]), "seeds": args.seeds, "train_steps": args.train_steps,
+             "batch_size": args.batch_size, "shots": args.shots, "per_image": args.per_image,
+             "classes": [c for c in CLASSES if c not in TEST_OOD + VAL_OOD],
+             "test_ood": TEST_OOD, "val_ood": VAL_OOD, "strengths": STRENGTHS, "k": K,
+             "control": CONTROL, "primary_metric": PRIMARY, "selection_metric": SELECT,
+             "best_strength": best,
+             "validation_gain_by_strength": {str(s): g for s, g in gains.items()},
+             "evaluation_sets": {k: len(v) for k, v in sets.items()},
+             "total_minutes": seconds / 60}
+    runs = [{"config": {"row": name, **configs[name]}, "seed": seed, "metrics": m}
+            for name in results for seed, m in sorted(results[name].items())]
+    comparisons = comparisons_of(results, best)
+    data.write_text(os.path.join(HERE, "results", f"{tag}near_ood_sweep.json"), json.dumps(
+        {"setup": setup, "nearness": nearness, "runs": runs, "paired": comparisons}, indent=1))
+    md = markdown(setup, results, comparisons, nearness)
+    data.write_text(os.path.join(HERE, "results", f"{tag}near_ood_sweep.md"), md)
+    plot(comparisons, os.path.join(HERE, "results", f"{tag}near_ood_sweep.png"))
+    print(md)
+
+
+def nearness_tables(args):
+    """The meter on every seed's set, the seed's real + ID run as the reference."""
+    tables = {}
+    for seed in args.seeds:
+        folder = os.path.join(args.out, f"synthetic-seed{seed}")
+        reference = run_folder(args, seed, REAL_ID)
+        tables[seed] = evaluate.nearness(folder, None, run=reference, device="cpu")
+    return tables
+
+
+def markdown(setup, results, comparisons, nearness):
+    """The README's tables: every row's mean ± std, the paired differences, the nearness."""
+    header = "| row | " + " | ".join(w for _, w in METRICS) + " |"
+    rule = "|---" * (len(METRICS) + 1) + "|"
+    lines = [f"Machine: {setup['machine']}. Command: `{setup['command']}`. Seeds "
+             f"{setup['seeds']}; {setup['train_steps']} optimiser steps per run; total "
+             f"{setup['total_minutes']:.0f} min. Strength chosen on validation: "
+             f"{setup['best_strength']}.", "", "Mean ± std over seeds:", "", header, rule]
+    for name, per_seed in results.items():
+        cells = []
+        for key, _ in METRICS:
+            v = np.array([m[key] for m in per_seed.values()])
+            cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences, mean [95% interval] over seeds, against the row named "
+              "(* = significant after Holm's correction over the phase-1 family, primary "
+              "metric only):", "", header.replace("| row |", "| row | versus |"),
+              rule + "---|"]
+    for name in dict.fromkeys(c["config"] for c in comparisons):
+        cells, versus = [], None
+        for key, _ in METRICS:
+            c = next(c for c in comparisons if c["config"] == name and c["metric"] == key)
+            versus = c["versus"]
+            star = "*" if c.get("holm_significant") else ""
+            cells.append(f"{c['mean_delta']:+.4f} [{c['ci95'][0]:+.4f}, "
+                         f"{c['ci95'][1]:+.4f}]{star}")
+        lines.append(f"| {name} | {versus} | " + " | ".join(cells) + " |")
+    lines += ["", "Nearness (evaluate.py --nearness; reference: the seed's real + ID run; the "
+              "held-out row holds the cat, dog and horse test images), mean over seeds:", "",
+              "| images | strength | source accuracy | OOD AUROC (k-NN, k = 50) |",
+              "|---|---|---|---|"]
+    first = next(iter(nearness.values()))
+    for i, row in enumerate(first["rows"]):
+        acc = np.mean([t["rows"][i]["source_accuracy"] for t in nearness.values()])
+        auroc = np.mean([t["rows"][i]["ood_auroc"] for t in nearness.values()])
+        lines.append(f"| {'ID' if row['kind'] == 'id' else 'near-OOD'} | {row['strength']:g} | "
+                     f"{acc:.4f} | {auroc:.4f} |")
+    if "held_out" in first:
+        auroc = np.mean([t["held_out"]["ood_auroc"] for t in nearness.values()])
+        lines.append(f"| real held-out classes | - | - | {auroc:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(comparisons, path):
+    """The primary metric's paired difference to the control against strength (95% intervals)."""
+    plt = data.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [c for c in comparisons if c["metric"] == PRIMARY and c["versus"] == CONTROL and
+              c["config"].startswith("negatives s=") and "," not in c["config"]]
+    xs = [float(c["config"].split("=")[1]) for c in points]
+    ys = [c["mean_delta"] for c in points]
+    err = [[y - c["ci95"][0] for y, c in zip(ys, points)], [c["ci95"][1] - y for y, c in zip(ys, points)]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="near-OOD negatives (w = 1)")
+    placebo = [c for c in comparisons if c["metric"] == PRIMARY and c["config"].startswith("ID ")]
+    for c in placebo:
+        ax.errorbar([0.2], [c["mean_delta"]], yerr=[[c["mean_delta"] - c["ci95"][0]],
+                    [c["ci95"][1] - c["mean_delta"]]], marker="s", capsize=4, color="grey",
+                    label="ID variations (0.2) as negatives")
+    ax.axhline(0, ls=":", c="black")
+    ax.set(xlabel="SDEdit strength of the negatives",
+           ylabel=f"k-NN (k={K}) OOD AUROC (cat, dog) minus control",
+           title="Paired difference to the control, mean and 95% interval over seeds")
+    ax.legend(fontsize=8)
+    data.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
