@@ -45,11 +45,11 @@ Run:  python dafusion.py --out synthetic/digits                     # ddpm on sk
 
 import argparse
 import csv
-import hashlib
+import hashlib  # stable names and seeds (Python's hash() is salted per process)
 import json
 import os
 import re
-import shlex
+import shlex  # the command to continue, quoted for a shell
 import sys
 import time
 from collections import Counter
@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter  # ImageFilter.MaxFilter dilates masks
 from tqdm.auto import tqdm
 
 import data
@@ -87,7 +87,7 @@ class Job:
 
 def _digest(text, n=8):
     """A short, stable hash of a string (sha256, hex)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]  # 8 hex digits = 32 bits
 
 
 def class_folders(classes):
@@ -96,11 +96,11 @@ def class_folders(classes):
     macOS and Windows disks), as their ASCII part + "~" + a hash of the exact name. "~" never
     occurs in a plain name, and hashes tell the others apart: no two classes share a folder."""
     plain = {name: re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) is not None
-             for name in classes}
-    lower = Counter(name.lower() for name in classes if plain[name])
+             for name in classes}  # first character not ".": no hidden folders
+    lower = Counter(name.lower() for name in classes if plain[name])  # case-folded counts
     folders = {}
     for name in classes:
-        if plain[name] and lower[name.lower()] == 1:
+        if plain[name] and lower[name.lower()] == 1:  # kept as it is
             folders[name] = name
         else:
             ascii_part = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "class"
@@ -114,6 +114,7 @@ def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
     A job's seed and file name depend only on (seed, source, kind, m) and the strength, so an
     image is the same whether made in one run, in another batch, or after a resume."""
     folders = class_folders(train_set.classes)
+    # one ID strength; one or more near-OOD strengths (--strengths)
     strengths = {"id": [id_strength], "near_ood": list(ood_strengths)}
     jobs = []
     for i, source in enumerate(sources):
@@ -125,7 +126,7 @@ def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
                 # hashing, not a shared stream: an image's seed does not depend on which
                 # images were made before it; shared across strengths, so that a strength
                 # series of one (image, m) differs in strength alone
-                job_seed = int(_digest(f"{seed}/{source}/{kind}/{m}"), 16)
+                job_seed = int(_digest(f"{seed}/{source}/{kind}/{m}"), 16)  # 32 bits from the hash
                 for s in strengths[kind]:
                     path = f"{kind}/{folders[train_set.classes[label]]}/{stem}_s{s:g}_{m}.png"
                     jobs.append(Job(i, label, kind, m, s, job_seed, path, source))
@@ -135,24 +136,25 @@ def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
 def manifest_row(job, classes, generator):
     """A job's row of manifest.csv (the columns of data.MANIFEST_COLUMNS)."""
     return {"path": job.path, "label": classes[job.label], "kind": job.kind, "source": job.source,
+            # txt2img rows have no strength; %g writes 0.5, not 0.500000
             "strength": "" if job.strength is None else f"{job.strength:g}",
-            "seed": str(job.seed), "generator": generator}
+            "seed": str(job.seed), "generator": generator}  # strings: rows compare as csv text
 
 
 def is_valid_image(path):
     """True if the file exists and decodes completely."""
     try:
         with Image.open(path) as image:
-            image.load()
+            image.load()  # decode all: a truncated file fails here
         return True
-    except Exception:
+    except Exception:  # any decoder error: not valid
         return False
 
 
 def write_manifest(out, jobs, classes, generator):
     """manifest.csv listing exactly `jobs` (atomically: a reader never sees half of it)."""
     def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:  # newline="" as csv requires
             writer = csv.DictWriter(f, fieldnames=data.MANIFEST_COLUMNS)
             writer.writeheader()
             writer.writerows(manifest_row(j, classes, generator) for j in jobs)
@@ -161,43 +163,39 @@ def write_manifest(out, jobs, classes, generator):
 
 def finished_jobs(out, jobs, classes, generator):
     """The jobs whose image a previous run finished: listed in OUT/manifest.csv with this job's
-    row, and decodable. A row for one of the planned files that differs (another seed, source,
-    strength or generator) means OUT holds another set: refused, never overwritten."""
+    row, and decodable. OUT holding another set -- a row that differs from its job (another
+    seed, source, strength or generator), or rows this plan does not make (other --strengths,
+    --kinds, --per-image or split) -- is refused, never overwritten or dropped."""
     path = os.path.join(out, "manifest.csv")
     if not os.path.exists(path):
         return []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        previous = {row["path"]: row for row in csv.DictReader(f)}
-    done, other = [], []
-    for job in jobs:
-        row = previous.get(job.path)
-        if row is None:
-            continue
-        if dict(row) != manifest_row(job, classes, generator):
-            other.append(job.path)
-        elif is_valid_image(os.path.join(out, job.path)):
-            done.append(job)
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+        previous = {row["path"]: row for row in csv.DictReader(f)}  # path -> row
+    planned = {job.path: job for job in jobs}  # path -> job
+    other = [p for p, row in previous.items()
+             if p not in planned or dict(row) != manifest_row(planned[p], classes, generator)]
     if other:
-        raise GenerationError(f"--out {out}: holds {len(other)} image(s) made with other settings "
-                              f"(seed, data split, strength or generator), e.g. {other[0]}; "
-                              f"choose another --out, or delete that folder to start over")
-    return done
+        raise GenerationError(f"--out {out}: holds {len(other)} image(s) of another set (seed, "
+                              f"data split, strengths, kinds, variations or generator differ), "
+                              f"e.g. {other[0]}; choose another --out, or delete that folder")
+    return [job for job in jobs if job.path in previous  # listed, and the file decodes
+            and is_valid_image(os.path.join(out, job.path))]
 
 
 def run_jobs(out, jobs, classes, generator, make_images, batch_size):
     """Make the jobs no earlier run finished, batch by batch (one strength per batch); save each
-    image atomically and rewrite the manifest after every batch. Returns how many were made."""
+    image atomically and rewrite the manifest after every batch. Returns how many images were
+    missing (this rank made its share of them)."""
     done = finished_jobs(out, jobs, classes, generator)
     finished = {j.path for j in done}
-    todo = [j for j in jobs if j.path not in finished]
+    todo = [j for j in jobs if j.path not in finished]  # what this run still makes
     if done:
         print(f"resuming: {len(done)} of {len(jobs)} images already in {out}")
     # under torchrun every rank takes every world-th missing image; rank 0 alone writes the
     # manifest (its own images and the earlier ones; generate() lists the others at the end)
     rank, world = data.distributed()
     data.barrier()  # every rank has read the old manifest before rank 0 rewrites it
-    mine = todo[rank::world]
-    made = []
+    mine = todo[rank::world]  # rank r: todo[r], todo[r + W], ...
 
     def update_manifest():
         if rank == 0:
@@ -205,20 +203,19 @@ def run_jobs(out, jobs, classes, generator, make_images, batch_size):
 
     try:
         with tqdm(total=len(mine), desc="generate", dynamic_ncols=True,
-                  disable=None if rank == 0 else True) as bar:
-            for strength in sorted({j.strength or 0.0 for j in mine}):
+                  disable=None if rank == 0 else True) as bar:  # None: off when not a tty
+            for strength in sorted({j.strength or 0.0 for j in mine}):  # None (txt2img) -> 0.0
                 same = [j for j in mine if (j.strength or 0.0) == strength]
                 for start in range(0, len(same), batch_size):
                     batch = same[start:start + batch_size]
-                    for job, image in zip(batch, make_images(batch)):
-                        data.atomic_write(os.path.join(out, job.path), image.save)
+                    for job, image in zip(batch, make_images(batch)):  # make_images keeps job order
+                        data.atomic_write(os.path.join(out, job.path), image.save)  # PNG, by name
                         finished.add(job.path)
-                        made.append(job)
                     update_manifest()  # a stop now loses at most the batch being made
                     bar.update(len(batch))
     finally:  # also on Ctrl-C or an error: the manifest lists the finished images
         update_manifest()
-    return len(todo)
+    return len(todo)  # missing at the start, all ranks together
 
 
 # -----------------------------------------------------------------------------
@@ -229,10 +226,10 @@ def build_ddpm_unet(channels, image_size, num_classes):
     """UNet2DModel with class embeddings; class id num_classes is the null class (CFG)."""
     from diffusers import UNet2DModel
     return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
-                       layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       layers_per_block=1, block_out_channels=(16, 32),  # tiny: 16 and 32 channels
+                       down_block_types=("DownBlock2D", "DownBlock2D"),  # no attention blocks
                        up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=num_classes + 1, norm_num_groups=8)
+                       num_class_embeds=num_classes + 1, norm_num_groups=8)  # K + 1: the null class
 
 
 def ddpm_alpha_bar():
@@ -250,15 +247,23 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     of the labels is replaced by the null class, so one network learns both the conditional and
     the unconditional model (Ho & Salimans 2022, classifier-free guidance)."""
     from diffusers import UNet2DModel
-    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed}
+    # what the model is trained on and how, down to a hash of the images and labels: checked on
+    # reuse, so a folder's DDPM never serves another data set, split or setting
+    fingerprint = hashlib.sha256(images.contiguous().numpy().tobytes() +
+                                 labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+    meta = {"classes": num_classes, "shape": list(images.shape[1:]), "steps": steps, "seed": seed,
+            "batch_size": batch_size, "lr": lr, "null_share": null_share, "data": fingerprint}
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             saved = json.load(f)
-        if saved != meta:  # never reuse a model trained on other data or settings
-            raise GenerationError(f"{folder} holds a DDPM trained with other settings ({saved}); "
-                                  f"delete that folder or pick another --out")
+        differ = [k for k in meta if saved.get(k) != meta[k]]  # keys whose saved value differs
+        if differ:  # never reuse a model trained on other data or settings
+            raise GenerationError(f"{folder} holds a DDPM trained with other settings ("
+                                  f"{', '.join(differ)} differ); delete that folder or pick "
+                                  f"another --out")
         print(f"reusing the DDPM in {folder}")
+        # low_cpu_mem_usage=False: loads without the accelerate package
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False)
         return unet.to(device).eval()
     torch.manual_seed(seed)  # the UNet's initial weights
@@ -266,19 +271,20 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     unet = build_ddpm_unet(images.shape[1], images.shape[2], num_classes).to(device)
     alpha_bar = ddpm_alpha_bar().to(device)  # (1000,)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    # one cycle: 10% of the steps up from lr / 25 to lr, then cosine down to about 0
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     x_all = images.float().div(127.5).sub(1).to(device)  # (N, C, H, W) in [-1, 1]
     y_all = labels.to(device)
     for _ in tqdm(range(steps), desc="train ddpm", dynamic_ncols=True, disable=None):
         idx = torch.randint(len(x_all), (batch_size,), generator=g).to(device)  # (B,)
-        x0, y = x_all[idx], y_all[idx].clone()
+        x0, y = x_all[idx], y_all[idx].clone()  # clone: the null-class edit must not touch y_all
         y[torch.rand(batch_size, generator=g).to(device) < null_share] = num_classes  # null class
         noise = torch.randn(x0.shape, generator=g).to(device)  # epsilon ~ N(0, I)
         t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)  # (B,) timesteps
-        a = alpha_bar[t].view(-1, 1, 1, 1)
+        a = alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1) alpha-bar_t per image
         # || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, y) ||^2
         prediction = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, class_labels=y).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, noise)  # Ho et al.'s L_simple
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -288,7 +294,7 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
         unet.save_pretrained(os.path.join(tmp, "unet"))
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f)
-    data.atomic_write(folder, save)
+    data.atomic_write(folder, save)  # the whole folder appears at once
     return unet.eval()
 
 
@@ -298,18 +304,18 @@ def sd_v1_start(strength, steps=50):
     "leading" spacing, steps_offset 1). Strengths below 1/steps count as one step."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)  # (1000,)
-    ratio = 1000 // steps
+    ratio = 1000 // steps  # 20 for 50 steps
     timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # [981, 961, ..., 1] for 50 steps
     n = min(max(1, int(steps * strength)), steps)  # denoising steps img2img runs
-    t = int(timesteps[steps - n])
+    t = int(timesteps[steps - n])  # the first of the last n timesteps
     return t, float(alpha_bar[t])
 
 
 def ddpm_start(strength, alpha_bar):
     """The DDPM's first timestep for `strength`: where its own alpha-bar is closest to the
     alpha-bar Stable Diffusion v1 starts from at that strength (sd_v1_start)."""
-    target = sd_v1_start(strength)[1]
-    return int((alpha_bar.double() - target).abs().argmin())
+    target = sd_v1_start(strength)[1]  # SD v1's alpha-bar at this strength
+    return int((alpha_bar.double() - target).abs().argmin())  # nearest in alpha-bar, not in t
 
 
 @torch.no_grad()
@@ -329,13 +335,13 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
     x0 = sources.float().div(127.5).sub(1).to(device)  # (B, C, H, W) in [-1, 1]
     # each image's noise from its own seed: the same image whatever batch it is made in
     noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(device)
+                         for s in seeds]).to(device)  # drawn on the CPU: the same on any device
     x = alpha_bar[t0].sqrt() * x0 + (1 - alpha_bar[t0]).sqrt() * noise  # (B, C, H, W) at t0
     y = labels.to(device)
     null = torch.full_like(y, num_classes)  # the null class: the unconditional model
     for i, t in enumerate(timesteps):
-        step = torch.full_like(y, t)
-        eps = unet(x, step, class_labels=y).sample
+        step = torch.full_like(y, t)  # (B,) the same t for every image
+        eps = unet(x, step, class_labels=y).sample  # eps(x, class)
         if guidance != 1.0:  # two passes: cheaper than one of 2B on the CPU
             eps_null = unet(x, step, class_labels=null).sample
             eps = eps_null + guidance * (eps - eps_null)
@@ -343,13 +349,13 @@ def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=
         a_next = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
         x0_pred = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # predicted image
         x = a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps  # DDIM step, eta = 0
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # [-1,1] -> 0..255
 
 
 def to_pil(image):
     """(C, H, W) uint8 -> PIL (L or RGB)."""
     array = image.permute(1, 2, 0).numpy()  # (H, W, C) as PIL expects
-    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)  # (H, W): mode L
 
 
 def ddpm_generator(args, train_set, device):
@@ -361,9 +367,10 @@ def ddpm_generator(args, train_set, device):
 
     def make_images(jobs):
         index = torch.tensor([j.index for j in jobs])  # (b,) the jobs' source images
+        # jobs[0].strength for all: run_jobs batches one strength at a time
         varied = sdedit(unet, train_set.images[index], train_set.labels[index], jobs[0].strength,
                         args.guidance, [j.seed for j in jobs], K, args.steps)
-        return [to_pil(v) for v in varied]
+        return [to_pil(v) for v in varied]  # (C, H, W) uint8 -> PIL
     return make_images
 
 
@@ -378,7 +385,7 @@ def load_sd_pipeline(model, device, dtype):
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
             model, dtype=dtype, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False)
+            requires_safety_checker=False)  # no NSFW filter: it blacks out whole images
     except Exception as error:
         where = "folder" if os.path.isdir(model) else "Hugging Face cache"
         raise GenerationError(
@@ -386,7 +393,7 @@ def load_sd_pipeline(model, device, dtype):
             f"({type(error).__name__}: {str(error).splitlines()[0][:160]}). Nothing is downloaded "
             f"here: fetch the model once with network access (e.g. `hf download {model}`), or "
             f"pass a local folder in diffusers' save_pretrained layout.") from error
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # run_jobs has its own bar
     return pipe.to(device)
 
 
@@ -406,9 +413,9 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     device = unet.device
     tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one row each
-    if tokenizer.add_tokens(tokens) != num_vectors:
+    if tokenizer.add_tokens(tokens) != num_vectors:  # returns how many were new
         raise GenerationError(f"token {token} already exists in the tokenizer; choose another")
-    init_ids = tokenizer.encode(init_token, add_special_tokens=False)
+    init_ids = tokenizer.encode(init_token, add_special_tokens=False)  # ids without BOS, EOS
     if len(init_ids) != 1:
         raise GenerationError(f"--init-token {init_token!r} is {len(init_ids)} tokens; it must "
                               f"be one token")
@@ -426,9 +433,9 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     keep[token_ids] = False  # (V,) True = a row that must not change
     for module in (unet, vae, text_encoder):  # only the embedding matrix trains
         module.requires_grad_(False)
-    embeddings.requires_grad_(True)
+    embeddings.requires_grad_(True)  # the one trainable tensor
     text_encoder.train()  # as diffusers' textual-inversion example (CLIP has no dropout)
-    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)  # as diffusers' example
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's schedule
     prompt = template.format(" ".join(tokens))  # "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
@@ -442,7 +449,7 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
             latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
-                          generator=g).to(device)
+                          generator=g).to(device)  # t ~ U{0, ..., T - 1}
         hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
         # what the UNet was trained to predict: the noise (v1) or the velocity (v-prediction)
@@ -467,47 +474,48 @@ def save_embedding(path, token, vectors):
     data.atomic_write(path, lambda tmp: save_file({token: vectors.float().cpu().contiguous()}, tmp))
 
 
-def pipeline_images(train_set, index, resolution, resize):
-    """Real images at the pipeline's resolution as RGB PIL: reread from their files when the
-    data came from a folder (full detail), else upscaled from memory."""
-    out = []
+def pipeline_images(splits, index, resolution, resize, masks=None):
+    """Real training images at the pipeline's resolution as RGB PIL: reread from their files
+    when the data came from a folder (full detail; cropped to their masks as data.py crops
+    them, with --masks), else upscaled from memory."""
+    train_set, out = splits.train, []
     for i in index:
-        name = train_set.names[i] if train_set.names else ""
-        if os.path.isfile(name):
-            tensor = data.open_image(name, 3, resolution, resize)
+        name = train_set.names[i] if train_set.names else ""  # built-in sets' names are not files
+        if os.path.isfile(name):  # a folder data set: the original file
+            mask = data.mask_path(masks, name, splits.root) if masks else None
+            tensor = data.open_image(name, 3, resolution, resize, mask_path=mask)  # at full detail
         else:
             tensor = train_set.images[i].expand(3, -1, -1)  # a grey image as RGB (no-op if RGB)
             tensor = F.interpolate(tensor[None].float(), size=(resolution, resolution),
                                    mode="bicubic", align_corners=False)
-            tensor = tensor[0].round().clamp(0, 255).to(torch.uint8)
-        out.append(to_pil(tensor).convert("RGB"))
+            tensor = tensor[0].round().clamp(0, 255).to(torch.uint8)  # bicubic overshoots
+        out.append(to_pil(tensor).convert("RGB"))  # RGB: the pipeline's input
     return out
 
 
-def load_mask(masks_dir, name, root, resolution, dilate=15):
-    """The object mask of a source image (white = object; data.mask_path's layout), dilated
-    so that the repainted region covers the object's edge, at the pipeline's resolution."""
-    path = data.mask_path(masks_dir, name, root)
-    if not os.path.exists(path):
-        raise GenerationError(f"{path}: no mask for {name}; --masks DIR needs DIR/<image path "
-                              f"relative to --data, extension .png>")
-    mask = data.read_pil(path).convert("L").resize((resolution, resolution), Image.NEAREST)
-    return mask.filter(ImageFilter.MaxFilter(dilate))
+def load_mask(masks_dir, name, root, resolution, resize, dilate=15):
+    """The object mask of a source image (white = object; data.mask_path's layout), cropped
+    and resized exactly as its image (data.open_masked), made binary and dilated so that the
+    repainted region covers the object's edge."""
+    _, mask = data.open_masked(name, data.mask_path(masks_dir, name, root), resolution, resize)
+    mask = mask.point(lambda v: 255 if v > 127 else 0)  # resizing blurred its edge
+    return mask.filter(ImageFilter.MaxFilter(dilate))  # size 15: the mask grows 7 px on every side
 
 
-def learn_class_tokens(args, pipe, train_set, resolution, out):
+def learn_class_tokens(args, pipe, splits, resolution, out):
     """One learned token per class ("a photo of a <token>"), trained once and reused from
     OUT/embeddings/<class folder>.safetensors. Returns {class id: prompt}."""
-    prompts = {}
-    for c, (name, folder) in enumerate(class_folders(train_set.classes).items()):
+    train_set, prompts = splits.train, {}
+    for c, (name, folder) in enumerate(class_folders(train_set.classes).items()):  # c: the class id
         token = f"<{folder.lower()}>"  # CLIP lower-cases prompts; folders differ ignoring case
         path = os.path.join(out, "embeddings", f"{folder}.safetensors")
         if os.path.exists(path):
             print(f"reusing the learned token {token} from {path}")
         else:
             index = torch.nonzero(train_set.labels == c).squeeze(1).tolist()  # class c's images
-            real = pipeline_images(train_set, index, resolution, args.resize)
+            real = pipeline_images(splits, index, resolution, args.resize, args.masks)
             x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in real])
+            # a name of its own: load_textual_inversion adds <token> and refuses a known one
             vectors, losses = textual_inversion(
                 pipe, x.float() / 127.5 - 1, f"<ti-{folder.lower()}>",
                 num_vectors=args.num_vectors, init_token=args.init_token, steps=args.ti_steps,
@@ -524,13 +532,15 @@ def sd_generator(args, splits, device):
     """Set up DA-Fusion on Stable Diffusion; returns make_images(batch of jobs) -> list of PIL."""
     train_set = splits.train
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]  # fp16 is slow on CPUs
     pipe = load_sd_pipeline(args.model, device, dtype)  # fails at once if not on disk
+    # the model's native size: 64 latent pixels x 8 = 512 for v1.x
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if args.mode == "txt2img":  # the class name itself
         prompts = {c: args.prompt.format(name) for c, name in enumerate(train_set.classes)}
     else:
-        prompts = learn_class_tokens(args, pipe, train_set, resolution, args.out)
+        # textual inversion: one learned token per class
+        prompts = learn_class_tokens(args, pipe, splits, resolution, args.out)
     if args.compile:  # after textual inversion, which trains through the eager UNet
         pipe.unet = torch.compile(pipe.unet)
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
@@ -544,17 +554,18 @@ def sd_generator(args, splits, device):
 
     def make_images(jobs):
         kwargs = dict(prompt=[prompts[j.label] for j in jobs], guidance_scale=args.guidance,
-                      num_inference_steps=args.steps, output_type="pil",
+                      num_inference_steps=args.steps, output_type="pil",  # saved as they are
                       # one generator per image: an image does not depend on its batch
                       generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs])
-        if args.mode == "txt2img" or inpaint:
+        if args.mode == "txt2img" or inpaint:  # no input image to take the size from
             kwargs.update(height=resolution, width=resolution)
         if args.mode == "img2img":  # run_jobs batches one strength at a time
-            kwargs.update(image=pipeline_images(train_set, [j.index for j in jobs], resolution,
-                                                args.resize), strength=jobs[0].strength)
-        if inpaint:
+            kwargs.update(image=pipeline_images(splits, [j.index for j in jobs], resolution,
+                                                args.resize, args.masks),
+                          strength=jobs[0].strength)  # diffusers runs int(strength x steps) steps
+        if inpaint:  # the masks cropped and resized exactly as their images
             kwargs["mask_image"] = [load_mask(args.masks, train_set.names[j.index], splits.root,
-                                              resolution) for j in jobs]
+                                              resolution, args.resize) for j in jobs]
         return runner(**kwargs).images  # len(jobs) PIL images, in job order
     return make_images
 
@@ -573,32 +584,32 @@ def contact_sheet(out, jobs, train_set, path, per_class=2, per_group=2):
     chosen = []  # the source images shown, per_class of each class
     for c in range(len(train_set.classes)):
         chosen += [i for i in by_source if int(train_set.labels[i]) == c][:per_class]
-    if not chosen:
+    if not chosen:  # no job yet: no sheet
         return None
     groups = sorted({g for i in chosen for g in by_source[i]},
                     key=lambda g: (g[0] != "id", g[1] or 0))  # ID first, then by strength
-    cols = 1 + per_group * len(groups)
-    height = len(chosen) * 0.9 + 0.7
+    cols = 1 + per_group * len(groups)  # the real image + per_group per group
+    height = len(chosen) * 0.9 + 0.7  # inches: 0.9 per row + the titles
     fig, axes = plt.subplots(len(chosen), cols, figsize=(cols * 0.9, height), squeeze=False,
-                             gridspec_kw=dict(wspace=0.05, hspace=0.05))
+                             gridspec_kw=dict(wspace=0.05, hspace=0.05))  # tiles 5% apart
     fig.subplots_adjust(top=1 - 0.65 / height, bottom=0.02, left=0.08, right=0.99)
     for r, i in enumerate(chosen):
         row = [to_pil(train_set.images[i])]  # real, then each group's variations (or gaps)
         for g in groups:
             shown = by_source[i].get(g, [])[:per_group]
-            row += [Image.open(os.path.join(out, j.path)) for j in shown]
-            row += [None] * (per_group - len(shown))
+            row += [Image.open(os.path.join(out, j.path)) for j in shown]  # what the set holds
+            row += [None] * (per_group - len(shown))  # gaps keep the columns aligned
         for col, ax in enumerate(axes[r]):
             ax.axis("off")
             if row[col] is not None:
-                ax.imshow(row[col], cmap="gray" if row[col].mode == "L" else None)
+                ax.imshow(row[col], cmap="gray" if row[col].mode == "L" else None)  # L: grey
         axes[r][0].text(-0.2, 0.5, data.drawable(train_set.classes[int(train_set.labels[i])]),
                         transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
     axes[0][0].set_title("real", fontsize=7)
     for k, (kind, strength) in enumerate(groups):
         title = "ID" if kind == "id" else "near-OOD"
-        title += f" s={strength:g}" if strength is not None else " txt2img"
-        axes[0][1 + k * per_group].set_title(title, fontsize=7, loc="left")
+        title += f" s={strength:g}" if strength is not None else " txt2img"  # txt2img: no strength
+        axes[0][1 + k * per_group].set_title(title, fontsize=7, loc="left")  # group's first column
     fig.suptitle("DA-Fusion variations: real image | ID variations | near-OOD variations "
                  "by strength", fontsize=9, y=1 - 0.1 / height)
     data.save_figure(fig, path, dpi=110)
@@ -613,27 +624,26 @@ def generate(args, splits=None, device=None):
     """Make the synthetic set for the training split the data arguments describe; returns how
     many images were made now (0 when everything was already on disk). Under torchrun the ranks
     share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
-    args = with_generation_defaults(args)
-    kinds = check_generation(args)
+    args = with_generation_defaults(args)  # guidance, steps, batch by generator
+    kinds = check_generation(args)  # refuses bad settings first
     splits = splits or data.splits_from_args(args)  # the same split train.py will use
     train_set = splits.train  # the real images the variations are made from
-    device = device or data.pick_device(args.gen_device)
+    device = device or data.pick_device(args.gen_device)  # train.py passes its own
     rank, _ = data.distributed()
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        data.remove_stale_temporaries(args.out)  # left by an earlier run that was stopped
-    data.barrier()
-    sources = [splits.source_id(n) for n in train_set.names]
-    txt2img = args.generator == "stable-diffusion" and args.mode == "txt2img"
+    sources = [splits.source_id(n) for n in train_set.names]  # manifest ids of the sources
     jobs = plan_jobs(train_set, sources, args.per_image, args.id_strength,
-                     args.strengths or [args.ood_strength], args.seed, kinds)
-    if txt2img:  # no source image and no strength: a txt2img row carries neither
-        for j in jobs:
+                     args.strengths or [args.ood_strength], args.seed, kinds)  # --strengths wins
+    if args.generator == "stable-diffusion" and args.mode == "txt2img":
+        for j in jobs:  # no source image and no strength: a txt2img row carries neither
             j.source, j.strength = "", None
+    # the manifest's generator column: a set is reused only by the same generator
     name = "ddpm" if args.generator == "ddpm" else f"stable-diffusion:{args.model}"
     sheet = os.path.join(args.out, "contact_sheet.png")
+    if rank == 0:
+        open_output(args, jobs, sheet)  # settings checked, stale temporaries removed
+    data.barrier()  # the folder is ready for every rank
     t0 = time.time()
-    if len(finished_jobs(args.out, jobs, train_set.classes, name)) == len(jobs):
+    if len(finished_jobs(args.out, jobs, train_set.classes, name)) == len(jobs):  # a complete set
         if rank == 0 and not os.path.exists(sheet):  # a cache hit: nothing to load or train
             contact_sheet(args.out, jobs, train_set, sheet)
         print(f"all {len(jobs)} images are already in {args.out}")
@@ -647,12 +657,12 @@ def generate(args, splits=None, device=None):
     else:
         make_images = sd_generator(args, splits, device)
     if rank == 0:
-        data.barrier()
+        data.barrier()  # releases the other ranks
     made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
     data.barrier()  # every rank's images are on disk: rank 0 lists them all
     if rank == 0:
         on_disk = [j for j in jobs if is_valid_image(os.path.join(args.out, j.path))]
-        write_manifest(args.out, on_disk, train_set.classes, name)
+        write_manifest(args.out, on_disk, train_set.classes, name)  # all ranks' images
         contact_sheet(args.out, jobs, train_set, sheet)
     data.barrier()  # nobody reads the manifest before it is complete
     print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} "
@@ -660,6 +670,41 @@ def generate(args, splits=None, device=None):
     return made
 
 
+# what makes an image besides its manifest row; OUT/generation.json keeps them
+SETTINGS = ("generator", "model", "mode", "guidance", "steps", "prompt", "num_vectors",
+            "init_token", "ti_steps", "ti_lr", "ti_batch", "resolution", "dtype", "ddpm_steps",
+            "ddpm_batch_size", "image_size", "resize", "masks")
+
+
+def open_output(args, jobs, sheet):
+    """The output folder, with the settings that make its images in OUT/generation.json: a
+    resumed set must be made as it began (an image's manifest row cannot say its guidance or
+    denoising steps), so once it holds an image other settings are refused. The temporaries a stopped run left
+    beside the files this set writes are removed (never anything else)."""
+    os.makedirs(args.out, exist_ok=True)
+    record = {k: getattr(args, k, None) for k in SETTINGS}  # None for settings these args lack
+    path = os.path.join(args.out, "generation.json")
+    made = os.path.exists(os.path.join(args.out, "manifest.csv")) or any(
+        os.path.exists(os.path.join(args.out, j.path)) for j in jobs)  # images of the set exist
+    if made and os.path.exists(path):  # (a run that failed before its first image binds nothing)
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [k for k in SETTINGS if k in saved and saved[k] != record[k]]  # new keys: allowed
+        if changed:
+            k = changed[0]
+            raise GenerationError(f"--out {args.out}: its images were made with --"
+                                  f"{k.replace('_', '-')} {saved[k]!r}, not {record[k]!r}; "
+                                  f"choose another --out to make a set with other settings")
+    data.write_text(path, json.dumps(record, indent=2))  # written before any image
+    ours = [os.path.join(args.out, j.path) for j in jobs] + [
+        os.path.join(args.out, "manifest.csv"), sheet, os.path.join(args.out, "ddpm")]
+    embeddings = os.path.join(args.out, "embeddings")
+    ours += [os.path.join(embeddings, f"{folder}.safetensors")
+             for folder in {j.path.split("/")[1] for j in jobs}]  # <kind>/<class folder>/...
+    data.remove_temporaries(ours)
+
+
+# the cache key: what decides the training split, and what decides its images
 DATA_KEYS = ("data", "image_size", "val_fraction", "seed", "examples_per_class", "ood_classes",
              "resize", "masks")
 GENERATION_KEYS = ("id_strength", "ood_strength", "strengths", "per_image", "guidance", "steps",
@@ -681,15 +726,15 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
     key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
     key["strength"] = "alpha-bar of SD v1 img2img"  # sets of the older meaning are not reused
     folder = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
-    digest = _digest(json.dumps(key, sort_keys=True), 12)
-    settings.out = os.path.join(cache_root, f"{folder}-{digest}")
+    digest = _digest(json.dumps(key, sort_keys=True), 12)  # 12 hex digits: 48 bits
+    settings.out = os.path.join(cache_root, f"{folder}-{digest}")  # .cache/dafusion/digits-<hex>
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            made = generate(settings, splits, device)
+            made = generate(settings, splits, device)  # 0 on a cache hit
     except KeyboardInterrupt:  # one line: what is kept, and how to go on
         print(f"\nCtrl-C while generating the synthetic set: its finished images are kept in "
               f"{settings.out}; the same command goes on from there", file=sys.stderr)
-        raise
+        raise  # run_command: exit status 130
     print(f"synthetic set {settings.out}: " + ("reused from the cache" if made == 0 else
                                                f"generated {made} images (cached for next time)"))
     return settings.out
@@ -701,7 +746,7 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
 
 def add_generation_arguments(p):
     """The SDEdit and ddpm options (shared with train.py, which generates with the ddpm)."""
-    strength = data.float_in(0, 1, low_open=True)
+    strength = data.float_in(0, 1, low_open=True)  # (0, 1]: strength 0 would copy the source
     g = p.add_argument_group("generation (DA-Fusion)")
     g.add_argument("--id-strength", type=strength, default=0.2,
                    help="SDEdit strength of ID variations (thesis 0.2)")
@@ -712,9 +757,9 @@ def add_generation_arguments(p):
                         "--ood-strength), e.g. 0.3,0.5,0.7,0.9")
     g.add_argument("--per-image", type=data.int_at_least(1), default=4,
                    help="variations of each kind (and strength) per real image (M)")
-    g.add_argument("--guidance", type=data.float_at_least(0), default=None,
+    g.add_argument("--guidance", type=data.float_at_least(0), default=None,  # None: per generator
                    help="classifier-free guidance scale (default: 7.5 Stable Diffusion, 2 ddpm)")
-    g.add_argument("--steps", type=data.int_at_least(1), default=None,
+    g.add_argument("--steps", type=data.int_at_least(1), default=None,  # None: per generator
                    help="denoising steps of a full generation; strength s runs s x steps of "
                         "them (default 50 Stable Diffusion, 20 ddpm)")
     g.add_argument("--gen-batch-size", type=data.int_at_least(1), default=None,
@@ -731,7 +776,7 @@ def build_parser():
     """dafusion.py's command line: data, generation and Stable Diffusion options."""
     p = data.add_data_arguments(data.Parser(__doc__, "dafusion.py"))
     add_generation_arguments(p)
-    p.add_argument("--kinds", default="id,near_ood",
+    p.add_argument("--kinds", default="id,near_ood",  # check_generation parses it
                    help="which kinds to make: id, near_ood or both")
     p.add_argument("--gen-device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     s = p.add_argument_group("stable-diffusion generator")
@@ -752,9 +797,9 @@ def build_parser():
                    help="textual inversion: learning rate (AdamW)")
     s.add_argument("--ti-batch", type=data.int_at_least(1), default=4,
                    help="textual inversion: real images per step")
-    s.add_argument("--resolution", type=data.int_at_least(8), default=None,
+    s.add_argument("--resolution", type=data.int_at_least(8), default=None,  # a multiple of 8
                    help="pixels, a multiple of 8 (default: the model's, 512 for v1.x)")
-    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,  # None: by device
                    help="default fp16 on CUDA, fp32 elsewhere")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (GPU): the first batch compiles for a minute or "
@@ -766,7 +811,7 @@ def build_parser():
 def with_generation_defaults(args):
     """A copy of args with the per-generator defaults filled in (guidance, steps, batch)."""
     sd = args.generator == "stable-diffusion"
-    defaults = {"guidance": 7.5 if sd else 2.0, "steps": 50 if sd else 20,
+    defaults = {"guidance": 7.5 if sd else 2.0, "steps": 50 if sd else 20,  # SD's usual values
                 "gen_batch_size": 8 if sd else 256}
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
                                                   if getattr(args, k, None) is None}})
@@ -789,30 +834,62 @@ def check_generation(args):
     for name, strengths in (("--id-strength", [args.id_strength]),
                             ("--strengths" if args.strengths else "--ood-strength",
                              args.strengths or [args.ood_strength])):
-        low = min(strengths)
+        low = min(strengths)  # the weakest strength runs the fewest steps
         if sd and args.mode == "img2img" and int(args.steps * low) < 1:
             raise GenerationError(f"{name} {low} x --steps {args.steps} runs no denoising step "
                                   f"(diffusers rounds down); raise --steps or the strength")
+    if sd and "{}" not in args.prompt:
+        raise GenerationError(f"--prompt {args.prompt!r} has no {{}} where the class token (or "
+                              f"name) goes, e.g. 'a photo of a {{}}'")
+    try:
+        args.prompt.format("x")  # "{} {}" or "{name}" fail here
+    except (IndexError, KeyError, ValueError) as error:
+        raise GenerationError(f"--prompt {args.prompt!r}: only one {{}} may stand in it "
+                              f"({error})") from error
     if args.mode == "txt2img" and sd and "near_ood" in kinds:
-        return ("id",)  # txt2img has no source image to drift from: ID images only
+        print("--mode txt2img makes ID images only (no source image to drift from)")
+        return ("id",)
     return kinds
+
+
+# options the ddpm generator never reads
+SD_ONLY = ("model", "mode", "prompt", "num_vectors", "init_token", "ti_steps", "ti_lr",
+           "ti_batch", "resolution", "dtype", "compile")
+
+
+def check_options(args, given):
+    """Options typed on the command line that this generator would not use, refused."""
+    sd = args.generator == "stable-diffusion"
+    unused = sorted(given & set(SD_ONLY)) if not sd else \
+        sorted(given & {"ddpm_steps", "ddpm_batch_size"})  # SD never trains a DDPM
+    if unused:
+        raise GenerationError(f"--{unused[0].replace('_', '-')} has no effect with --generator "
+                              f"{args.generator}")
+    if {"strengths", "ood_strength"} <= given:  # both typed
+        raise GenerationError("--strengths and --ood-strength both given; --strengths makes "
+                              "every near-OOD strength of the set: drop --ood-strength")
+    if sd and args.mode == "txt2img" and "kinds" in given and "near_ood" in args.kinds:
+        raise GenerationError("--mode txt2img makes ID images only (no source image to drift "
+                              "from): drop near_ood from --kinds, or use --mode img2img")
 
 
 def main(argv=None):
     """Generate the synthetic set the arguments describe (torchrun: the ranks share it)."""
-    args = build_parser().parse_args(argv)
-    device = data.init_distributed(data.pick_device(args.gen_device))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(args, data.given_options(parser, argv))  # before the device and the data load
+    device = data.init_distributed(data.pick_device(args.gen_device))  # torchrun: join the group
     try:
         generate(args, device=device)
     except KeyboardInterrupt:  # one line: what is kept, and the command that goes on
         kept = 0
         if os.path.exists(os.path.join(args.out, "manifest.csv")):
             with open(os.path.join(args.out, "manifest.csv"), encoding="utf-8") as f:
-                kept = max(0, len(f.read().splitlines()) - 1)
+                kept = max(0, len(f.read().splitlines()) - 1)  # rows minus the header
         command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         print(f"\nCtrl-C: kept the {kept} finished images in {args.out}; continue with: "
               f"python dafusion.py {command}", file=sys.stderr)
-        raise
+        raise  # run_command: exit status 130
 
 
 if __name__ == "__main__":

@@ -34,17 +34,18 @@ import pickle
 import shutil
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor  # decodes large folders (load_files)
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps  # ImageOps.exif_transpose: phone photos' rotation
 from tqdm.auto import tqdm
 
+# matched lower-cased, so .JPG counts too
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")
+BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")  # --data names that are not folders
 NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px x 2
 DEFAULT_OOD = {"digits": "8,9"}  # held-out classes of the default run (open-set OOD test)
 KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2  # ImageSet.kind: where an image came from
@@ -56,6 +57,14 @@ MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed", "gene
 class DataError(ValueError):
     """Bad input: the message names the file or argument and says what to do. Every script turns
     it into one line on stderr (run_command), never a traceback."""
+
+
+class LeakError(DataError):
+    """A synthetic set with variations of images the run does not train on (test images)."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (its loss diverged): one line on stderr, like DataError."""
 
 
 @dataclass
@@ -81,6 +90,7 @@ class ImageSet:
         sizes = {len(self.labels), len(self.negative_only), len(self.kind), len(self.strength)}
         if sizes != {n}:
             raise DataError(f"ImageSet: {n} images but per-image fields of sizes {sorted(sizes)}")
+        # labels index classes: 0 <= y < K
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
             bad = self.labels[(self.labels < 0) | (self.labels >= len(self.classes))][0].item()
             raise DataError(f"label {bad} is out of range for {len(self.classes)} classes "
@@ -91,10 +101,10 @@ class ImageSet:
 
     def subset(self, index):
         """The images at `index` (indices or a bool mask), with everything that belongs to them."""
-        index = torch.as_tensor(index)
+        index = torch.as_tensor(index)  # a list, an array or a tensor
         if index.dtype == torch.bool:
-            index = torch.nonzero(index).squeeze(1)
-        index = index.long()
+            index = torch.nonzero(index).squeeze(1)  # mask -> (n,) positions
+        index = index.long()  # int64: indexing would treat uint8 as a mask
         return ImageSet(self.images[index], self.labels[index], self.classes,
                         self.negative_only[index], self.kind[index],
                         [self.names[i] for i in index.tolist()] if self.names else [],
@@ -115,6 +125,7 @@ class ImageSet:
     def concat(sets):
         """One ImageSet from several (None and empty entries skipped); they share the classes."""
         sets = [s for s in sets if s is not None and len(s)]
+        # cat(name): one per-image field of every set, concatenated
         cat = lambda name: torch.cat([getattr(s, name) for s in sets])  # noqa: E731
         return ImageSet(cat("images"), cat("labels"), sets[0].classes, cat("negative_only"),
                         cat("kind"), sum((s.names for s in sets), []), cat("strength"))
@@ -142,13 +153,15 @@ def as_viewed(image):
         grey = np.asarray(image, dtype=np.float64)  # (H, W) the stored values
         if image.mode in SIXTEEN_BIT:
             grey = grey / 257.0  # 65535 / 257 = 255: the full 16-bit range to the full 8-bit one
-        elif grey.size and grey.max() <= 1.0:
+        elif grey.size and grey.max() <= 1.0:  # mode F within [0, 1]: scaled to 0..255
             grey = grey * 255.0
+        # round, then clip: mode I above 65535 and mode F outside 0..255 saturate
         return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
+    # modes with alpha, or an image (P, L, RGB) with one transparent colour
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return Image.alpha_composite(white, rgba).convert("RGB")  # a over white, as a viewer shows
     if image.mode not in ("L", "RGB"):
         return image.convert("L" if image.mode in ("1", "L") else "RGB")  # P, CMYK, YCbCr, ...
     return image
@@ -160,36 +173,39 @@ def resize_pil(image, size, mode="crop"):
     w, h = image.size
     if mode == "letterbox":
         scale = size / max(w, h)  # the long side becomes `size`
+        # max(1, .): a very thin image keeps one pixel
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
         canvas = Image.new(image.mode, (size, size))  # black, same mode (L or RGB)
         canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
         return canvas
     scale = size / min(w, h)  # the short side becomes `size`, the long one is cropped
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+                         Image.BICUBIC)  # max(size, .): rounding never leaves a side short
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2  # the centred square
     return image.crop((left, top, left + size, top + size))
 
 
 def crop_to_mask(image, mask, dilation=0.1):
     """The thesis's preprocessing: a square crop around the object mask, its box dilated by
-    `dilation` of its size on every side (clipped to the image)."""
-    # (P, 2) (row, col) of the object's pixels
-    box = np.argwhere(np.asarray(mask.convert("L").resize(image.size)) > 127)
-    if len(box) == 0:
-        return image
+    `dilation` of its size on every side. Returns (the image cropped, the mask cropped the same
+    way, both at the image's scale): inpainting repaints inside exactly the crop's mask."""
+    mask = mask.convert("L").resize(image.size)  # the mask on the image's pixel grid
+    box = np.argwhere(np.asarray(mask) > 127)  # (P, 2) (row, col) of the object's pixels
+    if len(box) == 0:  # an empty mask: the whole image, uncropped
+        return image, mask
     (top, left), (bottom, right) = box.min(0), box.max(0) + 1  # the object's bounding box
-    side = max(bottom - top, right - left) * (1 + 2 * dilation)
-    cy, cx = (top + bottom) / 2, (left + right) / 2
-    return image.crop((round(cx - side / 2), round(cy - side / 2),
-                       round(cx + side / 2), round(cy + side / 2)))
+    side = max(bottom - top, right - left) * (1 + 2 * dilation)  # longer side, dilated at both ends
+    cy, cx = (top + bottom) / 2, (left + right) / 2  # the box's centre (row, col)
+    square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2),
+              round(cy + side / 2))  # may reach outside the image: PIL pads with black
+    return image.crop(square), mask.crop(square)
 
 
 def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
     """Square synthetic images get a random 20-30% cut off top and bottom (split evenly), so
     that after letterboxing they carry black margins like the real photos (the fruit project)."""
     w, h = image.size
-    if w != h:
+    if w != h:  # not square: photo-like already, left as it is
         return image
     cut = round(h * rng.uniform(low, high) / 2)  # pixels off the top and off the bottom each
     return image.crop((0, cut, w, h - cut))
@@ -198,31 +214,44 @@ def synthetic_margin_crop(image, rng, low=0.2, high=0.3):
 def read_pil(path):
     """Decode one file completely as a viewer shows it; DataError naming the file otherwise."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # lazy: reads the header only
             image.load()  # decode now: a truncated file fails here, not in the middle of training
             return as_viewed(image)
-    except Exception as error:
+    except Exception as error:  # any decoder failure: OSError, ValueError, SyntaxError, ...
         raise DataError(f"{path}: cannot read this image ({error})") from error
 
 
 def open_image(path, channels, size, resize="crop", mask_path=None, margin_rng=None):
     """One image file as a (C, size, size) uint8 tensor, cropped to its mask if one is given."""
-    image = read_pil(path).convert("L" if channels == 1 else "RGB")
+    image = read_pil(path).convert("L" if channels == 1 else "RGB")  # colour -> L: ITU-R 601 luma
     if mask_path is not None:
-        if not os.path.exists(mask_path):
-            raise DataError(f"{mask_path}: no mask for {path}. --masks DIR needs one mask per "
-                            f"image at DIR/<path relative to --data, extension .png>.")
-        image = crop_to_mask(image, read_pil(mask_path))
+        image = crop_to_mask(image, read_mask(mask_path, path))[0]  # [0]: the image (not the mask)
     if margin_rng is not None:
-        image = synthetic_margin_crop(image, margin_rng)
+        image = synthetic_margin_crop(image, margin_rng)  # only synthetic images get a margin_rng
     array = np.asarray(resize_pil(image, size, resize), dtype=np.uint8)  # (size, size[, 3])
+    # copy(): the array np.asarray makes of a PIL image is read-only (torch would warn)
     return torch.from_numpy(array.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
+def read_mask(mask_path, image_path):
+    """The object mask of an image (white = object), or one line saying where it should be."""
+    if not os.path.exists(mask_path):
+        raise DataError(f"{mask_path}: no mask for {image_path}. --masks DIR needs one mask per "
+                        f"image at DIR/<path relative to --data, extension .png>.")
+    return read_pil(mask_path)
+
+
+def open_masked(path, mask_path, size, resize="crop"):
+    """An RGB image and its mask (L), cropped to the mask as open_image crops and resized the
+    same way: the pair Stable Diffusion's inpainting gets, aligned pixel for pixel."""
+    image, mask = crop_to_mask(read_pil(path).convert("RGB"), read_mask(mask_path, path))
+    return resize_pil(image, size, resize), resize_pil(mask, size, resize)
 
 
 def mask_path(masks_dir, image_path, root):
     """The one mask layout: the mask of ROOT/<rel>/<name>.<ext> is MASKS/<rel>/<name>.png."""
-    relative = os.path.splitext(os.path.relpath(image_path, root))[0]
-    return os.path.join(masks_dir, relative + ".png")
+    relative = os.path.splitext(os.path.relpath(image_path, root))[0]  # e.g. apple/img_01
+    return os.path.join(masks_dir, relative + ".png")  # masks are PNG whatever the image's format
 
 
 def visible(name):
@@ -241,17 +270,17 @@ def list_class_folders(root):
     items, other = [], collections.Counter()  # (path, class index); skipped extensions
     for index, name in enumerate(classes):
         found = []
-        for folder, subfolders, files in os.walk(os.path.join(root, name)):
+        for folder, subfolders, files in os.walk(os.path.join(root, name)):  # sub-folders included
             subfolders[:] = [d for d in subfolders if visible(d)]  # prune hidden folders
             for f in filter(visible, files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                if f.lower().endswith(IMAGE_EXTENSIONS):  # .JPG as .jpg
                     found.append(os.path.join(folder, f))
                 else:
-                    other[os.path.splitext(f)[1].lower() or f] += 1
+                    other[os.path.splitext(f)[1].lower() or f] += 1  # by extension, or by name
         if not found:
             raise DataError(f"{os.path.join(root, name)}: class folder has no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder.")
-        items += [(path, index) for path in sorted(found)]
+        items += [(path, index) for path in sorted(found)]  # sorted: the same on any file system
     if other:  # said once, so that a folder of .heic photos is not left out without a word
         print(f"{root}: left out {sum(other.values())} file(s) that are not images of a known "
               f"type ({', '.join(f'{k}: {v}' for k, v in sorted(other.items()))})")
@@ -260,10 +289,10 @@ def list_class_folders(root):
 
 def guess_channels(paths):
     """1 if every image (of the first 50) is greyscale, else 3."""
-    for path in paths[:50]:
+    for path in paths[:50]:  # 50: enough to tell, cheap on a large set
         try:
             with Image.open(path) as image:
-                if image.mode not in ("L", "1", "LA", "F") + SIXTEEN_BIT:
+                if image.mode not in ("L", "1", "LA", "F") + SIXTEEN_BIT:  # grey modes, 16-bit too
                     return 3
         except Exception:
             continue  # open_image reports unreadable files properly
@@ -274,6 +303,7 @@ def _read_image(job):
     """open_image for load_files' workers: a (C, size, size) uint8 array, or the DataError."""
     path, channels, size, resize, mask = job  # one picklable tuple per image
     try:
+        # numpy: pickled by value; tensors would go through torch's shared-memory handles
         return open_image(path, channels, size, resize, mask).numpy()
     except DataError as error:
         return error  # returned, not raised: --skip-bad-images decides what happens
@@ -284,29 +314,31 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
     jobs = [(path, channels, size, resize, mask_path(masks_dir, path, root) if masks_dir else None)
             for path, _ in items]
     workers = min(16, os.cpu_count() or 1)
-    if len(jobs) >= 5000 and workers > 1:
+    if len(jobs) >= 5000 and workers > 1:  # 5000: below it, processes cost more
         # decoding small JPEGs is mostly Python work in PIL, which threads cannot share (the
         # GIL): processes. "spawn": they start clean, whatever threads or CUDA this one holds
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # chunks of 256 images per task: one pickle round trip each, not one per image
             decoded = list(tqdm(pool.map(_read_image, jobs, chunksize=256), total=len(jobs),
                                 desc=f"reading {root}", leave=False, disable=None))
     else:
         decoded = [_read_image(job) for job in jobs]  # small sets: no process start-up cost
     images, labels, names, bad = [], [], [], []
-    for (path, label), image in zip(items, decoded):
-        if isinstance(image, DataError):
+    for (path, label), image in zip(items, decoded):  # pool.map keeps the order of jobs
+        if isinstance(image, DataError):  # returned by _read_image, not raised
             if not skip_bad:
                 raise DataError(f"{image} Replace or delete the file, or pass "
                                 f"--skip-bad-images to leave unreadable files out.")
             bad.append(path)
             continue
-        images.append(torch.from_numpy(image))
+        images.append(torch.from_numpy(image))  # (C, size, size) uint8, no copy
         labels.append(label)
         names.append(path)
     if bad:
         print(f"--skip-bad-images: left out {len(bad)} unreadable file(s), e.g. {bad[0]}")
     if not images:
         raise DataError(f"no readable images under {root}")
+    # images (N, C, size, size) uint8, labels (N,)
     return ImageSet(torch.stack(images), torch.tensor(labels), classes, names=names)
 
 
@@ -316,11 +348,11 @@ def load_files(items, classes, channels, size, resize, skip_bad, masks_dir=None,
 
 def stratified_split(labels, fraction, seed):
     """Indices (keep, held) with `fraction` of every class held out, seeded."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # a private stream: the global one is left alone
     keep, held = [], []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
+    for c in torch.unique(labels).tolist():  # sorted class ids: the same draws on every run
+        idx = torch.nonzero(labels == c).squeeze(1)  # (n_c,) positions of class c
+        idx = idx[torch.randperm(len(idx), generator=g)]  # a seeded shuffle within the class
         n_held = int(round(len(idx) * fraction))  # the same share of every class
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
@@ -329,27 +361,28 @@ def stratified_split(labels, fraction, seed):
 
 def load_digits(val_fraction, seed, size):
     """sklearn's 8x8 digits, upscaled to `size` px; a seeded, stratified train/test split."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.datasets import load_digits as sklearn_digits  # this function has the name
     digits = sklearn_digits()  # 1,797 8x8 images shipped inside scikit-learn, values 0..16
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8)
+    # bilinear 8 -> size px (16 by default, NATIVE_SIZE), in [0, 1] floats
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # uint8 like every other source
     labels = torch.tensor(digits.target)  # (1797,) 0..9
     full = ImageSet(images, labels, [str(i) for i in range(10)],
-                    names=[f"digits/{i:04d}" for i in range(len(labels))])
+                    names=[f"digits/{i:04d}" for i in range(len(labels))])  # manifest source ids
     train_idx, test_idx = stratified_split(labels, val_fraction, seed)
     return full.subset(train_idx), full.subset(test_idx)
 
 
 def load_torchvision(name, root, download, size):
     """MNIST, Fashion-MNIST or CIFAR-10 from torchvision's files under `root`."""
-    import torchvision
+    import torchvision  # imported here: only these sources need it
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
     splits = []
     for train in (True, False):
         try:
-            ds = cls(root, train=train, download=download)
+            ds = cls(root, train=train, download=download)  # no files: RuntimeError, caught below
         except RuntimeError as error:
             raise DataError(f"--data {name}: not found under --data-root {root} ({error}). "
                             f"Either pass --download to fetch it, or point --data-root at a "
@@ -357,8 +390,9 @@ def load_torchvision(name, root, download, size):
         x = torch.as_tensor(np.asarray(ds.data))  # (N, H, W) grey or (N, H, W, 3) colour
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
         if x.shape[-1] != size:  # resized once here, not per batch
+            # antialias: no aliasing when shrinking (CIFAR to 16 px, say)
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-            x = x.round().clamp(0, 255).to(torch.uint8)
+            x = x.round().clamp(0, 255).to(torch.uint8)  # back to uint8, like every source
         part = "train" if train else "test"
         splits.append(ImageSet(x, torch.as_tensor(np.asarray(ds.targets)), list(ds.classes),
                                names=[f"{name}/{part}/{i}" for i in range(len(x))]))
@@ -387,6 +421,7 @@ def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
     classes, items = list_class_folders(path)
     channels = guess_channels([p for p, _ in items])  # 1 for greyscale sets, else 3
     full = load_files(items, classes, channels, size, resize, skip_bad, masks_dir, path)
+    # --val-fraction of each class becomes the test split
     train_idx, test_idx = stratified_split(full.labels, val_fraction, seed)
     return full.subset(train_idx), full.subset(test_idx)
 
@@ -394,24 +429,24 @@ def load_folder(path, val_fraction, seed, size, resize, skip_bad, masks_dir):
 def parse_class_list(text, classes, what="--ood-classes"):
     """'a,b' (names or indices) -> sorted list of class indices."""
     chosen = []
-    for item in [t.strip() for t in text.split(",") if t.strip()]:
-        if item in classes:
+    for item in [t.strip() for t in text.split(",") if t.strip()]:  # blanks ignored: "a, b," works
+        if item in classes:  # a name first: a class may be named "3"
             chosen.append(classes.index(item))
-        elif item.isdigit() and int(item) < len(classes):
+        elif item.isdigit() and int(item) < len(classes):  # else an index into the sorted classes
             chosen.append(int(item))
         else:
             raise DataError(f"{what}: {item!r} is not a class; the classes are {classes}")
-    return sorted(set(chosen))
+    return sorted(set(chosen))  # duplicates dropped
 
 
 def few_shot_indices(labels, k, seed):
     """K examples per class, seeded (the caller has checked that every class has K)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # its own stream: the same K whatever else is drawn
     chosen = []
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).squeeze(1)
-        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(chosen).sort().values
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])  # first k of a seeded shuffle
+    return torch.cat(chosen).sort().values  # the original order kept
 
 
 @dataclass
@@ -428,14 +463,16 @@ class Splits:
     def source_id(self, name):
         """How a manifest names a source image: relative to the --data folder, so that
         `--data parts` and `--data ./parts` agree; a built-in set's own name otherwise."""
+        # "/" on Windows too: manifests travel between systems
         return os.path.relpath(name, self.root).replace(os.sep, "/") if self.root else name
 
 
 def remap(s, keep_classes):
     """Keep only images of keep_classes and renumber their labels 0..len(keep_classes)-1."""
     lookup = torch.full((len(s.classes),), -1, dtype=torch.long)  # old id -> new id, -1: dropped
+    # kept class keep_classes[j] -> new id j
     lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
-    sub = s.subset(lookup[s.labels] >= 0)
+    sub = s.subset(lookup[s.labels] >= 0)  # images of dropped classes leave
     return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
                     sub.negative_only, sub.kind, sub.names, sub.strength)
 
@@ -454,6 +491,7 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
     else:
         train, test = load_folder(data, val_fraction, seed, size, resize, skip_bad_images, masks)
     given = ood_classes is not None  # a message may blame --ood-classes only if the user gave it
+    # the source's default (digits: 8, 9) unless --ood-classes is given
     held = parse_class_list(ood_classes if given else DEFAULT_OOD.get(data, ""), train.classes)
     kept = [c for c in range(len(train.classes)) if c not in held]  # the classes trained on
     if len(kept) < 2:
@@ -462,10 +500,10 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
                         f"--data {data}: holds {len(train.classes)} class(es) {train.classes}; "
                         f"training needs at least 2")
     ood_test = remap(test, held) if held else None  # labels index the held-out classes
-    names = train.classes
+    names = train.classes  # the full class list, for the held-out names below
     train, test = remap(train, kept), remap(test, kept)  # labels renumbered 0..K-1
     if examples_per_class:
-        counts = torch.bincount(train.labels, minlength=len(kept))
+        counts = torch.bincount(train.labels, minlength=len(kept))  # (K,) training images per class
         if int(counts.min()) < examples_per_class:
             smallest = int(counts.argmin())
             raise DataError(f"--examples-per-class {examples_per_class}: class "
@@ -473,7 +511,7 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
                             f"images; use at most {int(counts.min())}")
         train = train.subset(few_shot_indices(train.labels, examples_per_class, seed))
     return Splits(train, test, ood_test, train.classes, [names[c] for c in held],
-                  None if data in BUILTIN else data)
+                  None if data in BUILTIN else data)  # root: None for built-in sets
 
 
 # -----------------------------------------------------------------------------
@@ -496,6 +534,7 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
     rows = []  # (line, row) of every manifest row
     with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         reader = csv.DictReader(f)
+        # the header must name every column; extra ones are ignored
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{manifest}: missing column(s) {missing}; needs "
@@ -503,12 +542,12 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
         rows = list(enumerate(reader, start=2))  # line 1 is the header: numbers match an editor
     if not rows:
         raise DataError(f"{manifest}: no rows")
-    rows = _keep_training_sources(rows, splits, manifest, drop_leaking)
+    rows = _keep_training_sources(rows, splits, manifest, drop_leaking)  # checked before any decode
     rng = np.random.default_rng(seed)  # the random margin crops (--synthetic-margin), repeatable
     images, labels, kinds, strengths, names = [], [], [], [], []
     for line, row in rows:
-        where = f"{manifest}, line {line}"
-        if row["label"] not in splits.classes:
+        where = f"{manifest}, line {line}"  # e.g. "DIR/manifest.csv, line 7" in every message
+        if row["label"] not in splits.classes:  # classes are matched by name, not by id
             raise DataError(f"{where}: class {row['label']!r} is not a class of the real training "
                             f"data {splits.classes}. Regenerate the synthetic set for this data, "
                             f"or delete the rows of that class.")
@@ -517,47 +556,51 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
         try:  # txt2img rows have no strength: 1.0, the whole diffusion
             strength = float(row["strength"]) if row["strength"].strip() else 1.0
         except ValueError:
-            strength = math.nan
+            strength = math.nan  # refused just below: nan fails the range check
         if not 0 < strength <= 1:
             raise DataError(f"{where}: strength {row['strength']!r} must be a number in (0, 1]")
-        path = os.path.join(folder, row["path"])
+        path = os.path.join(folder, row["path"])  # manifest paths are relative to DIR
         if not os.path.exists(path):
             raise DataError(f"{where}: {path} does not exist. Re-run dafusion.py on {folder} to "
                             f"regenerate missing images (it resumes).")
         try:
-            images.append(open_image(path, channels, image_size, resize,
+            images.append(open_image(path, channels, image_size, resize,  # at the real images' size
                                      margin_rng=rng if margin else None))
         except DataError as error:
             raise DataError(f"{error} ({where}). Delete the file and re-run dafusion.py on "
                             f"{folder}: it makes missing images again.") from error
-        labels.append(splits.classes.index(row["label"]))
+        labels.append(splits.classes.index(row["label"]))  # the source's class, this run's id
         kinds.append(KINDS[row["kind"]])
         strengths.append(strength)
         names.append(path)
-    kind = torch.tensor(kinds, dtype=torch.int8)
+    kind = torch.tensor(kinds, dtype=torch.int8)  # (N,) int8 KIND_*
     return ImageSet(torch.stack(images), torch.tensor(labels), list(splits.classes),
+                    # negative_only: the near-OOD ones, until training_set assigns the roles
                     kind == KIND_NEAR_OOD, kind, names, torch.tensor(strengths))
 
 
 def _keep_training_sources(rows, splits, manifest, drop):
     """The manifest rows whose source is one of this run's training images (or has no source);
     the others are refused with one line that counts where they come from, or dropped."""
-    ids = lambda s: {splits.source_id(n) for n in s.names} if s is not None else set()  # noqa
-    train, test, ood = ids(splits.train), ids(splits.test), ids(splits.ood_test)
+    # a source as today's manifests name it, or as older ones did (the path as it was loaded)
+    ids = lambda s: ({splits.source_id(n) for n in s.names} | set(s.names)  # noqa: E731
+                     if s is not None else set())
+    train, test, ood = ids(splits.train), ids(splits.test), ids(splits.ood_test)  # source-id sets
     foreign = collections.Counter()  # where the rows from outside the training split come from
     kept = []
     for line, row in rows:
-        source = row["source"].strip()
+        source = row["source"].strip()  # "" for txt2img rows: they have no source
         if source and os.path.isabs(source) and splits.root:  # an older manifest: a full path
             source = splits.source_id(source)
         if not source or source in train:
             kept.append((line, row))
         else:
+            # counted by where the source lives
             foreign["this run's test images" if source in test else "held-out OOD images"
                     if source in ood else "images outside this run's training split"] += 1
     if foreign and not drop:
         counts = ", ".join(f"{n} from {where}" for where, n in foreign.most_common())
-        raise DataError(f"{manifest}: {sum(foreign.values())} of {len(rows)} rows vary images "
+        raise LeakError(f"{manifest}: {sum(foreign.values())} of {len(rows)} rows vary images "
                         f"this run does not train on ({counts}); training on them would leak "
                         f"them. Generate the set with this run's --data, --seed, --val-fraction, "
                         f"--examples-per-class and --ood-classes, or pass --drop-leaking-synthetic "
@@ -580,27 +623,29 @@ def training_set(args, splits):
     if not args.synthetic:
         return splits.train, None
     _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
+    # every synthetic image; their roles are decided below
     syn = read_manifest(args.synthetic, splits, H, C, args.resize, args.synthetic_margin,
                         args.seed, args.drop_leaking_synthetic)
-    near = syn.kind == KIND_NEAR_OOD
+    near = syn.kind == KIND_NEAR_OOD  # (N_syn,) bool
     if args.near_ood_strength is not None:
-        present = sorted({round(float(s), 4) for s in syn.strength[near]})
-        keep = ~near | ((syn.strength - args.near_ood_strength).abs() < 1e-6)
+        present = sorted({round(float(s), 4) for s in syn.strength[near]})  # for the message below
+        keep = ~near | ((syn.strength - args.near_ood_strength).abs() < 1e-6)  # 1e-6: %g round trip
         if not (keep & near).any():
             raise DataError(f"--near-ood-strength {args.near_ood_strength}: {args.synthetic} has "
                             f"near-OOD images of strength {present} only")
         syn = syn.subset(keep)
-        near = syn.kind == KIND_NEAR_OOD
+        near = syn.kind == KIND_NEAR_OOD  # recomputed for the smaller set
     labelled = negatives = None  # the synthetic images used as positives / as negatives only
     if args.positives != "none":
         labelled = syn.subset(~near if args.positives == "id" else torch.ones_like(near))
-        labelled.negative_only = torch.zeros(len(labelled), dtype=torch.bool)
+        labelled.negative_only = torch.zeros(len(labelled), dtype=torch.bool)  # even near-OOD ones
     if args.negatives != "none":
-        negatives = syn.subset(near if args.negatives == "near_ood" else ~near)
-        negatives.negative_only = torch.ones(len(negatives), dtype=torch.bool)
+        negatives = syn.subset(near if args.negatives == "near_ood" else ~near)  # id: the placebo
+        negatives.negative_only = torch.ones(len(negatives), dtype=torch.bool)  # never an anchor
     for flag, part in (("--positives", labelled), ("--negatives", negatives)):
         if part is not None and not len(part):
             raise DataError(f"{flag}: {args.synthetic} holds no images of that kind")
+    # ImageSet.concat skips the None parts
     used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives])
     return used, syn.subset(near)
 
@@ -613,7 +658,7 @@ def stream_seed(seed, index):
     """The seed of the index-th stream of a run (an epoch's batches, a step's dropout): a
     function of (seed, index) alone, so a resumed run draws the same numbers without storing
     them, and two settings of one seed draw the same ones."""
-    return seed * 100003 + index
+    return seed * 100003 + index  # one-to-one in index; 100003 (prime) spaces seeds
 
 
 def epoch_generator(seed, epoch):
@@ -632,20 +677,23 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     exist, round(batch_size * negatives_share) of them ride on top of each batch (the labelled
     part does not shrink), drawn with replacement from the classes the batch holds, so that
     same-class hard-negative masking has something to contrast."""
+    # a fixed default: the same batches on every call
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
     negatives = torch.nonzero(negative_only).squeeze(1)  # near-OOD samples
     groups = []  # chunks of m same-class indices
     for c in torch.unique(labels[real]).tolist():
-        idx = real[labels[real] == c]
+        idx = real[labels[real] == c]  # class c's labelled indices
+        # shuffled within the class and cut into chunks of m (the last one shorter)
         chunks = list(torch.split(idx[torch.randperm(len(idx), generator=g)], m_per_class))
         if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
-            chunks[-2:] = [torch.cat(chunks[-2:])]
+            chunks[-2:] = [torch.cat(chunks[-2:])]  # merged with the chunk before it: m + 1 images
         groups += chunks
-    n_batches = min(len(groups), math.ceil(len(real) / batch_size))
-    order = torch.randperm(len(groups), generator=g).tolist()
+    n_batches = min(len(groups), math.ceil(len(real) / batch_size))  # at most one batch per group
+    order = torch.randperm(len(groups), generator=g).tolist()  # the groups shuffled across classes
+    # round-robin: group order[j] goes to batch j mod n_batches
     batches = [torch.cat([groups[i] for i in order[b::n_batches]]) for b in range(n_batches)]
-    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0
+    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # 0: no negatives
     for b, batch in enumerate(batches if n_neg else []):
         pool = negatives[torch.isin(labels[negatives], labels[batch])]  # this batch's classes
         pool = pool if len(pool) else negatives  # no match at all: any negative will do
@@ -661,7 +709,7 @@ def count_contrastive_batches(labels, negative_only, batch_size, m_per_class=4):
     for n in filter(None, sizes):
         chunks = math.ceil(n / m_per_class)  # torch.split's chunks of m, the last one shorter
         groups += chunks - (chunks > 1 and n % m_per_class == 1)  # a lone last image joins
-    return min(groups, math.ceil(sum(sizes) / batch_size))
+    return min(groups, math.ceil(sum(sizes) / batch_size))  # as contrastive_batches' n_batches
 
 
 class BatchImages(torch.utils.data.Dataset):
@@ -682,7 +730,7 @@ class BatchImages(torch.utils.data.Dataset):
 
 def _ignore_ctrl_c(worker_id):
     """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers' process group too
 
 
 def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memory=False):
@@ -690,14 +738,15 @@ def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memor
     `workers` DataLoader processes (a few batches ahead) and, for a GPU, put in pinned memory so
     that .to(device, non_blocking=True) copies while the device still works on the step before.
     The path for training sets larger than the GPU's memory; the views are made on the device."""
+    # sampler=range(first, ...): a resumed epoch starts at its first undone batch
     loader = torch.utils.data.DataLoader(
         BatchImages(images, batches, rank, world), sampler=range(first, len(batches)),
-        batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        worker_init_fn=_ignore_ctrl_c, prefetch_factor=4 if workers else None,
+        batch_size=None, num_workers=workers, pin_memory=pin_memory,  # None: an item is a batch
+        worker_init_fn=_ignore_ctrl_c, prefetch_factor=4 if workers else None,  # 4 per worker
         # the workers' seeds come from this generator, not from the global one that dropout
         # uses: a run with --data-on host draws the same numbers as one without
         generator=torch.Generator().manual_seed(0))
-    return iter(loader)
+    return iter(loader)  # the workers start here
 
 
 # -----------------------------------------------------------------------------
@@ -706,25 +755,26 @@ def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memor
 
 def to_float(images, mean, std):
     """uint8 (B, C, H, W) -> float, normalised with the real training images' statistics."""
+    # (x / 255 - mean) / std, per channel
     return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def _affine(images, theta):
     """Resample (B, C, H, W) through per-sample affine maps theta (B, 2, 3); zeros outside."""
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2) in [-1, 1]
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _uniform(n, low, high, g, device):
     """(n,) samples from U(low, high) drawn with generator g on device."""
-    return torch.rand(n, generator=g, device=device) * (high - low) + low
+    return torch.rand(n, generator=g, device=device) * (high - low) + low  # U[low, high)
 
 
 def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
     """The Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
     B, dev = x.shape[0], x.device
     # per-sample parameters, all (B,): angle in radians, zoom, shift in half-image units
-    angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180
+    angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180  # degrees -> radians
     s = 1.0 / _uniform(B, *scale, g, dev)  # the sampling grid shrinks when the image grows
     tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
     theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
@@ -737,8 +787,9 @@ def _hue_rotation_basis(device):
     """Hue rotation by angle a in RGB = T^-1 R(a) T, T = RGB -> YIQ, R(a) rotating the (I, Q)
     plane, = keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
     Made once per device: no host-device copy (a synchronisation) in every training step."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                           [0.211, -0.523, 0.312]], dtype=torch.float64)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],  # NTSC's RGB -> YIQ
+                           [0.211, -0.523, 0.312]], dtype=torch.float64)  # fp64 for the inverse
+    # keep = diag(1, 0, 0); cos part = diag(0, 1, 1); sin part: (I, Q) -> (-Q, I)
     parts = [torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)),
              torch.diag(torch.tensor([0, 1.0, 1.0], dtype=torch.float64)),
              torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64)]
@@ -760,22 +811,22 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
     area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
     log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
     sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
-    sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)  # crop height / image height
     # the crop's centre, anywhere the crop still fits (normalised coordinates)
     cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
-    flips = torch.rand(B, generator=g, device=dev) < 0.5
-    sign = torch.where(flips, -1.0, 1.0) if flip else torch.ones(B, device=dev)
+    flips = torch.rand(B, generator=g, device=dev) < 0.5  # drawn even if not flip: same stream
+    sign = torch.where(flips, -1.0, 1.0) if flip else torch.ones(B, device=dev)  # -1: mirror x
     zero = torch.zeros(B, device=dev)
     # (B, 2, 3): output pixel -> input point; (sw, sh) pick the crop, sign flips it
     theta = torch.stack([torch.stack([sw * sign, zero, cx], 1),
                          torch.stack([zero, sh, cy], 1)], 1)
     x = _affine(x, theta)  # crop, resize back to H x W and flip in one resampling
     # ---- colour jitter with probability 0.8 (each factor per sample)
-    jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()
-    s = 0.8 * strength
-    brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+    jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()  # (B, 1, 1, 1) 0 / 1
+    s = 0.8 * strength  # SimCLR's 0.8 s for brightness, contrast, saturation
+    brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)  # 1 + U(-s, s), or 1
     contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-    x = (x * brightness).clamp(0, 1)
+    x = (x * brightness).clamp(0, 1)  # brightness: every pixel scaled
     mean_grey = (x.mean(1, keepdim=True) if C == 1 else _grey(x)).mean((2, 3), keepdim=True)
     x = ((x - mean_grey) * contrast + mean_grey).clamp(0, 1)  # contrast: blend with mean grey
     if C == 3:
@@ -783,14 +834,14 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
         x = ((x - _grey(x)) * saturation + _grey(x)).clamp(0, 1)  # blend with each pixel's grey
         # hue: rotate the chroma plane of YIQ by up to 0.2 s of a full turn
         angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
-        keep, cos_part, sin_part = _hue_rotation_basis(dev)
+        keep, cos_part, sin_part = _hue_rotation_basis(dev)  # constant, made once per device
         matrix = (keep + angle.cos().view(B, 1, 1) * cos_part
                   + angle.sin().view(B, 1, 1) * sin_part)  # (B, 3, 3)
-        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)
+        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)  # rgb' = M_b rgb, per px
         to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2  # random grayscale
-        x = torch.where(to_grey, _grey(x).expand_as(x), x)
+        x = torch.where(to_grey, _grey(x).expand_as(x), x)  # grey in all 3 channels
     # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the side (large images only)
-    if H >= 64:
+    if H >= 64:  # small images: SimCLR's CIFAR recipe leaves out the blur
         k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size
         sigma = _uniform(B, 0.1, 2.0, g, dev)  # (B,) blur strength per image
         blur = torch.rand(B, generator=g, device=dev) < 0.5
@@ -803,25 +854,27 @@ def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
                      kernel[:, None, None, :], groups=B * C)  # horizontal pass
         y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"),
                      kernel[:, None, :, None], groups=B * C)  # vertical pass (separable)
-        x = y.reshape(B, C, H, W)
+        x = y.reshape(B, C, H, W)  # back to (B, C, H, W)
     return x
 
 
 def augment(images, how, g, mean, std):
     """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
-    x = images.float() / 255.0
+    x = images.float() / 255.0  # [0, 1] floats
+    if not len(x):  # no image (an empty batch share): the resampling below needs one
+        return x
     if how == "rotation":
         x = augment_rotation(x, g)
     elif how == "simclr":
         x = augment_simclr(x, g)
     elif how != "none":
         raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # real images' mean and std
 
 
 def channel_stats(images):
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
-    x = images.float() / 255.0
+    x = images.float() / 255.0  # (N, C, H, W) in [0, 1], a float copy of the set
     return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # clamp: a constant channel
 
 
@@ -840,42 +893,55 @@ def to_device(x, device):
         # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
         # its copy is done: the source cannot be overwritten while the copy is in flight
         return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    return x.to(device)  # blocking; a no-op when x is there already
 
 
 def atomic_write(path, write):
     """write(tmp) fills a temporary file or folder beside `path`, which is then renamed into
     place: a crash or Ctrl-C never leaves half a file where a reader (or --resume) looks. The
     one writer of every file and folder the project makes. tmp keeps path's extension, so
-    writers that infer the format from the name (PIL, matplotlib, torch) still do."""
+    writers that infer the format from the name (PIL, matplotlib, torch) still do, and holds
+    the process id, so two processes writing one path never share a temporary."""
     stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp{ext}"
+    tmp = f"{stem}.tmp{os.getpid()}{ext}"  # e.g. model.tmp4242.pt
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.isdir(tmp):  # left by a crash in the middle of writing a folder
+    if os.path.isdir(tmp):  # left by a crash of this process id in the middle of a folder
         shutil.rmtree(tmp)
-    write(tmp)
-    if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed over a folder
-        shutil.rmtree(path)
-    os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
+    write(tmp)  # may write a file or fill a folder
+    if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot replace a folder: the old
+        old = f"{stem}.old{os.getpid()}{ext}"  # one steps aside, and is removed once replaced
+        os.replace(path, old)
+        os.replace(tmp, path)  # the gap between these two renames is the one non-atomic moment
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
 
 
 def write_text(path, text):
     """A text file (config, metrics, report, table), written atomically in UTF-8."""
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:  # not Windows' code-page default
             f.write(text)
     atomic_write(path, write)
 
 
-def remove_stale_temporaries(folder):
-    """Delete the *.tmp.* files and folders an interrupted run left in `folder` (atomic_write's
-    temporaries); they are never a finished result. Returns how many were removed."""
-    stale = [os.path.join(d, name) for d, subfolders, files in os.walk(folder)
-             for name in subfolders + files if ".tmp." in name or name.endswith(".tmp")]
-    for path in sorted(stale, reverse=True):  # children before the folders that hold them
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-    return len(stale)
+def remove_temporaries(paths):
+    """Delete what atomic_write may have left beside `paths` when a run was stopped while
+    writing them (never a finished file, never anything else); a folder stepped aside whose
+    replacement never arrived is put back. Returns how many were removed."""
+    import glob
+    removed = 0
+    for path in paths:
+        stem, ext = os.path.splitext(path)
+        for old in glob.glob(f"{glob.escape(stem)}.old*{ext}"):  # folders stepped aside
+            if not os.path.exists(path):  # their replacement never arrived
+                os.replace(old, path)  # put back
+        for tmp in glob.glob(f"{glob.escape(stem)}.tmp*{ext}") + \
+                glob.glob(f"{glob.escape(stem)}.old*{ext}"):  # old ones whose replacement arrived
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+            removed += 1
+    return removed
 
 
 def load_torch_file(path, what):
@@ -884,8 +950,8 @@ def load_torch_file(path, what):
     if not os.path.isfile(path):
         raise DataError(f"{what} {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no GPU needed
+    except pickle.UnpicklingError as error:  # weights_only refused a Python object
         raise DataError(f"{what} {path}: refused for safety: the file holds Python objects "
                         f"other than tensors, which could run code when loaded. Use a file "
                         f"written by this project.") from error
@@ -901,9 +967,9 @@ def load_weights(module, state, key, path, what):
     """module.load_state_dict(state[key]), or one line saying the file is of another model."""
     try:
         module.load_state_dict(state[key])
-    except (KeyError, RuntimeError, TypeError) as error:
+    except (KeyError, RuntimeError, TypeError) as error:  # missing key, shape mismatch, not a dict
         detail = f"no {key!r} entry" if isinstance(error, KeyError) else \
-            str(error).strip().splitlines()[0][:160]
+            str(error).strip().splitlines()[0][:160]  # the first line of PyTorch's long report
         raise DataError(f"{what} {path}: its weights do not fit this model ({detail}); it was "
                         f"saved by a run with another --model, --loss, --embedding-dim or "
                         f"data") from error
@@ -913,14 +979,14 @@ def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, with fonts for non-ASCII class names:
     DejaVu Sans (bundled with matplotlib: Latin, Greek, Cyrillic), then any CJK font installed."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot's import: no GUI backend ever loads
     import matplotlib.pyplot as plt
     from matplotlib import font_manager
-    installed = {f.name for f in font_manager.fontManager.ttflist}
+    installed = {f.name for f in font_manager.fontManager.ttflist}  # fonts matplotlib found
     cjk = [name for name in ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans",
                              "WenQuanYi Zen Hei", "Droid Sans Fallback", "IPAexGothic",
                              "Microsoft YaHei", "MS Gothic", "PingFang SC", "Hiragino Sans")
-           if name in installed]
+           if name in installed]  # in this order of preference
     plt.rcParams["font.family"] = ["DejaVu Sans"] + cjk  # per-glyph fallback (matplotlib >= 3.6)
     return plt
 
@@ -930,8 +996,9 @@ def drawable(text):
     apart ("U+87BA U+4E1D"): a missing glyph would be drawn as an empty box."""
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
-    fonts = [FT2Font(font_manager.findfont(family, fallback_to_default=False))
+    fonts = [FT2Font(font_manager.findfont(family, fallback_to_default=False))  # a font per family
              for family in pyplot().rcParams["font.family"]]
+    # get_char_index returns 0 when a font lacks the glyph
     if all(any(f.get_char_index(ord(ch)) for f in fonts) for ch in text if not ch.isspace()):
         return text
     return " ".join(ch if ord(ch) < 128 else f"U+{ord(ch):04X}" for ch in text)
@@ -940,7 +1007,7 @@ def drawable(text):
 def save_figure(fig, path, dpi=120):
     """Save a matplotlib figure as PNG (atomically) and close it. Returns the file's name."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
-    pyplot().close(fig)
+    pyplot().close(fig)  # frees the figure: pyplot keeps every open one
     return os.path.basename(path)
 
 
@@ -958,7 +1025,7 @@ def pick_device(name):
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(name)  # "cpu", "cuda:1", ...; a typo raises RuntimeError
     except RuntimeError as error:
         raise DataError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:1, "
                         f"mps)") from error
@@ -976,15 +1043,16 @@ def init_distributed(device):
     """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1): join the process group -- NCCL on
     CUDA, gloo on CPU -- and return this process's device (cuda:LOCAL_RANK); ranks other than 0
     print nothing from then on. In a plain `python` run it changes nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun sets WORLD_SIZE
         return device
     if device.type == "cuda":  # one GPU per process, the one torchrun assigned
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
+        torch.cuda.set_device(device)  # NCCL and bare .cuda() calls use it
+    if not torch.distributed.is_initialized():  # a second call joins nothing
+        # env:// rendezvous: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE from torchrun
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if torch.distributed.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # one copy of every message, from rank 0
     return device
 
 
@@ -1011,10 +1079,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, description, prog, **kwargs):
         super().__init__(description=description, prog=prog, **kwargs,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)  # keeps line breaks
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")  # 2: as argparse's own
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False, what=""):
@@ -1025,8 +1093,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False, what="")
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # float() parses nan, inf
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        # low_open / high_open: the bound itself is outside
         if (low is not None and (value <= low if low_open else value < low)) or \
                 (high is not None and (value >= high if high_open else value > high)):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
@@ -1054,13 +1123,13 @@ def float_in(low, high, low_open=False, high_open=False):
 def strength_list(text):
     """type=: 'a,b,c' -> sorted strengths in (0, 1]."""
     read = float_in(0, 1, low_open=True)
-    values = sorted({read(t.strip()) for t in text.split(",") if t.strip()})
+    values = sorted({read(t.strip()) for t in text.split(",") if t.strip()})  # a set: no duplicates
     if not values:
         raise argparse.ArgumentTypeError("needs at least one strength, e.g. 0.3,0.5,0.7")
     return values
 
 
-strength_list.checked = True
+strength_list.checked = True  # as _number's readers: a validated type
 
 
 def add_data_arguments(parser):
@@ -1077,20 +1146,22 @@ def add_data_arguments(parser):
                         "folders 32)")
     d.add_argument("--resize", choices=["crop", "letterbox"], default="crop",
                    help="folders: centre-crop the short side, or letterbox (keep aspect, black)")
+    # [0, 1): a fraction of 1 would leave no training image
     d.add_argument("--val-fraction", type=float_in(0, 1, high_open=True), default=0.25,
                    help="test share when a source has no test split (digits, single folder)")
     d.add_argument("--examples-per-class", type=int_at_least(1), default=None,
                    help="few-shot: keep K training images per class (seeded)")
-    d.add_argument("--ood-classes", default=None,
+    d.add_argument("--ood-classes", default=None,  # None: DEFAULT_OOD of the source
                    help="classes held out of training; their test images are the near-OOD test "
                         "set (names or indices, comma-separated; default for digits: 8,9; '' "
                         "for none)")
-    d.add_argument("--masks", default=None,
+    d.add_argument("--masks", default=None,  # crop_to_mask, dilation 0.1
                    help="folder of object masks, MASKS/<image path relative to --data>.png "
                         "(white = object): crop a square around each dilated mask (the thesis)")
     d.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images of --data out (counted)")
-    d.add_argument("--seed", type=int_at_least(0), default=0,
+    d.add_argument("--seed", type=_number(int, 0, 2**32 - 1, what="an integer from 0 to 2^32-1"),
+                   default=0,
                    help="seed of splits, sampling, augmentation, initialisation")
     return parser
 
@@ -1115,6 +1186,7 @@ def add_synthetic_arguments(parser):
     s.add_argument("--no-real", action="store_true",
                    help="train on the synthetic positives alone (the fruit project's "
                         "'synthetic only')")
+    # %% below: argparse %-formats help strings
     s.add_argument("--synthetic-margin", action="store_true",
                    help="cut 20-30%% off top and bottom of square synthetic images (use with "
                         "--resize letterbox)")
@@ -1128,9 +1200,9 @@ def given_options(parser, argv):
     """The dests of the options typed on the command line (argv None: sys.argv[1:]). argparse
     cannot tell a default from a value the user typed; a copy of the parser without defaults can."""
     import copy
-    quiet = copy.deepcopy(parser)
+    quiet = copy.deepcopy(parser)  # a deep copy: the caller's parser keeps its defaults
     for action in quiet._actions:
-        action.default, action.required = argparse.SUPPRESS, False
+        action.default, action.required = argparse.SUPPRESS, False  # untyped: no attribute at all
     return set(vars(quiet.parse_known_args(argv)[0]))
 
 
@@ -1146,11 +1218,11 @@ def run_command(main, argv=None):
     exit status 1, Ctrl-C exit status 130 after the script's own one-line message."""
     try:
         return main(argv)
-    except DataError as error:
+    except (DataError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(130)  # 128 + SIGINT (2), the shell's convention
 
 
 def main(argv=None):
@@ -1160,12 +1232,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     splits = splits_from_args(args)
     print(f"classes {splits.classes}; held out as OOD: {splits.ood_classes or 'none'}")
-    ood = tuple(splits.ood_test.images.shape) if splits.ood_test else None
+    ood = tuple(splits.ood_test.images.shape) if splits.ood_test else None  # None: none held out
     print(f"train {tuple(splits.train.images.shape)}  test {tuple(splits.test.images.shape)}  "
           f"ood test {ood}")
     import torchvision
-    g = torch.Generator().manual_seed(args.seed)
-    imgs = splits.train.images[:8]
+    g = torch.Generator().manual_seed(args.seed)  # the same views for the same --seed
+    imgs = splits.train.images[:8]  # (8, C, H, W) uint8: the first row
+    # mean 0 and std 1: the views stay in [0, 1], as save_image expects
     views = [imgs.float() / 255] + [augment(imgs, args.augment, g, torch.zeros(1),
                                             torch.ones(1)).clamp(0, 1) for _ in range(3)]
     atomic_write("data_preview.png",

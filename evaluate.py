@@ -33,10 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-import supcon
+import data  # ImageSet, devices, atomic files, plots
+import supcon  # build_model, to rebuild a run's network
 
 K_NEIGHBOURS = (50, 1)  # the k-NN OOD scores reported; 50 is the headline (Sun et al. 2022)
+PICTURES = {"t-SNE": "tsne.png", "OOD ROC and PR": "ood_curves.png",  # a report's pictures
+            "classification ROC and PR": "classification_curves.png",
+            "confusion matrix": "confusion.png", "Grad-CAM": "grad_cam.png"}
 
 # -----------------------------------------------------------------------------
 # Features
@@ -49,12 +52,12 @@ def extract_features(model, images, mean, std, device, batch_size=512, head=Fals
     was_training = model.training  # restored at the end: callers may be mid-training
     model.eval()  # batch-norm running statistics, no dropout
     out = []
-    for start in range(0, len(images), batch_size):
+    for start in range(0, len(images), batch_size):  # batches of 512: bounded memory for any N
         x = data.to_float(images[start:start + batch_size].to(device), mean.to(device),
                           std.to(device))
         out.append((model(x) if head else model.encode(x)).float().cpu())  # (b, F) or (b, D)
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0)  # zeros(0): no images, no batches
 
 
 # -----------------------------------------------------------------------------
@@ -71,12 +74,12 @@ def knn_score(train_features, test_features, k=50, batch_size=2048):
         test = F.normalize(test_features[start:start + batch_size].float(), dim=1)  # (b, F)
         distances = torch.cdist(test, train)  # (b, N_train)
         scores.append(-distances.topk(k, dim=1, largest=False).values[:, -1])  # (b,)
-    return torch.cat(scores)
+    return torch.cat(scores)  # (N_test,) minus the k-th distance
 
 
 def msp_score(logits):
     """Maximum softmax probability of the linear head. (N,)"""
-    return logits.float().softmax(1).max(1).values
+    return logits.float().softmax(1).max(1).values  # fp32: half-precision logits would round
 
 
 def mahalanobis_score(train_features, train_labels, test_features):
@@ -90,15 +93,15 @@ def mahalanobis_score(train_features, train_labels, test_features):
     precision = torch.linalg.pinv(centred.T @ centred / len(train), hermitian=True)  # (F, F)
     diff = test[:, None, :] - means[None]  # (N, K, F)
     d2 = torch.einsum("nkf,fg,nkg->nk", diff, precision, diff)  # (x - mu)^T Sigma^-1 (x - mu)
-    return (-d2.min(1).values).float()
+    return (-d2.min(1).values).float()  # max_k -d2 = -min_k d2
 
 
 def ood_scores(train_f, train_labels, features, logits):
     """Every OOD score of some images, from their features and logits: {name: (N,)}."""
-    scores = {"MSP": msp_score(logits)}
+    scores = {"MSP": msp_score(logits)}  # the linear head's confidence
     for k in K_NEIGHBOURS:
         scores["k-NN" if k == 50 else f"k-NN (k={k})"] = knn_score(train_f, features, k)
-    scores["Mahalanobis"] = mahalanobis_score(train_f, train_labels, features)
+    scores["Mahalanobis"] = mahalanobis_score(train_f, train_labels, features)  # Lee et al. 2018
     return scores
 
 
@@ -113,14 +116,14 @@ def ood_metrics(score_in, score_out):
     in-distribution samples (lower is better). AUPR-Out treats OOD as positive, scores negated.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
-    s_in = np.asarray(score_in, dtype=np.float64)
+    s_in = np.asarray(score_in, dtype=np.float64)  # tensors or arrays alike
     s_out = np.asarray(score_out, dtype=np.float64)
     y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]  # in-distribution is the positive class
-    s = np.r_[s_in, s_out]
+    s = np.r_[s_in, s_out]  # the scores of both, in y's order
     threshold = np.sort(s_in)[int(math.floor(0.05 * len(s_in)))]  # 95% of ID at or above it
     return {"auroc": float(roc_auc_score(y, s)), "aupr_in": float(average_precision_score(y, s)),
             "aupr_out": float(average_precision_score(1 - y, -s)),
-            "fpr95": float(np.mean(s_out >= threshold))}
+            "fpr95": float(np.mean(s_out >= threshold))}  # OOD at/above it: accepted as ID
 
 
 def classification_metrics(y_true, probabilities):
@@ -130,24 +133,26 @@ def classification_metrics(y_true, probabilities):
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities, dtype=np.float64)  # (N, K)
     probabilities = probabilities / probabilities.sum(1, keepdims=True)  # sklearn's OvR needs it
-    y_pred = probabilities.argmax(1)
-    K = probabilities.shape[1]
+    y_pred = probabilities.argmax(1)  # (N,) the most probable class
+    K = probabilities.shape[1]  # classes, even those absent from y_true
+    # macro: the unweighted mean over classes; a class never predicted counts precision 0
     p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(K),
                                                   average="macro", zero_division=0)
     try:
         auc = float(roc_auc_score(y_true, probabilities, multi_class="ovr", labels=range(K))) \
-            if K > 2 else float(roc_auc_score(y_true, probabilities[:, 1]))
+            if K > 2 else float(roc_auc_score(y_true, probabilities[:, 1]))  # binary: P(class 1)
     except ValueError:  # a class missing from y_true: one-vs-rest AUC is undefined
         auc = float("nan")
     return {"accuracy": float(accuracy_score(y_true, y_pred)), "precision": float(p),
             "recall": float(r), "f1": float(f1), "roc_auc": auc,
+            # rows: true class, columns: predicted class
             "confusion": confusion_matrix(y_true, y_pred, labels=range(K)).tolist()}
 
 
 def knn_probabilities(train_features, train_labels, test_features, num_classes, k=20):
     """k-NN classifier on normalised embeddings (cosine similarity): the class shares among the
     k nearest training embeddings, as (N_test, K) probabilities."""
-    train = F.normalize(train_features.float(), dim=1)
+    train = F.normalize(train_features.float(), dim=1)  # unit rows: a dot product is a cosine
     test = F.normalize(test_features.float(), dim=1)
     neighbours = (test @ train.T).topk(min(k, len(train)), dim=1).indices  # (N, k)
     return F.one_hot(train_labels[neighbours], num_classes).float().mean(1)  # (N, K)
@@ -162,20 +167,21 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
     episode and class, n_shot support and up to n_query query indices, disjoint, drawn without
     replacement. Classes with fewer than n_shot + 1 images are left out. Returns
     [(support, support_labels, query, query_labels)] as index / label tensors."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # seeded: the same episodes for every run compared
+    # n_shot + 1 images at least: one left over as a query
     classes = [c for c in torch.unique(labels).tolist() if (labels == c).sum() > n_shot]
-    if len(classes) < 2:
+    if len(classes) < 2:  # one way is no task
         return []
     out = []
     for _ in range(episodes):
         support, s_lab, query, q_lab = [], [], [], []
         for way, c in enumerate(classes):
-            idx = torch.nonzero(labels == c).squeeze(1)
+            idx = torch.nonzero(labels == c).squeeze(1)  # class c's images
             idx = idx[torch.randperm(len(idx), generator=g)]  # support, query: disjoint slices
-            support.append(idx[:n_shot])
-            query.append(idx[n_shot:n_shot + n_query])
+            support.append(idx[:n_shot])  # the first n_shot: the support
+            query.append(idx[n_shot:n_shot + n_query])  # the next n_query: the queries
             s_lab += [way] * n_shot  # labels are the ways 0..N-1, not the class ids
-            q_lab += [way] * len(query[-1])
+            q_lab += [way] * len(query[-1])  # fewer than n_query if the class is small
         out.append((torch.cat(support), torch.tensor(s_lab), torch.cat(query), torch.tensor(q_lab)))
     return out
 
@@ -183,13 +189,13 @@ def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
 def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
     """Nearest-prototype (class mean of the normalised support embeddings) and nearest-neighbour
     accuracy over episodes, cosine similarity; mean and 95% interval (1.96 sd / sqrt n)."""
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(features.float(), dim=1)  # unit rows: a dot product is a cosine
     runs = few_shot_episodes(labels, n_shot, episodes, seed=seed)
-    if not runs:
+    if not runs:  # fewer than two classes with n_shot + 1 images
         return None
     proto_acc, nn_acc = [], []  # one accuracy per episode, each
     for support, s_lab, query, q_lab in runs:
-        ways = int(s_lab.max()) + 1
+        ways = int(s_lab.max()) + 1  # N of the N-way task
         prototypes = F.normalize(torch.stack([z[support][s_lab == w].mean(0)
                                               for w in range(ways)]), dim=1)  # (ways, F)
         proto_acc.append(((z[query] @ prototypes.T).argmax(1) == q_lab).float().mean().item())
@@ -198,6 +204,7 @@ def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
     def summary(values):
         values = np.asarray(values)
         return {"mean": float(values.mean()),
+                # 1.96: the standard normal's 97.5% quantile (a two-sided 95% interval)
                 "ci95": float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))}
     return {"ways": ways, "episodes": len(runs), "prototype": summary(proto_acc),
             "nearest_neighbour": summary(nn_acc)}
@@ -212,27 +219,29 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
     coloured by class, the others (OOD test sets) drawn black."""
     from sklearn.manifold import TSNE
     plt = data.pyplot()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the same subsample for the same seed
     names, feats, labs = [], [], []
     for name, (f, l) in groups.items():
-        if f is None or len(f) == 0:
+        if f is None or len(f) == 0:  # an empty group: nothing to draw
             continue
+        # an equal share of max_points for every group
         keep = torch.randperm(len(f), generator=g)[:max_points // max(1, len(groups))]
         names += [name] * len(keep)
-        feats.append(F.normalize(f[keep].float(), dim=1))
+        feats.append(F.normalize(f[keep].float(), dim=1))  # unit rows, as k-NN sees them
+        # label -1: an OOD group, drawn black
         labs.append(l[keep] if l is not None else torch.full((len(keep),), -1))
     x = torch.cat(feats).numpy()  # (P, F) the sampled points of every group
-    y2 = TSNE(n_components=2, perplexity=min(30, len(x) - 1), init="pca",
-              random_state=seed).fit_transform(x)
+    y2 = TSNE(n_components=2, perplexity=min(30, len(x) - 1), init="pca",  # perplexity must be < P
+              random_state=seed).fit_transform(x)  # (P, 2)
     names, labs = np.asarray(names), torch.cat(labs).numpy()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))  # room for the legends on the right
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")  # 10 or 20 distinct colours
     style = {"test (ID)": dict(marker="o", s=14, alpha=0.85),
-             "training (real)": dict(marker=".", s=8, alpha=0.35),
+             "training (real)": dict(marker=".", s=8, alpha=0.35),  # faint: the background
              "synthetic ID": dict(marker="+", s=18, alpha=0.6),
              "synthetic near-OOD": dict(marker="x", s=18, alpha=0.6)}
-    for name in dict.fromkeys(names):
-        sel = names == name
+    for name in dict.fromkeys(names):  # groups in first-seen order, once each
+        sel = names == name  # (P,) bool
         if name in style:  # coloured by (source) class
             ax.scatter(y2[sel, 0], y2[sel, 1], c=[cmap(int(c) % cmap.N) for c in labs[sel]],
                        label=name, **style[name])
@@ -240,6 +249,7 @@ def plot_tsne(groups, classes, path, seed=0, max_points=1500):
             ax.scatter(y2[sel, 0], y2[sel, 1], c="black", marker="^", s=16, alpha=0.8, label=name)
     handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i % cmap.N),
                           label=f"class {data.drawable(c)}") for i, c in enumerate(classes)]
+    # add_artist: a second ax.legend call would replace this one
     ax.add_artist(ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1),
                             fontsize=8, title="colour"))
     # the marker legend in grey: the colour of a class-coloured group says nothing by itself
@@ -257,16 +267,16 @@ def plot_ood_curves(results, path):
     """ROC and precision-recall curves of every OOD score (in-distribution = positive)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
     plt = data.pyplot()
-    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))  # ROC left, precision-recall right
     for set_name, scores in results.items():
         for score_name, (s_in, s_out) in scores.items():
-            y, s = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))], np.r_[s_in, s_out]
+            y, s = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))], np.r_[s_in, s_out]  # ID = 1
             fpr, tpr, _ = roc_curve(y, s)
-            p, r, _ = precision_recall_curve(y, s)
+            p, r, _ = precision_recall_curve(y, s)  # AUPR-In's curve
             label = f"{set_name}: {score_name} (AUROC {ood_metrics(s_in, s_out)['auroc']:.3f})"
             roc.plot(fpr, tpr, label=data.drawable(label))
             pr.plot(r, p, label=data.drawable(label))
-    roc.plot([0, 1], [0, 1], ls=":", c="grey")
+    roc.plot([0, 1], [0, 1], ls=":", c="grey")  # chance: AUROC 0.5
     roc.set(xlabel="false positive rate (OOD accepted as ID)",
             ylabel="true positive rate (ID accepted)", title="OOD detection: ROC (ID = positive)")
     pr.set(xlabel="recall (ID)", ylabel="precision (ID)",
@@ -283,7 +293,7 @@ def plot_classification_curves(y_true, probabilities, classes, path):
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
     y_true = np.asarray(y_true)
     for k, name in enumerate(classes):
-        fpr, tpr, _ = roc_curve(y_true == k, probabilities[:, k])
+        fpr, tpr, _ = roc_curve(y_true == k, probabilities[:, k])  # class k against the rest
         p, r, _ = precision_recall_curve(y_true == k, probabilities[:, k])
         roc.plot(fpr, tpr, label=f"class {data.drawable(name)}")
         pr.plot(r, p, label=f"class {data.drawable(name)}")
@@ -291,24 +301,27 @@ def plot_classification_curves(y_true, probabilities, classes, path):
             title="Classification: one-vs-rest ROC")
     pr.set(xlabel="recall", ylabel="precision",
            title="Classification: one-vs-rest precision-recall")
-    roc.legend(fontsize=7, ncol=2)
+    roc.legend(fontsize=7, ncol=2)  # one legend: the two panels share colours
     return data.save_figure(fig, path)
 
 
 def plot_confusion(confusion, classes, path, title):
     """One confusion matrix (rows: true class, columns: predicted; counts in the cells)."""
     plt = data.pyplot()
-    c = np.asarray(confusion)
+    c = np.asarray(confusion)  # (K, K) counts
+    # 0.5 inch per class, plus room for the labels
     fig, ax = plt.subplots(figsize=(0.5 * len(classes) + 2.5, 0.5 * len(classes) + 2))
-    im = ax.imshow(c, cmap="Blues")
+    im = ax.imshow(c, cmap="Blues")  # darker = more images
     for i in range(len(classes)):
         for j in range(len(classes)):
+            # white text on cells darker than half the maximum
             ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if c[i, j] > c.max() / 2 else "black")
     names = [data.drawable(name) for name in classes]
     ax.set_xticks(range(len(classes)), names, rotation=45 if len(max(names, key=len)) > 3 else 0)
     ax.set_yticks(range(len(classes)), names)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    # fraction 0.046: the colour bar about as tall as the matrix (a common matplotlib idiom)
     fig.colorbar(im, ax=ax, fraction=0.046, label="test images")
     return data.save_figure(fig, path)
 
@@ -317,15 +330,16 @@ def grad_cam(model, classifier, x):
     """Grad-CAM (Selvaraju et al. 2017) on the encoder's last convolution: ReLU of the
     activation maps weighted by the spatially averaged gradient of the predicted class's logit.
     x: (B, C, H, W) normalised -> (B, H, W) heat-maps in [0, 1] and the predicted classes."""
+    # the last Conv2d in module order: the coarsest maps, the most semantic
     conv = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     saved = {}  # "a": activations (B, K, h, w); "g": their gradient
 
     def keep_activation_and_its_gradient(module, inputs, output):
-        saved["a"] = output
+        saved["a"] = output  # (B, K, h, w), still in the graph
         output.register_hook(lambda grad: saved.__setitem__("g", grad))  # filled by backward
 
     handle = conv.register_forward_hook(keep_activation_and_its_gradient)
-    was_training = model.training
+    was_training = model.training  # restored in `finally`
     model.eval()
     try:
         with torch.enable_grad():  # requires_grad: the hook fires even for a frozen encoder
@@ -333,35 +347,35 @@ def grad_cam(model, classifier, x):
             predicted = logits.argmax(1)  # the class each heat-map explains
             logits.gather(1, predicted[:, None]).sum().backward()  # the sum separates by image
     finally:
-        handle.remove()
+        handle.remove()  # a later forward must not fill `saved`
         model.train(was_training)
     weights = saved["g"].mean((2, 3), keepdim=True)  # (B, K, 1, 1)
     cam = F.relu((weights * saved["a"]).sum(1, keepdim=True))  # (B, 1, h, w)
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     cam = cam / cam.flatten(1).max(1).values.clamp(min=1e-12)[:, None, None]  # each in [0, 1]
-    return cam.detach(), predicted.detach()
+    return cam.detach(), predicted.detach()  # no graph kept past this call
 
 
 def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per_class=2):
     """Grad-CAM heat-maps of the linear head on a few test images per class."""
     plt = data.pyplot()
-    idx = torch.cat([torch.nonzero(test.labels == c).squeeze(1)[:per_class]
+    idx = torch.cat([torch.nonzero(test.labels == c).squeeze(1)[:per_class]  # per_class per class
                      for c in range(len(classes))])
-    x = test.images[idx].to(device)
+    x = test.images[idx].to(device)  # uint8 (n, C, H, W) on the device
     cam, predicted = grad_cam(model, classifier, data.to_float(x, mean, std))
-    cols = min(8, len(idx))
-    rows = (len(idx) + cols - 1) // cols
+    cols = min(8, len(idx))  # at most 8 per row
+    rows = (len(idx) + cols - 1) // cols  # ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= len(idx):
             continue
-        img = x[k].cpu().permute(1, 2, 0).numpy()
-        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray")
-        ax.imshow(cam[k].cpu().numpy(), cmap="jet", alpha=0.45)
+        img = x[k].cpu().permute(1, 2, 0).numpy()  # (H, W, C) uint8 for imshow
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray")  # (H, W) for grey
+        ax.imshow(cam[k].cpu().numpy(), cmap="jet", alpha=0.45)  # the heat-map, 45% opaque
         true, pred = classes[int(test.labels[idx[k]])], classes[int(predicted[k])]
         ax.set_title(data.drawable(f"{true} -> {pred}"), fontsize=7,
-                     color="black" if true == pred else "red")
+                     color="black" if true == pred else "red")  # red: misclassified
     fig.suptitle("Grad-CAM of the linear head on the last conv layer (true -> predicted)",
                  fontsize=9)
     return data.save_figure(fig, path)
@@ -383,8 +397,8 @@ def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthet
     with torch.no_grad():
         test_logits = logits_of(test_f)  # (N_test, K)
     train_labels, K = splits.train.labels, len(splits.classes)
-    linear = classification_metrics(splits.test.labels, test_logits.softmax(1))
-    knn = classification_metrics(splits.test.labels,
+    linear = classification_metrics(splits.test.labels, test_logits.softmax(1))  # the linear head
+    knn = classification_metrics(splits.test.labels,  # k-NN on the real training embeddings
                                  knn_probabilities(train_f, train_labels, test_f, K))
     # the headline numbers first; everything else nested (metrics.json is read by people)
     out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
@@ -395,13 +409,13 @@ def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthet
     held_name = f"held-out classes {','.join(splits.ood_classes)}"
     if splits.ood_test is not None:
         ood_sets[held_name] = splits.ood_test
-    if external_ood is not None:
+    if external_ood is not None:  # --ood-data
         ood_sets["external"] = external_ood
     curves, ood_feats = {}, {}  # for the pictures and the few-shot episodes
-    in_scores = ood_scores(train_f, train_labels, test_f, test_logits)
+    in_scores = ood_scores(train_f, train_labels, test_f, test_logits)  # {score: (N_test,)}
     for name, images in ood_sets.items():
         f = feats(images.images)  # (N_ood, F)
-        ood_feats[name] = (f, images.labels)
+        ood_feats[name] = (f, images.labels)  # kept for few-shot and t-SNE
         with torch.no_grad():
             out_scores = ood_scores(train_f, train_labels, f, logits_of(f))
         out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
@@ -412,7 +426,7 @@ def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthet
                    ood_auroc_msp=held["MSP"]["auroc"], ood_fpr95_knn=held["k-NN"]["fpr95"])
         f, labels = ood_feats[held_name]  # few-shot on the unseen classes
         out["few_shot"] = {f"{n}-shot": few_shot_accuracy(f, labels, n, episodes, seed)
-                           for n in (1, 5)}
+                           for n in (1, 5)}  # 1-shot and 5-shot, the usual pair
     if run_dir is None or not pictures:
         return out
     groups = {"test (ID)": (test_f, splits.test.labels),
@@ -434,18 +448,18 @@ def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthet
 def pictures_of(model, classifier, splits, mean, std, device, run_dir, groups, curves,
                 test_logits, linear, seed):
     """Every picture of the report, in report order: {title: file name}."""
-    at = lambda name: os.path.join(run_dir, name)  # noqa: E731
-    files = {"t-SNE": plot_tsne(groups, splits.classes, at("tsne.png"), seed)}
-    if curves:
-        files["OOD ROC and PR"] = plot_ood_curves(curves, at("ood_curves.png"))
+    at = lambda title: os.path.join(run_dir, PICTURES[title])  # noqa: E731
+    files = {"t-SNE": plot_tsne(groups, splits.classes, at("t-SNE"), seed)}
+    if curves:  # no OOD set: no OOD curves
+        files["OOD ROC and PR"] = plot_ood_curves(curves, at("OOD ROC and PR"))
     files["classification ROC and PR"] = plot_classification_curves(
         splits.test.labels.numpy(), test_logits.softmax(1).numpy(), splits.classes,
-        at("classification_curves.png"))
+        at("classification ROC and PR"))
     files["confusion matrix"] = plot_confusion(linear["confusion"], splits.classes,
-                                               at("confusion.png"),
+                                               at("confusion matrix"),
                                                "Confusion matrix of the linear head (test set)")
     files["Grad-CAM"] = plot_grad_cam(model, classifier, splits.test, splits.classes, mean, std,
-                                      device, at("grad_cam.png"))
+                                      device, at("Grad-CAM"))
     return files
 
 
@@ -474,14 +488,14 @@ def write_report(metrics, files, run_dir):
                   "| episodes | ways | nearest prototype | nearest neighbour |",
                   "|---|---|---|---|"]
         for name, m in metrics["few_shot"].items():
-            if m:
+            if m:  # None: too few held-out classes
                 p, n = m["prototype"], m["nearest_neighbour"]
                 lines.append(f"| {name}, {m['episodes']} | {m['ways']} | {p['mean']:.4f} ± "
                              f"{p['ci95']:.4f} | {n['mean']:.4f} ± {n['ci95']:.4f} |")
         lines += ["", "(mean ± 95% confidence interval over episodes)"]
     lines += ["", "## Pictures", ""]
     for title, name in files.items():
-        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]  # path relative to report.md
     data.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
 
 
@@ -497,11 +511,11 @@ def load_ood_folder(path, channels, size, resize):
     images = []
     for f in files:
         try:
-            images.append(data.open_image(f, channels, size, resize))
+            images.append(data.open_image(f, channels, size, resize))  # the run's channels, size
         except data.DataError as error:
             raise data.DataError(f"--ood-data: {error}. Replace or delete that file.") from error
     return data.ImageSet(torch.stack(images), torch.zeros(len(files), dtype=torch.long), ["ood"],
-                         names=files)
+                         names=files)  # one class "ood", labels all 0
 
 
 # -----------------------------------------------------------------------------
@@ -517,6 +531,7 @@ def run_settings(run_dir, overrides=None):
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     parser = data.add_synthetic_arguments(data.add_data_arguments(argparse.ArgumentParser()))
+    # later wins: today's defaults < the saved config < the overrides
     return argparse.Namespace(**{**vars(parser.parse_args([])), **saved, **(overrides or {})})
 
 
@@ -541,8 +556,9 @@ def load_run(run_dir, device, overrides=None, splits=None):
     model_file = os.path.join(run_dir, "model.pt")
     data.load_weights(model, state, "model", model_file, "model file")
     data.load_weights(classifier, state, "classifier", model_file, "model file")
+    # eval(): batch norm on its running statistics, no dropout
     return (args, splits, model.to(device).eval(), classifier.to(device).eval(),
-            state["mean"], state["std"])
+            state["mean"], state["std"])  # the training set's normalisation
 
 
 def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes=200,
@@ -553,20 +569,21 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes
     if not len(splits.test):
         raise data.DataError("the data has no test images; lower --val-fraction's 0")
     synthetic = None  # the run's synthetic images, for the t-SNE picture only
-    if args.synthetic and os.path.exists(os.path.join(args.synthetic, "manifest.csv")):
-        synthetic = data.training_set(args, splits)[0].synthetic()
-    elif args.synthetic:
-        print(f"the run's synthetic set {args.synthetic} is gone: the t-SNE shows real images only")
+    try:
+        synthetic = data.training_set(args, splits)[0].synthetic() if args.synthetic else None
+    except data.DataError as error:  # the set is gone, or does not fit this data any more
+        print(f"the run's synthetic set is not read ({str(error)[:120]}...): the t-SNE shows "
+              f"real images only")
     _, C, H, _ = splits.train.images.shape
     external = load_ood_folder(ood_data, C, H, args.resize) if ood_data else None
     metrics = evaluate(model, classifier, splits, mean, std, dev, run_dir, synthetic, external,
                        episodes, pictures, args.seed)
-    previous = {}
+    previous = {}  # the training-only numbers of the run
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
         with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
             previous = json.load(f)
     kept = ("train_minutes", "epochs", "optimizer_steps")  # what only training knows
-    metrics = {**{k: previous[k] for k in kept if k in previous}, **metrics}
+    metrics = {**{k: previous[k] for k in kept if k in previous}, **metrics}  # new ones win
     data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
 
@@ -579,13 +596,13 @@ def fit_reference(train_set, mean, std, device, epochs=30, seed=0):
     """The meter's reference classifier when no run is given: the fruit project's small CNN
     trained end to end with cross-entropy on the real training images (Adam 1e-3, batch 64,
     the project's rotation / SimCLR views). Returns (model, classifier)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the CNN's initial weights
     _, C, H, _ = train_set.images.shape
-    model, classifier = supcon.build_model("cnn", "ce", C, H, len(train_set.classes))
+    model, classifier = supcon.build_model("cnn", "ce", C, H, len(train_set.classes))  # ce: no head
     model, classifier = model.to(device).train(), classifier.to(device)
     opt = torch.optim.Adam([*model.parameters(), *classifier.parameters()], lr=1e-3)
     g, augment = torch.Generator().manual_seed(seed), "rotation" if C == 1 else "simclr"
-    images, labels = train_set.images.to(device), train_set.labels.to(device)
+    images, labels = train_set.images.to(device), train_set.labels.to(device)  # all on the device
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=g).to(device).split(64):
             views = data.augment(images[idx], augment, g, mean.to(device), std.to(device))
@@ -593,7 +610,7 @@ def fit_reference(train_set, mean, std, device, epochs=30, seed=0):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return model.eval(), classifier.eval()
+    return model.eval(), classifier.eval()  # eval mode for the meter
 
 
 def nearness_rows(train_f, test_scores_of, groups):
@@ -601,12 +618,12 @@ def nearness_rows(train_f, test_scores_of, groups):
     reference); test_scores_of(f, logits) -> {"k-NN", "MSP"} scores; groups: [(kind, strength,
     features, logits, source labels)]. For each group: the share classified as its source
     class, and the OOD AUROC against the ID test images (ID positive; k-NN score, k = 50)."""
-    id_scores = test_scores_of(None, None)
+    id_scores = test_scores_of(None, None)  # None: the ID test images' own scores
     rows = []
     for kind, strength, f, logits, labels in groups:
         scores = test_scores_of(f, logits)
         row = {"kind": kind, "strength": strength, "images": len(f)}
-        if labels is not None:
+        if labels is not None:  # held-out classes have no source class
             row["source_accuracy"] = float((logits.argmax(1) == labels).float().mean())
         row["ood_auroc"] = ood_metrics(id_scores["k-NN"], scores["k-NN"])["auroc"]
         row["ood_auroc_msp"] = ood_metrics(id_scores["MSP"], scores["MSP"])["auroc"]
@@ -624,36 +641,41 @@ def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
         reference = f"run {run}"
     else:
         splits = data.splits_from_args(args)
-        mean, std = data.channel_stats(splits.train.images)
+        mean, std = data.channel_stats(splits.train.images)  # the real training images' statistics
         model, classifier = fit_reference(splits.train, mean, std, dev, epochs, args.seed)
         reference = (f"small CNN trained with cross-entropy on the {len(splits.train)} real "
                      f"training images, {epochs} epochs")
     _, C, H, _ = splits.train.images.shape
-    syn = data.read_manifest(folder, splits, H, C, args.resize)
+    try:
+        syn = data.read_manifest(folder, splits, H, C, args.resize)  # at the real images' size
+    except data.LeakError as error:  # a set made for another split, seed or data
+        raise data.DataError(f"--nearness {folder}: it was made with other data options than "
+                             f"these ({str(error).split('(')[1].split(')')[0]}); give "
+                             f"--nearness the data options that made it") from error
     feats = lambda images: extract_features(model, images, mean, std, dev)  # noqa: E731
     logits_of = lambda f: classifier(f.to(dev)).float().cpu()  # noqa: E731
     with torch.no_grad():
-        train_f, test_f = feats(splits.train.images), feats(splits.test.images)
-        test_logits = logits_of(test_f)
+        train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
+        test_logits = logits_of(test_f)  # (N_test, K)
         scores = lambda f, logits: {  # noqa: E731
-            "k-NN": knn_score(train_f, test_f if f is None else f, 50),
+            "k-NN": knn_score(train_f, test_f if f is None else f, 50),  # None: the ID test set
             "MSP": msp_score(test_logits if logits is None else logits)}
-        groups = []
+        groups = []  # (kind, strength, features, logits, labels)
         for kind in (data.KIND_ID, data.KIND_NEAR_OOD):
-            for s in sorted({round(float(v), 4) for v in syn.strength[syn.kind == kind]}):
-                part = syn.subset((syn.kind == kind) & ((syn.strength - s).abs() < 1e-6))
+            for s in torch.unique(syn.strength[syn.kind == kind]).tolist():  # exact values
+                part = syn.subset((syn.kind == kind) & (syn.strength == s))  # one kind + strength
                 f = feats(part.images)
-                groups.append(("id" if kind == data.KIND_ID else "near_ood", s, f, logits_of(f),
-                               part.labels))
+                groups.append(("id" if kind == data.KIND_ID else "near_ood", round(s, 6), f,
+                               logits_of(f), part.labels))  # labels: each source's class
         if splits.ood_test is not None:
             f = feats(splits.ood_test.images)
-            groups.append(("held_out", None, f, logits_of(f), None))
+            groups.append(("held_out", None, f, logits_of(f), None))  # the real OOD, for scale
     rows = nearness_rows(train_f, scores, groups)
     result = {"reference": reference, "id_test_images": len(splits.test),
               "test_accuracy": float((test_logits.argmax(1) == splits.test.labels).float().mean()),
-              "rows": [r for r in rows if r["kind"] != "held_out"]}
+              "rows": [r for r in rows if r["kind"] != "held_out"]}  # held_out: reported apart
     if splits.ood_test is not None:
-        held = rows[-1]
+        held = rows[-1]  # appended last above
         result["held_out"] = {"classes": splits.ood_classes, "images": held["images"],
                               "ood_auroc": held["ood_auroc"],
                               "ood_auroc_msp": held["ood_auroc_msp"]}
@@ -692,7 +714,7 @@ def build_parser():
     n.add_argument("--nearness", default=None, metavar="DIR",
                    help="measure how near DIR's synthetic images are (give the data options that "
                         "made DIR); writes DIR/nearness.json")
-    n.add_argument("--run", dest="reference_run", default=None, metavar="RUN",
+    n.add_argument("--run", dest="reference_run", default=None, metavar="RUN",  # 'run' is taken
                    help="--nearness: use this run's encoder and linear head as the reference")
     n.add_argument("--reference-epochs", type=data.int_at_least(1), default=30,
                    help="--nearness without --run: epochs of the reference classifier")
@@ -703,16 +725,29 @@ def main(argv=None):
     """Re-evaluate a run folder (optionally on other data), or run the nearness meter."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    given = data.given_options(parser, argv)
     # the data options typed on the command line: they replace a run's own settings
     data_options = set(vars(data.add_data_arguments(argparse.ArgumentParser()).parse_args([])))
-    overrides = {k: getattr(a, k) for k in data.given_options(parser, argv) & data_options}
+    overrides = {k: getattr(a, k) for k in given & data_options}  # typed data options
+    # options of one mode that the other would not read
+    meter_only = {"reference_run": "--run", "reference_epochs": "--reference-epochs"}
+    run_only = {"run": "a run folder", "ood_data": "--ood-data", "episodes": "--episodes",
+                "no_pictures": "--no-pictures"}
+    unused = sorted(given & set(run_only if a.nearness else meter_only))  # the other mode's options
+    if unused:
+        name = {**meter_only, **run_only}[unused[0]]  # the first, by dest
+        raise data.DataError(f"{name} has no effect {'with' if a.nearness else 'without'} "
+                             f"--nearness")
+    if a.nearness and not os.path.isfile(os.path.join(a.nearness, "manifest.csv")):
+        raise data.DataError(f"--nearness {a.nearness}: no manifest.csv there; give a folder "
+                             f"made by dafusion.py")
     if a.nearness:
         result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs)
         print(nearness_table(result))
         print(f"wrote {os.path.join(a.nearness, 'nearness.json')}")
         return result
     if not a.run:
-        parser.error("give a run folder (runs/<name>) or --nearness DIR")
+        parser.error("give a run folder (runs/<name>) or --nearness DIR")  # exit status 2, one line
     if a.ood_data and not os.path.isdir(a.ood_data):  # before the run's data loads
         raise data.DataError(f"--ood-data {a.ood_data}: no such folder")
     m = evaluate_run(a.run, overrides, a.ood_data, a.device, a.episodes, not a.no_pictures)
@@ -720,8 +755,8 @@ def main(argv=None):
     for set_name, scores in m["ood"].items():
         print(f"OOD {set_name}: " + ", ".join(f"{s} AUROC {v['auroc']:.4f}"
                                               for s, v in scores.items()))
-    for name, v in (m.get("few_shot") or {}).items():
-        if v:
+    for name, v in (m.get("few_shot") or {}).items():  # absent without held-out classes
+        if v:  # None: too few classes for an episode
             p, n = v["prototype"], v["nearest_neighbour"]
             print(f"{name} ({v['ways']}-way): prototype {p['mean']:.4f} ± {p['ci95']:.4f}, "
                   f"nearest neighbour {n['mean']:.4f} ± {n['ci95']:.4f}")

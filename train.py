@@ -42,18 +42,26 @@ import threading
 import time
 
 import torch
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed.nn.functional as dist_nn  # all_gather with gradients (gather_rows)
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-import dafusion
+import dafusion  # makes the synthetic set on a cache miss (load_training_data)
 import data
-import evaluate
-import supcon
+import evaluate  # the probe's features and the final metrics and report
+import supcon  # losses, encoders and heads: the file that imports no other of ours
 
-LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")
+LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")  # ce: the cross-entropy baseline
+# options that only some losses read: given with another loss they would do nothing
+LOSS_OPTIONS = {"temperature": ("supcon", "simclr"), "base_temperature": ("supcon", "simclr"),
+                "hard_negatives": ("supcon", "simclr"), "negative_weight": ("supcon", "simclr"),
+                "chunk_size": ("supcon", "simclr"), "margin": ("triplet", "cosine"),
+                "mining": ("triplet",), "distance": ("triplet",), "mining_scope": ("triplet",)}
+# what a run folder holds (written atomically; --resume removes the temporaries of a stop)
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "model.pt",
+             "report.md", *evaluate.PICTURES.values())
 # what --resume may change: where and how fast the run computes, and how long it goes on
 RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "eval_every",
                      "epochs", "train_steps"}
@@ -63,9 +71,11 @@ def build_parser():
     """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
     p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__, "train.py")))
     b = p.add_argument_group("batches")
+    # up to 10x: negatives may outnumber the labelled rows
     b.add_argument("--negatives-per-batch", type=data.float_in(0, 10), default=0.25,
                    help="negative-only images per batch, as a share of --batch-size, on top of "
                         "the labelled images (when the run has negatives)")
+    # at least 2: a group of one image would give its anchor no positive
     b.add_argument("--m-per-class", type=data.int_at_least(2), default=4,
                    help="labelled images come in groups of m per class, so anchors have positives")
     dafusion.add_generation_arguments(p)  # for --positives/--negatives without --synthetic
@@ -74,11 +84,13 @@ def build_parser():
                    help="cnn: the fruit project's small CNN; ResNets get a 3x3 stem up to 64 px")
     m.add_argument("--pretrained", action="store_true",
                    help="ImageNet weights (ResNets; must be in torchvision's cache)")
+    # D of z (B, V, D); 128 as in Khosla et al.'s projection head
     m.add_argument("--embedding-dim", type=data.int_at_least(1), default=128,
                    help="output size of the projection head")
     ls = p.add_argument_group("loss")
     ls.add_argument("--loss", choices=LOSSES, default="supcon",
                     help="supcon, simclr (labels ignored), triplet, cosine (pairs), ce (baseline)")
+    # tau of Eq. 2 (supcon.py); 0.1 as in Khosla et al.'s experiments
     ls.add_argument("--temperature", type=data.float_at_least(0, strict=True), default=0.1,
                     help="SupCon / SimCLR tau")
     ls.add_argument("--base-temperature", type=data.float_at_least(0, strict=True), default=None,
@@ -86,9 +98,9 @@ def build_parser():
     ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
                     help="which anchors a negative-only image contrasts: its source class's "
                          "(default for supcon) or every one (default and only choice for simclr)")
-    ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,
+    ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,  # w_a of Eq. 2
                     help="w, the weight of negative-only exp-terms (0: in the batch, not the loss)")
-    ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,
+    ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,  # 0 -> chunk_size=None
                     help="SupCon anchors per block of the exact chunked path (memory about 4 x "
                          "this x N bytes; larger blocks run faster on a GPU); 0 = the plain path")
     ls.add_argument("--margin", type=data.float_at_least(0), default=None,
@@ -96,6 +108,7 @@ def build_parser():
     ls.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
     ls.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean",
                     help="triplet distance")
+    # dataset: mined on the head's embeddings, extract_features(head=True)
     ls.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
                     help="triplets mined in each batch, or over the whole set once per epoch")
     ls.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
@@ -110,6 +123,7 @@ def build_parser():
                    help="labelled images per batch (x2 views); negatives ride on top")
     o.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="SGD has momentum 0.9")
+    # None until with_defaults(): its default depends on --optimizer
     o.add_argument("--lr", type=data.float_at_least(0, strict=True), default=None,
                    help="default: 1e-3 AdamW, 0.05 SGD")
     o.add_argument("--weight-decay", type=data.float_at_least(0), default=1e-4,
@@ -121,9 +135,11 @@ def build_parser():
                         "schedule for settings whose epochs differ in length")
     o.add_argument("--linear-epochs", type=data.int_at_least(1), default=100,
                    help="linear classifier on frozen features")
+    # 0 = off: the weight of the OE term in train_linear
     o.add_argument("--outlier-exposure", type=data.float_at_least(0), default=0.0,
                    metavar="LAMBDA", help="the linear classifier also learns a uniform softmax "
                    "on the near-OOD images (Hendrycks et al. 2019; their lambda 0.5)")
+    # 0 = never: each probe costs a feature pass and a linear fit
     o.add_argument("--eval-every", type=data.int_at_least(0), default=0, metavar="N",
                    help="every N epochs, a linear probe's test accuracy in metrics.jsonl")
     o.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cpu, cuda:1")
@@ -135,16 +151,16 @@ def build_parser():
     o.add_argument("--workers", type=data.int_at_least(0), default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes of --data-on host")
     o.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
-    o.add_argument("--sync-bn", action="store_true",
+    o.add_argument("--sync-bn", action="store_true",  # nn.SyncBatchNorm (build_training)
                    help="under torchrun: batch-norm statistics over the global batch")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs", help="parent folder of run folders")
     r.add_argument("--name", default=None, help="run folder name (default: loss-data-time)")
-    r.add_argument("--resume", default=None, metavar="RUN",
+    r.add_argument("--resume", default=None, metavar="RUN",  # settings from RUN/config.json
                    help="continue the run in folder RUN (more --epochs / --train-steps: to the "
                         "new total)")
     r.add_argument("--no-report", action="store_true", help="metrics only: no pictures")
-    r.add_argument("--init-from", default=None, metavar="RUN",
+    r.add_argument("--init-from", default=None, metavar="RUN",  # RUN/model.pt: model + classifier
                    help="start from a finished run's weights (pre-train on synthetic, fine-tune)")
     return p
 
@@ -152,8 +168,8 @@ def build_parser():
 def check_args(args, given):
     """Refuse combinations that cannot work, each with one line that says how to fix it.
     given: the options typed on the command line."""
-    uses_synthetic = args.positives != "none" or args.negatives != "none"
-    refuse = [
+    uses_synthetic = args.positives != "none" or args.negatives != "none"  # a synthetic role is set
+    refuse = [  # (condition that makes the run fail, the one line that says the fix)
         (args.negatives != "none" and args.loss == "ce", "--negatives needs a contrastive loss "
          "(--loss supcon, simclr, triplet or cosine): cross-entropy cannot use negative-only "
          "images"),
@@ -169,6 +185,12 @@ def check_args(args, given):
          "--mining-scope dataset is for --loss triplet"),
         (args.batch_size < args.m_per_class, f"--batch-size {args.batch_size} is smaller than "
          f"--m-per-class {args.m_per_class}: a batch must hold one group of a class"),
+        # the n_neg of data.contrastive_batches would be 0
+        (args.negatives != "none" and round(args.batch_size * args.negatives_per_batch) == 0,
+         f"--negatives-per-batch {args.negatives_per_batch} x --batch-size {args.batch_size} "
+         f"rounds to no negative per batch; raise it (0.25 is the default)"),
+        (args.strengths and "ood_strength" in given, "--strengths and --ood-strength both "
+         "given; --strengths makes every near-OOD strength of the set: drop --ood-strength"),
         (args.outlier_exposure and (args.loss == "ce" or not (args.synthetic or uses_synthetic)),
          "--outlier-exposure trains the linear probe of a contrastive run on near-OOD images: it "
          "needs --synthetic DIR (or --positives id) and a contrastive --loss"),
@@ -184,7 +206,11 @@ def check_args(args, given):
         (args.init_from and not os.path.isfile(os.path.join(args.init_from, "model.pt")),
          f"--init-from {args.init_from}: no model.pt there; pass a finished run folder"),
     ]
-    for wrong, message in refuse:
+    for option in sorted(given & set(LOSS_OPTIONS)):  # sorted: the same first complaint every run
+        refuse.append((args.loss not in LOSS_OPTIONS[option], f"--{option.replace('_', '-')} "
+                       f"has no effect with --loss {args.loss}; it is for "
+                       f"{' and '.join(LOSS_OPTIONS[option])}"))
+    for wrong, message in refuse:  # the first failing check wins: one line, not a list
         if wrong:
             raise data.DataError(message)
 
@@ -193,7 +219,9 @@ def with_defaults(args):
     """A copy of args with the defaults that depend on other options filled in."""
     defaults = {"margin": 0.5 if args.loss == "triplet" else 0.0,  # the seed projects' margins
                 "lr": 1e-3 if args.optimizer == "adamw" else 0.05,
+                # SimCLR has no classes to match negative-only images to
                 "hard_negatives": "all" if args.loss == "simclr" else "same_class"}
+    # only None values are filled: a value the user gave wins
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
                                                   if getattr(args, k) is None}})
 
@@ -202,10 +230,11 @@ def open_run(parser, args, argv):
     """(settings, run folder, resumed?) A new run gets a new folder (refused if it holds a run;
     made only when its config is written, after the data loaded). --resume keeps the run's saved
     settings; options typed beside it must be ones a resumed run can honour."""
-    given = data.given_options(parser, argv)
+    given = data.given_options(parser, argv)  # what was typed, as opposed to argparse's defaults
     if not args.resume:
         check_args(args, given)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # e.g. 20240131-235959, local time
+        # a one-element list: broadcast_object_list fills it in place on ranks > 0
         name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{stamp}"]
         if data.distributed()[1] > 1:  # the ranks' clocks may differ by a second: rank 0's name
             torch.distributed.broadcast_object_list(name, src=0)
@@ -224,15 +253,18 @@ def open_run(parser, args, argv):
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         saved = json.load(f)
     defaults = vars(parser.parse_args([]))  # options added after the run started
-    for key in sorted(given - RESUME_MAY_CHANGE - {"resume"}):
-        if getattr(args, key) != saved.get(key, defaults[key]):
+    for key in sorted(given - RESUME_MAY_CHANGE - {"resume"}):  # options that would change the run
+        if getattr(args, key) != saved.get(key, defaults[key]):  # equal to the saved value: allowed
             raise data.DataError(f"--resume continues the run as it was set up: --"
                                  f"{key.replace('_', '-')} cannot change (the run has "
                                  f"{saved.get(key, defaults[key])!r}); start a new run to change "
                                  f"it")
-    if "epochs" in given and saved.get("train_steps"):
+    if "epochs" in given and "train_steps" in given:
+        raise data.DataError("--resume: --epochs and --train-steps both given; drop one")
+    if "epochs" in given and saved.get("train_steps"):  # --epochs is ignored under train_steps
         raise data.DataError("--resume: the run's length is --train-steps "
                              f"{saved['train_steps']}; extend it with --train-steps")
+    # later wins: defaults < the saved config < the overrides allowed
     settings = {**defaults, **saved, **{k: getattr(args, k) for k in given & RESUME_MAY_CHANGE},
                 "resume": run_dir}
     return argparse.Namespace(**settings), run_dir, True
@@ -250,24 +282,28 @@ def load_training_data(args, device):
     if not len(splits.test):
         raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
                              "fraction above 0 or a PATH/test folder")
+    # any role for synthetic images (OE reads the near-OOD ones)
     wants = args.positives != "none" or args.negatives != "none" or args.outlier_exposure
     if wants and not args.synthetic:
-        folder = dafusion.cached_synthetic_set(args, splits, device)
+        folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
+        # a new Namespace, not args.synthetic = ...: the caller's args stay as given
         args = argparse.Namespace(**{**vars(args), "synthetic": folder})
-    train_set, near_ood = data.training_set(args, splits)
+    train_set, near_ood = data.training_set(args, splits)  # near_ood: the set's near-OOD, or None
     return args, splits, train_set, near_ood
 
 
 def lr_factor(step, total_steps, warmup_steps):
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:  # large-batch SGD is unstable in its first steps (Goyal et al. 2017)
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps  # 1/w, 2/w, ..., 1: step 0 already moves the weights
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    # cosine annealing (Loshchilov & Hutter 2017, SGDR), without restarts
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_training(args, channels, size, num_classes, device, world):
     """The model (encoder + the loss's head), the linear classifier and the optimiser."""
+    # classifier: nn.Linear(F, K) on the encoder features
     model, classifier = supcon.build_model(args.model, args.loss, channels, size, num_classes,
                                            args.embedding_dim, args.pretrained)
     if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
@@ -283,6 +319,7 @@ def build_training(args, channels, size, num_classes, device, world):
     # contrastive losses train the encoder only; their linear probe trains after
     params = [*model.parameters(), *(classifier.parameters() if args.loss == "ce" else [])]
     if args.optimizer == "adamw":
+        # AdamW: decoupled weight decay (Loshchilov & Hutter 2019)
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -292,10 +329,11 @@ def build_training(args, channels, size, num_classes, device, world):
 def count_batches(args, train_set):
     """Batches per epoch; a function of the set's sizes alone (not of the draws or a model)."""
     if args.loss == "ce":
-        return math.ceil(len(train_set) / args.batch_size)
+        return math.ceil(len(train_set) / args.batch_size)  # shuffled batches, the last one shorter
     if args.mining_scope == "dataset":  # triplets of batch_size // 3, about batch_size images
-        labelled = int((~train_set.negative_only).sum())
+        labelled = int((~train_set.negative_only).sum())  # negative-only rows are never anchors
         return max(1, math.ceil(labelled / max(1, args.batch_size // 3)))
+    # groups of m per class, dealt round-robin into the batches
     return data.count_contrastive_batches(train_set.labels, train_set.negative_only,
                                           args.batch_size, args.m_per_class)
 
@@ -303,15 +341,17 @@ def count_batches(args, train_set):
 def epoch_batches(args, train_set, epoch, embeddings=None):
     """The index batches of one epoch, drawn from the epoch's own stream (data.epoch_generator).
     Dataset-scope triplet mining returns (T, 3) triplet batches mined on `embeddings` (N, D)."""
-    g = data.epoch_generator(args.seed, epoch)
+    g = data.epoch_generator(args.seed, epoch)  # own stream: a resumed epoch redraws them
     if args.mining_scope == "dataset":
+        # a, p, n: (T,) indices into train_set
         a, p, n = supcon.mine_triplets(embeddings, train_set.labels, train_set.negative_only,
                                        margin=args.margin, mining=args.mining,
                                        distance=args.distance, generator=g)
         triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3)
-        return list(triplets.tensor_split(count_batches(args, train_set)))
+        return list(triplets.tensor_split(count_batches(args, train_set)))  # (t, 3) triplets each
     if args.loss == "ce":  # plain shuffled batches
         return list(torch.randperm(len(train_set), generator=g).split(args.batch_size))
+    # (b,) index tensors, labelled rows first, negative-only rows after them
     return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
                                     args.m_per_class, args.negatives_per_batch, g)
 
@@ -323,8 +363,8 @@ def data_placement(args, images, device):
         return args.data_on
     if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one
         return "device"
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return "device" if images.nbytes < free_bytes / 2 else "host"
+    free_bytes, _ = torch.cuda.mem_get_info(device)  # cudaMemGetInfo: (free, total) bytes
+    return "device" if images.nbytes < free_bytes / 2 else "host"  # uint8: N C H W bytes
 
 
 def batch_stream(images, batches, first, data_on, device, workers):
@@ -332,6 +372,7 @@ def batch_stream(images, batches, first, data_on, device, workers):
     data_on "host": DataLoader workers gather the images into pinned memory a few batches ahead
     and the copy overlaps the previous step; "device": indexed on the device."""
     rank, world = data.distributed()
+    # an iterator of each batch's (b_rank, C, H, W) uint8 images, or None
     fetched = data.host_batches(images, batches, first, rank, world, workers,
                                 pin_memory=device.type == "cuda") if data_on == "host" else None
     for step in range(first, len(batches)):
@@ -339,8 +380,8 @@ def batch_stream(images, batches, first, data_on, device, workers):
         if fetched is not None:  # gathered by a worker, pinned: the copy does not wait
             local = next(fetched)
         else:
-            local = images[data.to_device(rows.flatten(), device)]
-        yield step, batches[step], rows, data.to_device(local, device)
+            local = images[data.to_device(rows.flatten(), device)]  # indexed on the device, no copy
+        yield step, batches[step], rows, data.to_device(local, device)  # host: pinned, non-blocking
 
 
 # -----------------------------------------------------------------------------
@@ -352,18 +393,20 @@ class Generators:
     numbers: the labelled images' views, the negative-only images' views, triplet mining."""
 
     def __init__(self, seed, device):
-        self.augment = torch.Generator(device=device).manual_seed(seed)
-        self.mining = torch.Generator(device=device).manual_seed(seed + 1)
+        self.augment = torch.Generator(device=device).manual_seed(seed)  # views drawn on the device
+        self.mining = torch.Generator(device=device).manual_seed(seed + 1)  # seed + k: 3 streams
         self.negatives = torch.Generator(device=device).manual_seed(seed + 2)
 
 
 def make_views(images, n_labelled, how, n_views, gens, mean, std):
     """(b, C, H, W) uint8 -> (b, V, C, H, W) augmented float views. The labelled rows (first)
-    draw from gens.augment, the negative-only rows after them from gens.negatives, so labelled
-    images get the same views whether or not negatives ride on their batch."""
+    draw from gens.augment, the negative-only rows after them from gens.negatives, so in one
+    process labelled images get the same views whether or not negatives ride on their batch.
+    (Under torchrun each rank draws the same stream for its own shard.)"""
+    # [(labelled rows, their stream), (negative-only rows, theirs)]
     parts = [(images[:n_labelled], gens.augment), (images[n_labelled:], gens.negatives)]
-    views = [torch.cat([data.augment(x, how, g, mean, std) for x, g in parts if len(x)])
-             for _ in range(n_views)]  # V of (b, C, H, W)
+    views = [torch.cat([data.augment(x, how, g, mean, std) for x, g in parts])
+             for _ in range(n_views)]  # V of (b, C, H, W); b may be 0 (an empty triplet batch)
     layout = torch.channels_last if images.is_cuda else torch.contiguous_format  # NHWC on CUDA
     return torch.stack([v.contiguous(memory_format=layout) for v in views], 1)  # (b, V, C, H, W)
 
@@ -375,8 +418,9 @@ def gather_rows(z, sizes):
     all_gather returns tensors without gradients; torch.distributed.nn's version sends each
     rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
     Shards may differ in size by one: padded to the largest and cut back after."""
-    pad = max(sizes) - z.shape[0]
+    pad = max(sizes) - z.shape[0]  # rows this rank lacks of the largest shard (0 or 1)
     z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
+    # W tensors (max(sizes), ...); gradients flow back through it
     return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
 
 
@@ -384,44 +428,49 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
     """One batch's loss. views: (b, V, C, H, W) views of this process's rows; labels and
     negative_only: (B,) for the whole batch, best on the CPU (SupCon then does its row
     bookkeeping there and the GPU never waits for it). sizes: each process's rows under
-    torchrun (None in one process). Dataset-scope triplets: views (3T, 1, ...), a p n in turn.
+    torchrun (None in one process). Dataset-scope triplets: views (3T, 1, ...) of the a, p, n
+    images in turn (labels and negative_only are then unused).
 
     Under torchrun every rank returns a loss whose gradient, after DDP's average over ranks,
     equals one process's on the whole batch. Contrastive losses gather all embeddings, so every
     rank computes the same loss on all B rows and backward sums the W ranks' gradients (DDP's
     average divides them out). Means over this rank's rows (cross-entropy, dataset-scope
     triplets) are scaled by b W / B, so that their average over ranks is the whole batch's."""
-    rank, world = data.distributed() if sizes else (0, 1)
+    rank, world = data.distributed() if sizes else (0, 1)  # (0, 1): one process, nothing gathered
     share = sizes[rank] * world / sum(sizes) if sizes else 1.0  # b W / B
-    b, V = views.shape[:2]
+    b, V = views.shape[:2]  # b rows of this rank, V views each
     x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
-        start = sum(sizes[:rank]) if sizes else 0
+        start = sum(sizes[:rank]) if sizes else 0  # this rank's first row in the global batch
+        # (b*V,) labels, image-major like x
         local = data.to_device(labels[start:start + b].repeat_interleave(V), x.device)
+        # a mean over this rank's b*V rows, scaled by share = b W / B
         return F.cross_entropy(classifier(model(x)), local) * share
     if args.mining_scope == "dataset":  # (T, 3, D): each triplet's anchor, positive, negative
-        z = model(x).float().view(-1, 3, args.embedding_dim)
-        if not len(z):  # no triplet in this rank's share (e.g. semi-hard found none)
-            return x.sum() * 0.0
+        z = model(x).float().view(-1, 3, args.embedding_dim)  # the model runs even on 0 rows,
+        if not len(z):  # so that DDP's gradient hooks fire: no triplet in this share
+            return z.sum() * 0.0
+        # anchor, positive, negative: (T, D) each
         return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
                                      distance=args.distance) * share
     z = model(x).float().view(b, V, -1)  # (b, V, D)
     if sizes:
         z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
     if args.loss in ("supcon", "simclr"):  # Eq. 2 of Khosla et al.; SimCLR: labels=None
+        # z (B, V, D); labels, negative_only (B,) on the CPU
         return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
                                   temperature=args.temperature,
                                   base_temperature=args.base_temperature,
                                   hard_negatives=args.hard_negatives,
                                   negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)
+                                  chunk_size=args.chunk_size or None)  # 0 -> None: the plain path
     # triplet / cosine: every view is a sample of its image's class
     z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B*V, D), (B*V,)
-    negative_only = negative_only.repeat_interleave(V)
+    negative_only = negative_only.repeat_interleave(V)  # (B*V,): every view keeps its image's role
     if args.loss == "triplet":
-        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,
+        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,  # mined per batch
                                    mining=args.mining, distance=args.distance, generator=generator)
-    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)  # every row pair
 
 
 def train_step(args, model, classifier, opt, sched, views, labels, negative_only, generator,
@@ -429,18 +478,19 @@ def train_step(args, model, classifier, opt, sched, views, labels, negative_only
     """One optimiser step: forward under bf16 autocast on CUDA, backward outside it (as
     autocast's documentation asks), then the update inside `updating`. Returns the whole
     batch's loss as a device scalar, unread (reading it would wait for the device)."""
+    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda)
     with autocast:
         loss = compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes)
-    value = loss.detach().clone()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    value = loss.detach().clone()  # a copy: all_reduce below works in place
+    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
+    loss.backward()  # under DDP: gradients averaged over the ranks during backward
     with updating:  # the parameters change now: a checkpoint must not see half of it
         opt.step()
         sched.step()
     if sizes:  # the whole batch's loss from the ranks' (compute_loss's scaling)
-        torch.distributed.all_reduce(value)
-        value /= len(sizes)
+        torch.distributed.all_reduce(value)  # SUM over the ranks
+        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
     return value
 
 
@@ -456,20 +506,33 @@ class Checkpoint:
         self.path = os.path.join(run_dir, "checkpoint.pt")
         self.model, self.classifier, self.opt, self.sched = model, classifier, opt, sched
         self.gens, self.device = gens, device
-        self.at, self.busy = None, False  # the step a checkpoint taken now would hold
+        self.at, self.busy = None, False  # the step a checkpoint taken now would restart at
+        self.mined = None  # (epoch, batches) of dataset-scope mining: mined once per epoch
+
+    def epoch_batches(self, epoch):
+        """The mined batches of `epoch` if a checkpoint holds them, else None: a resumed epoch
+        of dataset-scope triplets uses the triplets mined at its start, not re-mined on the
+        weights of the stop."""
+        return self.mined[1] if self.mined and self.mined[0] == epoch else None
+
+    def keep_batches(self, epoch, batches, args):
+        """Remember an epoch's mined batches for the checkpoints taken during it."""
+        self.mined = (epoch, batches) if args.mining_scope == "dataset" else None
+        return batches
 
     def rng_states(self):
         """Every random state a step draws from."""
-        states = {f"{name}_rng": getattr(self.gens, name).get_state()
+        states = {f"{name}_rng": getattr(self.gens, name).get_state()  # Generator states: uint8
                   for name in ("augment", "mining", "negatives")}
-        states["cpu_rng"] = torch.get_rng_state()
+        states["cpu_rng"] = torch.get_rng_state()  # the global CPU generator (dropout on the CPU)
         if self.device.type == "cuda":
-            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)  # GPU dropout draws here
         return states
 
     def mark(self, epoch, step):
-        """Called before each step: where a checkpoint taken during this step restarts."""
-        self.at = (epoch, step, self.rng_states())
+        """The position a checkpoint taken from now on restarts at (called at an epoch's start
+        and after every step), with the random states of that moment."""
+        self.at = (epoch, step, self.rng_states())  # a snapshot: the streams move on next step
 
     @contextlib.contextmanager
     def updating(self):
@@ -480,16 +543,20 @@ class Checkpoint:
 
     def save(self, epoch, step, rng, log_state):
         """Atomically, by rank 0 only."""
-        if data.distributed()[0] > 0:
+        if data.distributed()[0] > 0:  # one writer: the ranks hold identical weights
             return
         state = {"model": self.model.state_dict(), "classifier": self.classifier.state_dict(),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "epoch": epoch, "step": step, "log": log_state, **rng}
-        data.atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        if self.mined and self.mined[0] == epoch:  # mid-epoch: the epoch's mined triplets
+            state["mined"] = torch.cat(self.mined[1])  # (T, 3), cut back by mined_sizes
+            # (n_batches,) lengths, to split the concatenation back
+            state["mined_sizes"] = torch.tensor([len(b) for b in self.mined[1]])
+        data.atomic_write(self.path, lambda tmp: torch.save(state, tmp))  # a stop keeps the old one
 
     def restore(self):
         """Load checkpoint.pt into the run; returns (epoch, step, log state)."""
-        state = data.load_torch_file(self.path, "--resume checkpoint")
+        state = data.load_torch_file(self.path, "--resume checkpoint")  # weights_only: no pickles
         for key, module in (("model", self.model), ("classifier", self.classifier)):
             data.load_weights(module, state, key, self.path, "--resume checkpoint")
         try:
@@ -498,9 +565,13 @@ class Checkpoint:
             on = "cpu" if self.device.type == "cpu" else self.device  # a CPU generator's state
             for name in ("augment", "mining", "negatives"):
                 getattr(self.gens, name).set_state(state[f"{name}_rng"].to(on))
-            torch.set_rng_state(state["cpu_rng"].cpu())
+            torch.set_rng_state(state["cpu_rng"].cpu())  # set_rng_state wants a CPU ByteTensor
             if self.device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)  # CPU ByteTensor too
+            if "mined" in state:  # dataset-scope triplets of the epoch it stopped in
+                sizes = state["mined_sizes"].tolist()
+                # (epoch, [(t, 3) batches]) as keep_batches stored them
+                self.mined = (int(state["epoch"]), list(state["mined"].split(sizes)))
             return int(state["epoch"]), int(state["step"]), state.get("log", {})
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise data.DataError(f"--resume checkpoint {self.path}: does not fit this run "
@@ -513,15 +584,15 @@ class Checkpoint:
         try:
             yield
         except KeyboardInterrupt:
-            log.progress.close()
-            if self.busy:
+            log.progress.close()  # the bar first, so that the message starts on a clean line
+            if self.busy:  # weights half-updated: the old checkpoint is the consistent one
                 print(f"\ninterrupted during an update: kept {self.path} as it was")
-            elif self.at is not None and data.distributed()[0] == 0:
+            elif self.at is not None and data.distributed()[0] == 0:  # at None: no position yet
                 epoch, step, rng = self.at
                 self.save(epoch, step, rng, log.state())
                 print(f"\ninterrupted: saved {self.path} at epoch {epoch + 1}, step {step}. "
                       f"Continue with: python train.py --resume {run_dir}")
-            raise
+            raise  # run_command turns it into exit status 130
 
 
 class StopOnCtrlC:
@@ -532,8 +603,8 @@ class StopOnCtrlC:
         self.device, self.requested, self.previous = device, False, None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+        if threading.current_thread() is threading.main_thread():  # signal() needs the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handler)  # put back by __exit__
         return self
 
     def __exit__(self, *exc):
@@ -550,14 +621,14 @@ class StopOnCtrlC:
         """Raise KeyboardInterrupt here, between steps, if any rank was asked to stop."""
         requested = self.requested
         if data.distributed()[1] > 1:
-            flag = torch.tensor(float(requested), device=self.device)
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            flag = torch.tensor(float(requested), device=self.device)  # NCCL reduces CUDA tensors
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)  # 1: any rank asked
             requested = bool(flag.item())
         if requested:
             raise KeyboardInterrupt
 
 
-class Diverged(data.DataError):
+class Diverged(data.RunError):
     """The loss became NaN or infinite; the message says where and what to try."""
 
 
@@ -573,16 +644,20 @@ class EpochLog:
     def __init__(self, run_dir, checkpoint_path, start, done, state, total):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.checkpoint_path, self.pending = checkpoint_path, None
+        # resumed mid-epoch: the losses of the steps before the stop
         self.loss_sum, self.loss_steps = state.get("loss_sum", 0.0), state.get("loss_steps", 0)
+        # paused: seconds spent in probes, not counted as training
         self.minutes_before, self.t0, self.paused = state.get("minutes", 0.0), time.time(), 0.0
         self.lines = []  # the lines of finished epochs, up to the checkpoint's
-        if start > (0, 0) and os.path.exists(self.path):
+        if start > (0, 0) and os.path.exists(self.path):  # tuple order: past the very start
             with open(self.path, encoding="utf-8") as f:
+                # epochs are 1-based in the file: keep those before the resumed one
                 self.lines = [line for line in f.read().splitlines()
                               if line.strip() and json.loads(line)["epoch"] <= start[0]]
         self.rank = data.distributed()[0]
+        # counts optimiser steps, starting at those already done
         self.progress = tqdm(total=total, initial=done, desc="train", dynamic_ncols=True,
-                             disable=None if self.rank == 0 else True)
+                             disable=None if self.rank == 0 else True)  # None: off when not a tty
 
     def minutes(self):
         """Training minutes, continued across --resume, without the probes' time."""
@@ -597,12 +672,12 @@ class EpochLog:
         """Log this step's loss (device scalar): the previous one is read now."""
         self.flush()
         if value.is_cuda:
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # lets flush() wait for this copy alone
             value = value.to("cpu", non_blocking=True)  # valid once `done` has passed
-            done.record()
+            done.record()  # after the copy, in the current stream
             self.pending = (value, done, epoch, step)
         else:
-            self.pending = (value, None, epoch, step)
+            self.pending = (value, None, epoch, step)  # a CPU value is ready: nothing to wait for
 
     def flush(self):
         """Read the pending loss; stop the run on inf / nan."""
@@ -611,8 +686,8 @@ class EpochLog:
         value, done, epoch, step = self.pending
         self.pending = None
         if done is not None:
-            done.synchronize()
-        value = value.item()
+            done.synchronize()  # long passed: returns at once
+        value = value.item()  # a CPU tensor now: no device synchronisation
         if not math.isfinite(value):
             kept = (f"the last good checkpoint {self.checkpoint_path} is kept"
                     if os.path.exists(self.checkpoint_path) else "no checkpoint was written yet")
@@ -625,18 +700,23 @@ class EpochLog:
     def end_epoch(self, epoch, steps_done, lr, probe=None):
         """The epoch's line: mean loss, learning rate, minutes (and a probe, untimed)."""
         self.flush()
-        record = {"epoch": epoch + 1, "optimizer_steps": steps_done,
+        record = {"epoch": epoch + 1, "optimizer_steps": steps_done,  # 1-based in the file
+                  # max(1, ...): an epoch resumed at its very end may have no new step
                   "loss": self.loss_sum / max(1, self.loss_steps), "lr": lr,
                   "minutes": self.minutes()}
         if probe is not None and self.rank == 0:
-            t = time.time()
+            t = time.time()  # the probe's time is taken out of "minutes"
             record["probe_accuracy"] = probe()
             self.paused += time.time() - t
             self.progress.write(f"epoch {epoch + 1}: linear probe test accuracy "
                                 f"{record['probe_accuracy']:.4f} after {record['minutes']:.2f} min")
         self.lines.append(json.dumps(record))
         if self.rank == 0:
-            data.write_text(self.path, "\n".join(self.lines) + "\n")
+            data.write_text(self.path, "\n".join(self.lines) + "\n")  # atomic rewrite of the file
+
+    def new_epoch(self):
+        """An epoch starts: its mean loss starts from nothing. (Not at the end of the last one:
+        a stop right after it restarts by closing that epoch again, with its losses.)"""
         self.loss_sum, self.loss_steps = 0.0, 0
 
 
@@ -653,17 +733,18 @@ def train_linear(args, features, labels, num_classes, device, seed, outliers=Non
     classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)
     # standardised features (the statistics are folded into the layer at the end)
     mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # clamp: a dead feature
-    x, y = ((features - mu) / sigma).to(device), labels.to(device)
-    oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0
+    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,) on the device
+    oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0  # lambda, or 0
     x_out = ((outliers - mu) / sigma).to(device) if oe else None  # (M, F)
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # no warm-up
     for _ in range(args.linear_epochs):
         # the order is drawn on the CPU (the same on every device), moved over once an epoch
         for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
-            loss = F.cross_entropy(classifier(x[idx]), y[idx])
+            loss = F.cross_entropy(classifier(x[idx]), y[idx])  # batch mean of -log p(y | x)
             if oe:  # -mean log-softmax = cross-entropy to the uniform distribution
+                # as many outliers as ID rows, drawn with replacement
                 pick = torch.randint(len(x_out), (len(idx),), generator=g).to(device)
                 loss = loss - oe * classifier(x_out[pick]).log_softmax(1).mean()
             opt.zero_grad(set_to_none=True)
@@ -672,8 +753,8 @@ def train_linear(args, features, labels, num_classes, device, seed, outliers=Non
             sched.step()
     with torch.no_grad():  # fold the standardisation in: W (x - mu) / sigma + b
         w = classifier.weight / sigma.to(device)  # (K, F)
-        classifier.bias -= (w * mu.to(device)).sum(1)
-        classifier.weight.copy_(w)
+        classifier.bias -= (w * mu.to(device)).sum(1)  # b' = b - W mu / sigma
+        classifier.weight.copy_(w)  # W' = W / sigma: the same logits on raw features
     return classifier
 
 
@@ -683,22 +764,23 @@ def fit_probe(args, model, classifier, train_set, near_ood, mean, std, device, n
     if args.loss == "ce":
         return classifier
     probe_set = train_set.probe_set()
-    features = evaluate.extract_features(model, probe_set.images, mean, std, device)
+    features = evaluate.extract_features(model, probe_set.images, mean, std, device)  # (N, F)
     outliers = None
     if args.outlier_exposure and near_ood is not None:
-        outliers = evaluate.extract_features(model, near_ood.images, mean, std, device)
+        outliers = evaluate.extract_features(model, near_ood.images, mean, std, device)  # (M, F)
     return train_linear(args, features, probe_set.labels, num_classes, device, args.seed, outliers)
 
 
 def probe_accuracy(args, model, classifier, train_set, near_ood, test, mean, std, device):
     """Test accuracy of the probe on the current encoder, for --eval-every. It runs on a copy
     of the random state, so training draws the same numbers afterwards (resume stays exact)."""
+    # saves and restores the CPU generator (and the GPU's on CUDA) around the probe
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probe = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
                           len(test.classes))
-        test_f = evaluate.extract_features(model, test.images, mean, std, device)
+        test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
         with torch.no_grad():
-            predicted = probe(test_f.to(device)).argmax(1).cpu()
+            predicted = probe(test_f.to(device)).argmax(1).cpu()  # (N_test,) class ids on the CPU
     return (predicted == test.labels).float().mean().item()
 
 
@@ -710,7 +792,9 @@ def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, 
     arch = {k: getattr(args, k) for k in ("model", "loss", "embedding_dim")}  # to rebuild it
     state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
              "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
+    # what evaluate.py's load_run reads back
     data.atomic_write(os.path.join(run_dir, "model.pt"), lambda tmp: torch.save(state, tmp))
+    # epochs: fractional when --train-steps cuts the last one
     results = {"train_minutes": minutes, "epochs": steps / count_batches(args, train_set),
                "optimizer_steps": steps,
                **evaluate.evaluate(model, classifier, splits, mean, std, device, run_dir,
@@ -737,10 +821,10 @@ def main(argv=None):
     # under torchrun: join the process group (rank 0 alone prints from here on)
     device = data.init_distributed(data.pick_device(args.device))
     try:
-        args, run_dir, resumed = open_run(parser, args, argv)
+        args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
         return run(args, run_dir, device, resumed)
     finally:
-        if data.distributed()[1] > 1:
+        if data.distributed()[1] > 1:  # leave the group even after an error (NCCL warns otherwise)
             torch.distributed.destroy_process_group()
 
 
@@ -749,7 +833,7 @@ def run(args, run_dir, device, resumed=False):
     rank, world = data.distributed()
     # ---- data: real training images (+ synthetic ID positives, + negative-only images)
     args, splits, train_set, near_ood = load_training_data(args, device)
-    _, C, H, _ = train_set.images.shape
+    _, C, H, _ = train_set.images.shape  # channels and side of every training image
     K = len(splits.classes)  # training classes (held-out OOD classes excluded)
     augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
@@ -759,51 +843,56 @@ def run(args, run_dir, device, resumed=False):
           f"{splits.ood_classes or 'none'}; device {device}")
     # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
     # whether the synthetic set was generated in this run or read from the cache
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights (and ce's classifier)
     model, classifier, opt = build_training(args, C, H, K, device, world)
-    per_epoch = count_batches(args, train_set)
+    per_epoch = count_batches(args, train_set)  # optimiser steps per epoch
     total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
     warmup = args.warmup_steps if args.warmup_steps is not None else \
-        int(args.warmup_epochs * per_epoch)
+        int(args.warmup_epochs * per_epoch)  # warm-up epochs -> steps
+    # the learning rate at step s: args.lr * lr_factor(s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     gens = Generators(args.seed, device)
     checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
-    epoch0, step0, log_state = checkpoint.restore() if resumed else (0, 0, {})
+    epoch0, step0, log_state = checkpoint.restore() if resumed else (0, 0, {})  # epoch0 is 0-based
     done = epoch0 * per_epoch + step0  # optimiser steps already taken
     if resumed:
         check_resumable(run_dir, done, total)
         print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps")
     if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
         if resumed:  # the temporaries a stop may have left are never a finished file
-            data.remove_stale_temporaries(run_dir)
+            data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
         data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
     log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
     # what the step calls: DDP wrappers under torchrun (they average the gradients over ranks)
     # and torch.compile on request; `model` and `classifier` stay the plain modules saved
     step_model, step_classifier = model, classifier
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
         step_model = DistributedDataParallel(model, device_ids=ids)
-        if args.loss == "ce":
+        if args.loss == "ce":  # only ce trains its classifier inside the loop
             step_classifier = DistributedDataParallel(classifier, device_ids=ids)
     if args.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model)  # compiles on the first step's shapes
     data_on = data_placement(args, train_set.images, device)
     images = train_set.images.to(device) if data_on == "device" else train_set.images
+    # two views for the contrastive losses; ce and dataset-scope triplets use one
     n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
     probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
                                    splits.test, mean, std, device)
     # ---- the loop: make views -> loss -> backward -> optimiser step -> log
-    model.train()
+    model.train()  # dropout on, batch norm on batch statistics
     with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
-        for epoch in range(epoch0, math.ceil(total / per_epoch)):
-            z = evaluate.extract_features(model, train_set.images, mean, std, device, head=True) \
-                if args.mining_scope == "dataset" else None  # the set's embeddings, to mine
-            batches = epoch_batches(args, train_set, epoch, z)[:total - epoch * per_epoch]
+        for epoch in range(epoch0, math.ceil(total / per_epoch)):  # the last epoch may be cut short
             first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
+            if first == 0:  # (a resumed epoch's loss keeps the steps before the stop)
+                log.new_epoch()
+            checkpoint.mark(epoch, first)  # where a checkpoint taken from now on restarts
+            batches = checkpoint.epoch_batches(epoch) or epoch_batches(args, train_set, epoch, (
+                evaluate.extract_features(model, train_set.images, mean, std, device, head=True)
+                if args.mining_scope == "dataset" else None))  # the set's embeddings, to mine
+            batches = checkpoint.keep_batches(epoch, batches[:total - epoch * per_epoch], args)
             for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
                                                          args.workers):
-                checkpoint.mark(epoch, step)  # what a checkpoint taken during this step holds
                 ctrl_c.check()  # a Ctrl-C stops here, between steps
                 # dropout draws from the global generator, re-seeded each step: the labelled
                 # rows (first in the batch) get the same masks with or without negatives
@@ -815,11 +904,15 @@ def run(args, run_dir, device, resumed=False):
                 loss = train_step(args, step_model, step_classifier, opt, sched, views,
                                   train_set.labels[batch], train_set.negative_only[batch],
                                   gens.mining, sizes, checkpoint.updating())
-                log.step(loss, epoch, step)
-            steps_done = epoch * per_epoch + len(batches)
-            due = args.eval_every and (epoch + 1) % args.eval_every == 0
+                log.step(loss, epoch, step)  # read a step later (EpochLog)
+                checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
+            steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch
+            due = args.eval_every and (epoch + 1) % args.eval_every == 0  # a probe ends this epoch
             log.end_epoch(epoch, steps_done, sched.get_last_lr()[0], probe if due else None)
-            checkpoint.save(epoch + 1, 0, checkpoint.rng_states(), log.state())
+            # a full epoch restarts at the next one; a last epoch cut by --train-steps where it
+            # stopped, so that a longer --train-steps goes on with the same epoch's batches
+            position = (epoch + 1, 0) if len(batches) == per_epoch else (epoch, len(batches))
+            checkpoint.save(*position, checkpoint.rng_states(), log.state())
     log.progress.close()
     if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
         return {}
@@ -829,11 +922,11 @@ def run(args, run_dir, device, resumed=False):
 
 def check_resumable(run_dir, steps_done, total):
     """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))  # finish() writes it last
     if steps_done > total:
         raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
                              f"more than the {total} asked for; it cannot be shortened")
-    if steps_done == total and finished:
+    if steps_done == total and finished:  # steps done and metrics written: nothing left to do
         raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
                              f"steps); pass a larger --epochs or --train-steps to train on")
 

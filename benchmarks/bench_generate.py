@@ -135,7 +135,7 @@ def ddpm_images_per_second(args, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--images", type=int, default=64, help="images timed per setting")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call in (b)")
@@ -146,7 +146,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also (c): dafusion.py --compile (torch.compile of the UNet)")
     p.add_argument("--skip", choices=["sd", "ddpm"], default=None, help="leave one of the two parts out")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = data.pick_device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"{machine}, torch {torch.__version__}")

@@ -167,9 +167,9 @@ def main():
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cudnn, workers, compile)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers of (a)")
     p.add_argument("--compile", action="store_true", help="also (c): (b) with torch.compile (train.py --compile)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = data.pick_device(args.device)
     splits = data.load_data(args.data, args.data_root, image_size=args.image_size, ood_classes="")
     mean, std = data.channel_stats(splits.train.images)
     if len(splits.train) < args.batch_size:

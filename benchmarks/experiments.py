@@ -1,21 +1,17 @@
 """
-benchmarks/experiments.py -- the research questions of the thesis and its seed projects, measured.
+benchmarks/experiments.py -- the seed projects' research questions, measured on digits.
 
-  thesis   real only / real + ID augmentations / real + ID + near-OOD negatives (SupCon, then linear),
-           plus two ablations: near-OOD negatives for every anchor (--hard-negatives all) and the
-           near-OOD images used as plain positives. Mean +- std over seeds of test accuracy and
-           OOD AUROC (k-NN score, MSP) on the held-out classes.
-  fruit    the seed fruit project's setups with its CNN and cross-entropy: real only, synthetic only,
+  fruit    the fruit project's setups with its CNN and cross-entropy: real only, synthetic only,
            real + synthetic, pre-train on synthetic then fine-tune on real.
-  siamese  the seed Siamese project: cosine pairs vs triplets x augment none / rotation / simclr
+  siamese  the Siamese project: cosine pairs vs triplets x augment none / rotation / simclr
            (t-SNE pictures), and the triplet mining variants with k-NN and few-shot accuracy.
+(The thesis's own question -- near-OOD images as negatives -- is benchmarks/near_ood_sweep.py.)
 
 Every run is a normal `train.py` run (folders under runs/experiments/<experiment>/); the synthetic
-sets come from train.py's cache. Extra train.py arguments after `--` apply to every run, e.g.
-    python benchmarks/experiments.py thesis --seeds 0 1 2
-    python benchmarks/experiments.py thesis --seeds 0 1 2 -- --data .data/cifar10 --model resnet18 \\
-        --examples-per-class 50 --ood-classes cat,dog
-(--keep-finished reuses the rows a stopped run of the same command already wrote.)
+sets come from train.py's cache. Extra train.py arguments after `--` apply to every run; give
+`--train-steps N` when the rows' training sets differ in size, so that they get the same compute:
+    python benchmarks/experiments.py fruit --seeds 0 1 2 -- --train-steps 600
+    python benchmarks/experiments.py siamese --seeds 0
 Prints a markdown table (with the machine and wall times) and writes it to benchmarks/results/.
 """
 
@@ -24,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 
@@ -36,20 +33,14 @@ import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-THESIS = [
-    ("real only", []),
-    ("real + ID augs", ["--positives", "id"]),
-    ("real + ID augs + near-OOD negatives (same class)", ["--positives", "id", "--negatives", "near_ood"]),
-    ("real + ID augs + near-OOD negatives (all anchors)", ["--positives", "id", "--negatives", "near_ood",
-                                                          "--hard-negatives", "all"]),
-    ("real + ID augs + near-OOD as plain positives", ["--positives", "id+near_ood"]),
-]
-
-
 def machine():
+    """The machine, torch and the commit the numbers come from."""
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return f"{gpu} (CUDA)" if gpu else f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                            capture_output=True, text=True).stdout.strip()
+    where = f"{gpu} (CUDA)" if gpu else f"CPU {cpu}, {os.cpu_count()} cores"
+    return f"{where}, torch {torch.__version__}, commit {commit}"
 
 
 def run(out, name, argv):
@@ -66,43 +57,13 @@ def mean_std(values):
     return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}"
 
 
-def thesis(args, extra):
-    out = os.path.join("runs", "experiments", "thesis")
-    rows = ["| setup | test accuracy | OOD AUROC (k-NN) | OOD AUROC (MSP) | wall time per run |",
-            "|---|---|---|---|---|"]
-    raw = {}
-    for label, flags in THESIS:
-        results = args.finished.get(label, [])  # --keep-finished: this row's runs from before
-        if len(results) == len(args.seeds):
-            print(f"kept from benchmarks/results/{args.tag_name}.json: {label}")
-            args.kept.append(label)
-        else:  # one train.py run per seed
-            results = []
-            for seed in args.seeds:
-                metrics, seconds = run(out, f"{flags_name(flags)}-seed{seed}",
-                                       flags + ["--seed", str(seed), "--no-report"] + extra)
-                results.append({**{k: metrics[k] for k in ("test_accuracy", "ood_auroc_knn", "ood_auroc_msp")},
-                                "seconds": seconds})
-        raw[label] = results
-        rows.append(f"| {label} | {mean_std([r['test_accuracy'] for r in results])} | "
-                    f"{mean_std([r['ood_auroc_knn'] for r in results])} | "
-                    f"{mean_std([r['ood_auroc_msp'] for r in results])} | "
-                    f"{np.mean([r['seconds'] for r in results]):.0f} s |")
-        args.save(rows, raw, partial=True)  # a long run that is stopped keeps its finished rows
-    return rows, raw
-
-
-def flags_name(flags):
-    return "-".join(f.strip("-").replace("+", "-") for f in flags) or "real"
-
-
 def fruit(args, extra):
     out = os.path.join("runs", "experiments", "fruit")
     base = ["--loss", "ce", "--model", "cnn", "--no-report"] + extra
     setups = [("real only", []), ("synthetic only (ID)", ["--positives", "id", "--no-real"]),
               ("real + synthetic (ID)", ["--positives", "id"])]
-    rows = ["| setup | test accuracy | macro F1 | ROC-AUC (OvR) | OOD AUROC (MSP) | wall time |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| setup | test accuracy | macro F1 | ROC-AUC (OvR) | OOD AUROC (MSP) | optimiser steps | wall time |",
+            "|---|---|---|---|---|---|---|"]
     raw = {}
     for seed in args.seeds:
         for label, flags in setups + [("pre-train on synthetic, fine-tune on real", None)]:
@@ -112,18 +73,19 @@ def fruit(args, extra):
             metrics, seconds = run(out, name, flags + ["--seed", str(seed)] + base)
             lin = metrics["classification"]["linear"]
             raw.setdefault(label, []).append({"accuracy": lin["accuracy"], "f1": lin["f1"], "roc_auc": lin["roc_auc"],
-                                              "ood_auroc_msp": metrics.get("ood_auroc_msp"), "seconds": seconds})
+                                              "ood_auroc_msp": metrics.get("ood_auroc_msp"), "seconds": seconds,
+                                              "steps": metrics["optimizer_steps"]})
     for label, results in raw.items():
         rows.append(f"| {label} | {mean_std([r['accuracy'] for r in results])} | {mean_std([r['f1'] for r in results])} | "
                     f"{mean_std([r['roc_auc'] for r in results])} | {mean_std([r['ood_auroc_msp'] for r in results])} | "
-                    f"{np.mean([r['seconds'] for r in results]):.0f} s |")
+                    f"{steps(results)} | {np.mean([r['seconds'] for r in results]):.0f} s |")
     return rows, raw
 
 
 def siamese(args, extra):
     out = os.path.join("runs", "experiments", "siamese")
-    rows = ["| loss | augment | test accuracy (linear) | k-NN accuracy | 1-shot (prototype) | 5-shot (prototype) | wall time |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| loss | augment | test accuracy (linear) | k-NN accuracy | 1-shot (prototype) | 5-shot (prototype) | optimiser steps | wall time |",
+            "|---|---|---|---|---|---|---|---|"]
     raw, pictures = {}, []
     for loss in ("cosine", "triplet"):
         for augment in ("none", "rotation", "simclr"):
@@ -132,19 +94,26 @@ def siamese(args, extra):
             raw[name] = metrics
             pictures.append((f"{loss}, augment {augment}", os.path.join(out, name, "tsne.png")))
             rows.append(f"| {loss} | {augment} | {metrics['test_accuracy']:.4f} | {metrics['knn_accuracy']:.4f} | "
-                        f"{fs(metrics, '1-shot')} | {fs(metrics, '5-shot')} | {seconds:.0f} s |")
-    rows += ["", "| triplet mining | test accuracy (linear) | k-NN accuracy | 1-shot (prototype) | 5-shot (prototype) | OOD AUROC (k-NN) | wall time |",
-             "|---|---|---|---|---|---|---|"]
+                        f"{fs(metrics, '1-shot')} | {fs(metrics, '5-shot')} | {metrics['optimizer_steps']} | {seconds:.0f} s |")
+    rows += ["", "| triplet mining | test accuracy (linear) | k-NN accuracy | 1-shot (prototype) | 5-shot (prototype) | OOD AUROC (k-NN) | optimiser steps | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     for mining, scope in [(m, "batch") for m in ("random", "batch_hard", "hard_negative", "semi_hard", "mixed")] + [("random", "dataset"), ("batch_hard", "dataset")]:
         name = f"triplet-{mining}-{scope}"
         metrics, seconds = run(out, name, ["--loss", "triplet", "--mining", mining, "--mining-scope", scope,
                                            "--seed", str(args.seeds[0]), "--no-report"] + extra)
         raw[name] = metrics
         rows.append(f"| {mining} ({scope}) | {metrics['test_accuracy']:.4f} | {metrics['knn_accuracy']:.4f} | "
-                    f"{fs(metrics, '1-shot')} | {fs(metrics, '5-shot')} | {metrics.get('ood_auroc_knn', float('nan')):.4f} | {seconds:.0f} s |")
+                    f"{fs(metrics, '1-shot')} | {fs(metrics, '5-shot')} | {metrics.get('ood_auroc_knn', float('nan')):.4f} | "
+                    f"{metrics['optimizer_steps']} | {seconds:.0f} s |")
     sheet = tsne_sheet(pictures, os.path.join(HERE, "results", "siamese_tsne.png"))
     rows += ["", f"t-SNE pictures: `{os.path.relpath(sheet, os.path.join(HERE, '..'))}`"]
     return rows, raw
+
+
+def steps(results):
+    """One step count, or the range when seeds differ (they should not)."""
+    counts = sorted({r["steps"] for r in results})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def fs(metrics, key):
@@ -171,37 +140,23 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=["thesis", "fruit", "siamese"])
+    p.add_argument("experiment", choices=["fruit", "siamese"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tag", default=None, help="name of the results file (default: the experiment)")
-    p.add_argument("--keep-finished", action="store_true",
-                   help="thesis: keep the rows already in benchmarks/results/<tag>.json (run with the "
-                        "same seeds and arguments) and run only the missing ones, e.g. after a stop")
     args = p.parse_args(argv)
     t0 = time.time()
     command = "python benchmarks/experiments.py " + " ".join(sys.argv[1:])
     tag = args.tag_name = args.tag or args.experiment
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    args.finished, args.kept = {}, []  # rows of an earlier run (--keep-finished), rows reused
-    if args.keep_finished and os.path.exists(os.path.join(HERE, "results", f"{tag}.json")):
-        with open(os.path.join(HERE, "results", f"{tag}.json")) as f:
-            args.finished = json.load(f)
-
-    def save(rows, raw, partial=False):
-        """benchmarks/results/<tag>.{md,json}; partial: the rows finished so far."""
-        header = [f"Machine: {machine()}. Command: `{command}`. Seeds: {args.seeds}. "
-                  f"Total wall time {((time.time() - t0) / 60):.1f} min (synthetic sets cached beforehand "
-                  f"are not regenerated){' -- PARTIAL: the rows finished so far' if partial else ''}."
-                  + (f" Rows kept from an earlier run of this command (--keep-finished): "
-                     f"{'; '.join(args.kept)}." if args.kept else ""), ""]
-        text = "\n".join(header + rows) + "\n"
-        data.write_text(os.path.join(HERE, "results", f"{tag}.md"), text)
-        data.write_text(os.path.join(HERE, "results", f"{tag}.json"), json.dumps(raw, indent=1, default=float))
-        return text
-
-    args.save = save
-    rows, raw = {"thesis": thesis, "fruit": fruit, "siamese": siamese}[args.experiment](args, extra)
-    print(save(rows, raw))
+    rows, raw = {"fruit": fruit, "siamese": siamese}[args.experiment](args, extra)
+    header = [f"Machine: {machine()}. Command: `{command}`. Seeds: {args.seeds}. Total wall time "
+              f"{(time.time() - t0) / 60:.1f} min (synthetic sets cached beforehand are not "
+              f"regenerated).", ""]
+    text = "\n".join(header + rows) + "\n"
+    data.write_text(os.path.join(HERE, "results", f"{tag}.md"), text)
+    data.write_text(os.path.join(HERE, "results", f"{tag}.json"),
+                    json.dumps(raw, indent=1, default=float))
+    print(text)
 
 
 if __name__ == "__main__":

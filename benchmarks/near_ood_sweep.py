@@ -7,8 +7,11 @@ negatives in the SupCon loss improve accuracy and OOD detection. Every row of th
 family trains the same encoder (same initial weights, labelled batches, labelled views and
 dropout masks) for the same number of optimiser steps and is evaluated on the same sets; each is
 compared seed by seed with a control that has identical batches and compute but gives the
-negatives weight 0 in the loss (the small CNN has no batch norm, so at w = 0 the negatives change
-nothing: the control equals real + ID up to float rounding, a check this script prints).
+negatives weight 0 in the loss. (The small CNN has no batch norm, so at w = 0 the negatives change
+the labelled rows' gradients by float rounding alone -- the backward sums over a larger batch --
+yet training amplifies that rounding into another trajectory within tens of steps: real + ID
+against the control, printed as the noise check, measures how far two runs apart by rounding
+alone end up, i.e. the noise floor of every paired difference.)
 
 Setup (CPU version): CIFAR-10 JPEGs (../shared/data), 7 training classes (airplane, automobile,
 bird, deer, frog, ship, truck), 50 real images per class (seeded), the fruit project's small CNN
@@ -43,6 +46,8 @@ Statistics: per row and metric, the per-seed differences to the reference row, t
 95% t-interval, a two-sided paired t-test; Holm at 0.05 over the phase-1 family.
 
 Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 2 CPU cores
+      python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4 --more-seeds 5 6 7   # the phase-1
+            family on more seeds (the strength stays the one seeds 0-4's validation chose)
       python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke   # a smoke run
 Runs go to runs/sweep/ (a stopped sweep continues: finished runs are reused; delete runs/sweep
 after changing the code); results to benchmarks/results/near_ood_sweep.{json,md,png}.
@@ -366,7 +371,10 @@ def describe(flags):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="every row's seeds; their validation data choose the strength")
+    p.add_argument("--more-seeds", type=int, nargs="*", default=[],
+                   help="more seeds for the phase-1 family only, run after the choice")
     p.add_argument("--train-steps", type=int, default=300, help="optimiser steps of every run")
     p.add_argument("--batch-size", type=int, default=128, help="labelled images per batch")
     p.add_argument("--shots", type=int, default=50, help="real training images per class")
@@ -380,7 +388,7 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one core each")
     p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
     args = p.parse_args()
-    if max(args.seeds) > 9:
+    if max(args.seeds + args.more_seeds) > 9:
         raise SystemExit("--seeds 0-9 only: validation images are kept out of seeds 0-9's sets")
     t0 = time.time()
     prepare_folder(args)
@@ -390,10 +398,11 @@ def main():
     check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
     print(f"noise check, real + ID minus control on {PRIMARY}: {check['mean_delta']:+.2e} "
           f"(sd {check['sd_delta']:.2e})")
-    best, gains = choose_strength(results)
+    best, gains = choose_strength(results)  # on --seeds alone, before any other seed runs
     print(f"validation gains over the control: " + ", ".join(
         f"s={s}: {g['mean_delta']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
         for s, g in gains.items()) + f"; chosen strength {best}")
+    run_phase(args, phase1_rows(), sets, pool, results, configs, args.more_seeds)
     run_phase(args, phase2_rows(best), sets, pool, results, configs, args.seeds)
     outlier_exposure(args, sets, pool, results, configs, best, args.seeds)
     write_results(args, results, configs, best, gains, sets, time.time() - t0)
@@ -420,7 +429,8 @@ def write_results(args, results, configs, best, gains, sets, seconds):
     tag = "smoke-" if args.smoke else ""
     nearness = nearness_tables(args)
     setup = {"machine": machine(), "command": "python benchmarks/near_ood_sweep.py "
-             + " ".join(sys.argv[1:]), "seeds": args.seeds, "train_steps": args.train_steps,
+             + " ".join(sys.argv[1:]), "seeds": args.seeds, "more_seeds": args.more_seeds,
+             "train_steps": args.train_steps,
              "batch_size": args.batch_size, "shots": args.shots, "per_image": args.per_image,
              "classes": [c for c in CLASSES if c not in TEST_OOD + VAL_OOD],
              "test_ood": TEST_OOD, "val_ood": VAL_OOD, "strengths": STRENGTHS, "k": K,
@@ -443,7 +453,7 @@ def write_results(args, results, configs, best, gains, sets, seconds):
 def nearness_tables(args):
     """The meter on every seed's set, the seed's real + ID run as the reference."""
     tables = {}
-    for seed in args.seeds:
+    for seed in args.seeds + args.more_seeds:
         folder = os.path.join(args.out, f"synthetic-seed{seed}")
         reference = run_folder(args, seed, REAL_ID)
         tables[seed] = evaluate.nearness(folder, None, run=reference, device="cpu")
@@ -455,7 +465,8 @@ def markdown(setup, results, comparisons, nearness):
     header = "| row | " + " | ".join(w for _, w in METRICS) + " |"
     rule = "|---" * (len(METRICS) + 1) + "|"
     lines = [f"Machine: {setup['machine']}. Command: `{setup['command']}`. Seeds "
-             f"{setup['seeds']}; {setup['train_steps']} optimiser steps per run; total "
+             f"{setup['seeds']} (phase-1 rows also {setup['more_seeds'] or 'no others'}); "
+             f"{setup['train_steps']} optimiser steps per run; total "
              f"{setup['total_minutes']:.0f} min. Strength chosen on validation: "
              f"{setup['best_strength']}.", "", "Mean ± std over seeds:", "", header, rule]
     for name, per_seed in results.items():

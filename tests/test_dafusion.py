@@ -12,6 +12,7 @@ from PIL import Image
 
 import dafusion
 import data
+from helpers import stop_at_image
 from tiny_sd import build_tiny_pipeline
 
 
@@ -79,7 +80,7 @@ def test_saved_embeddings_load_back_through_diffusers(tiny_model, tmp_path):
     vectors = torch.randn(3, pipe.text_encoder.config.hidden_size)
     path = str(tmp_path / "emb" / "cls.safetensors")
     dafusion.save_embedding(path, "<cls>", vectors)
-    assert not os.path.exists(path.replace(".safetensors", ".tmp.safetensors"))
+    assert not [f for f in os.listdir(tmp_path / "emb") if ".tmp" in f]  # no temporary left
     pipe.load_textual_inversion(path, token="<cls>")
     ids = pipe.tokenizer.convert_tokens_to_ids(dafusion.placeholder_tokens("<cls>", 3))
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], vectors)
@@ -216,24 +217,15 @@ def test_ddpm_variations_drift_with_strength(digits_ddpm):
 def test_ddpm_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     argv = ["--out", str(tmp_path / "syn"), "--examples-per-class", "3", "--per-image", "2",
             "--ddpm-steps", "5", "--gen-batch-size", "4"]
-    real_write, calls = data.atomic_write, {"n": 0}
-
-    def crash_on_the_6th_image(path, write):
-        if path.endswith(".png") and "contact_sheet" not in path:
-            calls["n"] += 1
-            if calls["n"] == 6:
-                raise KeyboardInterrupt
-        real_write(path, write)
-
-    monkeypatch.setattr(data, "atomic_write", crash_on_the_6th_image)
+    real_write = stop_at_image(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         dafusion.main(argv)
     out = str(tmp_path / "syn")
     on_disk = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
                      if f.endswith(".png") and "contact" not in f)
     rows = read_rows(out)
-    assert len(on_disk) == 5 and sorted(r["path"] for r in rows) == [p for p in on_disk if not p.endswith(".tmp.png")]
-    assert not any(p.endswith(".tmp.png") for p in on_disk)
+    assert len(on_disk) == 5 and sorted(r["path"] for r in rows) == [p for p in on_disk if ".tmp" not in p]
+    assert not any(".tmp" in p for p in on_disk)
     monkeypatch.setattr(data, "atomic_write", real_write)
     assert dafusion.generate(dafusion.build_parser().parse_args(argv)) == 96 - 5  # 8 classes x 3 images x 2 kinds x 2, minus those on disk
     rows = read_rows(out)

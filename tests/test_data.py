@@ -62,8 +62,9 @@ def test_crop_to_mask_and_synthetic_margin():
     img = Image.new("L", (100, 100))
     mask = Image.new("L", (100, 100))
     mask.paste(255, (40, 30, 60, 50))  # a 20 x 20 object
-    crop = data.crop_to_mask(img, mask, dilation=0.5)
-    assert crop.size == (40, 40)  # 20 px box, 50% more on every side
+    crop, mask_crop = data.crop_to_mask(img, mask, dilation=0.5)
+    assert crop.size == (40, 40) == mask_crop.size  # 20 px box, 50% more on every side
+    assert np.asarray(mask_crop)[10:30, 10:30].min() == 255  # the object in the middle
     cut = data.synthetic_margin_crop(Image.new("RGB", (100, 100)), np.random.default_rng(0))
     assert cut.size[0] == 100 and 70 <= cut.size[1] <= 80
 

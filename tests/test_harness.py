@@ -17,6 +17,7 @@ import data
 import evaluate
 import supcon
 import train
+from helpers import assert_same_weights
 
 SMALL = ["--examples-per-class", "6", "--batch-size", "16", "--linear-epochs", "2",
          "--device", "cpu", "--no-report"]
@@ -95,10 +96,7 @@ def test_a_cold_and_a_warm_synthetic_cache_train_the_same_weights(tmp_path, monk
     assert "generated" in capsys.readouterr().out
     train.main(argv + ["--name", "warm"])
     assert "reused from the cache" in capsys.readouterr().out
-    a = torch.load(tmp_path / "runs" / "cold" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "runs" / "warm" / "model.pt", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "runs" / "cold", tmp_path / "runs" / "warm")
 
 
 def sd_v1_alpha_bar(strength, steps=50):

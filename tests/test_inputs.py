@@ -20,6 +20,7 @@ import data
 import evaluate
 import supcon
 import train
+from helpers import assert_same_weights, stop_at_call, stop_at_image
 from test_data import write_folder, write_manifest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -63,7 +64,8 @@ BAD_VALUES = {  # flag -> a bad value (each script's flags; shared ones appear o
     "--ti-steps": "0", "--ti-lr": "0", "--ti-batch": "0", "--resolution": "4", "--episodes": "0",
     "--reference-epochs": "0",
 }
-EXTRA_BAD = [("train", "--temperature", "-1"), ("train", "--batch-size", "0"),
+EXTRA_BAD = [("train", "--seed", "99999999999999"), ("train", "--temperature", "-1"),
+             ("train", "--batch-size", "0"),
              ("train", "--batch-size", "-5"), ("train", "--epochs", "-1"),
              ("train", "--examples-per-class", "-1"), ("train", "--lr", "abc"),
              ("dafusion", "--steps", "0"), ("dafusion", "--gen-batch-size", "0")]
@@ -120,6 +122,12 @@ def one_class_folder(tmp_path_factory):
     (["--synthetic", "nowhere", "--positives", "id"], ["--synthetic nowhere: no manifest.csv"]),
     (["--masks", "nowhere"], ["--masks nowhere: no such folder"]),
     (["--init-from", "nowhere"], ["--init-from nowhere: no model.pt"]),
+    (["--loss", "triplet", "--temperature", "0.2"], ["--temperature has no effect with --loss "
+                                                     "triplet"]),
+    (["--negative-weight", "0", "--loss", "cosine"], ["--negative-weight has no effect"]),
+    (["--margin", "0.3"], ["--margin has no effect with --loss supcon"]),
+    (["--negatives", "near_ood", "--negatives-per-batch", "0.01", "--batch-size", "16"],
+     ["rounds to no negative per batch"]),
 ])
 def test_data_dependent_values_are_refused_in_one_line(argv, needles, tmp_path, capsys):
     code, err = command("train", argv + ["--out", str(tmp_path), "--name", "r"], capsys)
@@ -137,6 +145,12 @@ def test_a_one_class_folder_blames_the_folder_not_ood_classes(one_class_folder, 
 def test_dafusion_refusals_are_one_line(tmp_path, capsys):
     code, err = command("dafusion", ["--out", str(tmp_path / "s"), "--kinds", "both"], capsys)
     assert_one_line(code, err, "--kinds must name id and/or near_ood")
+    for argv, needle in ((["--ti-steps", "5"], "--ti-steps has no effect with --generator ddpm"),
+                         (["--strengths", "0.3", "--ood-strength", "0.6"], "drop --ood-strength"),
+                         (["--generator", "stable-diffusion", "--model", "m", "--prompt", "a cat"],
+                          "has no {}")):
+        code, err = command("dafusion", ["--out", str(tmp_path / "s")] + argv, capsys)
+        assert_one_line(code, err, needle)
     code, err = command("dafusion", ["--out", str(tmp_path / "s"), "--generator",
                                      "stable-diffusion", "--model", str(tmp_path),
                                      "--resolution", "12"], capsys)
@@ -146,16 +160,7 @@ def test_dafusion_refusals_are_one_line(tmp_path, capsys):
 def test_ctrl_c_in_dafusion_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
     argv = ["--out", str(tmp_path / "syn"), "--examples-per-class", "3", "--per-image", "1",
             "--ddpm-steps", "2", "--gen-batch-size", "4"]
-    real_write, calls = data.atomic_write, {"n": 0}
-
-    def stop_at_the_5th_image(path, write):
-        if path.endswith(".png") and "contact_sheet" not in path:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-        real_write(path, write)
-
-    monkeypatch.setattr(data, "atomic_write", stop_at_the_5th_image)
+    stop_at_image(monkeypatch, 5)
     code, err = command("dafusion", argv, capsys)
     assert code == 130
     assert_one_line(code, err, "Ctrl-C: kept the 4 finished images", "continue with: python "
@@ -390,15 +395,7 @@ def test_the_log_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeyp
     train.main(args + ["--name", "straight"])
     # a stop in the middle of epoch 2 (Ctrl-C), then a kill between epoch 3's metrics line and
     # its checkpoint (the process dies: no handler runs)
-    real_loss, calls = train.compute_loss, {"n": 0}
-
-    def ctrl_c_at_step_9(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(train, "compute_loss", ctrl_c_at_step_9)
+    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 9)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
     monkeypatch.setattr(train, "compute_loss", real_loss)
@@ -423,16 +420,18 @@ def test_the_log_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeyp
         assert a["loss"] == b["loss"] and a["optimizer_steps"] == b["optimizer_steps"]
 
 
-def test_stale_temporaries_are_cleaned_up(tmp_path):
+def test_stale_temporaries_are_cleaned_up_and_nothing_else(tmp_path):
     out = tmp_path / "syn"
-    os.makedirs(out / "id" / "x")
-    (out / "id" / "x" / "a_0.tmp.png").write_bytes(b"half an image")
-    (out / "manifest.tmp.csv").write_text("half")
+    os.makedirs(out)
+    (out / "manifest.tmp4242.csv").write_text("half a manifest")  # beside files this set writes
+    (out / "contact_sheet.tmp17.png").write_bytes(b"half a picture")
+    (out / "notes.tmp.txt").write_text("the user's")  # not ours: stays
     (out / "keep.png").write_bytes(b"the user's")
     dafusion.main(["--out", str(out), "--examples-per-class", "2", "--per-image", "1",
                    "--ddpm-steps", "2", "--kinds", "id"])
-    left = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
-    assert not any(".tmp." in f for f in left) and (out / "keep.png").exists()
+    left = sorted(os.listdir(out))
+    assert "manifest.tmp4242.csv" not in left and "contact_sheet.tmp17.png" not in left
+    assert "notes.tmp.txt" in left and "keep.png" in left
 
 
 # -----------------------------------------------------------------------------
@@ -453,3 +452,87 @@ def test_plots_draw_non_ascii_class_names_without_empty_boxes(tmp_path):
                                 str(tmp_path / "c.png"), "names")
     assert data.drawable("écrou") == "écrou"  # Latin with accents: in the bundled font
     assert data.drawable("螺丝") in ("螺丝", "U+87BA U+4E1D")  # or the codes, never boxes
+
+
+def test_a_train_steps_run_resumes_and_extends_from_its_partial_last_epoch(tmp_path):
+    # 6 batches an epoch at --batch-size 16: 8 steps end 2 steps into the second epoch
+    without_epochs = [a for i, a in enumerate(TINY) if "--epochs" not in TINY[max(0, i - 1):i + 1]]
+    args = without_epochs + ["--batch-size", "16", "--out", str(tmp_path)]
+    train.main(args + ["--name", "straight", "--train-steps", "11"])
+    train.main(args + ["--name", "short", "--train-steps", "8"])
+    state = torch.load(tmp_path / "short" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # where it stopped, not the next epoch
+    result = train.main(["--resume", str(tmp_path / "short"), "--train-steps", "11",
+                         "--device", "cpu"])
+    assert result["optimizer_steps"] == 11
+    log = [json.loads(x) for x in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_steps"] for r in log] == [6, 11]  # the partial line was replaced
+    # the schedule now runs over 11 steps, so the weights are not the straight run's; but the
+    # same 11 batches were drawn: the second epoch's loss is computed on the same images
+    assert json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0]) \
+        ["loss"] == log[0]["loss"]
+
+
+def test_ctrl_c_after_the_last_step_of_an_epoch_resumes_exactly(tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "2", "--batch-size", "16", "--eval-every", "1", "--out",
+                   str(tmp_path)]
+    train.main(args + ["--name", "straight"])
+    # in the first probe: after epoch 1's last update, before its line in metrics.jsonl
+    stop_at_call(monkeypatch, train, "probe_accuracy", 1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--name", "cut"])
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 6)  # every step of epoch 1 done, not closed
+    train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
+    assert_same_weights(tmp_path / "straight", tmp_path / "cut")
+    read = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text()  # noqa
+                        .splitlines()]
+    assert [(r["epoch"], r["loss"]) for r in read("cut")] == \
+        [(r["epoch"], r["loss"]) for r in read("straight")]
+
+
+def test_a_folder_of_another_set_is_refused_not_mixed(tmp_path, capsys):
+    out = str(tmp_path / "syn")
+    base = ["--out", out, "--examples-per-class", "2", "--per-image", "2", "--ddpm-steps", "2"]
+    dafusion.main(base)
+    code, err = command("dafusion", base[:-4] + ["--per-image", "1", "--ddpm-steps", "2"], capsys)
+    assert_one_line(code, err, "image(s) of another set")  # fewer variations: rows it drops
+    code, err = command("dafusion", base + ["--guidance", "3"], capsys)
+    assert_one_line(code, err, "--guidance 2.0, not 3.0")
+    code, err = command("dafusion", base[:3] + ["3"] + base[4:], capsys)  # another few-shot set
+    assert_one_line(code, err, "holds a DDPM trained with other settings (data differ)")
+    assert dafusion.generate(dafusion.build_parser().parse_args(base)) == 0  # as it was: reused
+
+
+def test_a_folders_ddpm_never_serves_other_data(tmp_path):
+    s = data.load_data("digits", examples_per_class=2, ood_classes="")
+    folder = str(tmp_path / "ddpm")
+    dafusion.train_ddpm(s.train.images, s.train.labels, 10, folder, steps=2, batch_size=4)
+    other = data.load_data("digits", examples_per_class=2, ood_classes="", seed=1)
+    with pytest.raises(dafusion.GenerationError, match="other settings"):
+        dafusion.train_ddpm(other.train.images, other.train.labels, 10, folder, steps=2,
+                            batch_size=4)
+
+
+def test_an_inpainting_mask_covers_its_object_after_cropping_and_resizing(tmp_path):
+    image = np.zeros((30, 60, 3), dtype=np.uint8)  # a wide photo, the object off-centre
+    image[10:20, 40:50] = (255, 0, 0)
+    mask = np.zeros((30, 60), dtype=np.uint8)
+    mask[10:20, 40:50] = 255
+    Image.fromarray(image).save(tmp_path / "x.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    for resize in ("crop", "letterbox"):
+        picture, cut = data.open_masked(str(tmp_path / "x.png"), str(tmp_path / "m.png"), 32,
+                                        resize)
+        red = np.asarray(picture)[..., 0] > 127
+        white = np.asarray(cut) > 127
+        assert (red & white).sum() / (red | white).sum() > 0.9, resize  # the same pixels
+
+
+def test_evaluate_options_of_the_other_mode_are_refused(finished_run, tmp_path, capsys):
+    code, err = command("evaluate", [str(finished_run), "--run", str(finished_run)], capsys)
+    assert_one_line(code, err, "--run has no effect without --nearness")
+    code, err = command("evaluate", ["--nearness", str(tmp_path), "--episodes", "5"], capsys)
+    assert_one_line(code, err, "--episodes has no effect with --nearness")
+    code, err = command("evaluate", ["--nearness", str(tmp_path)], capsys)
+    assert_one_line(code, err, "no manifest.csv there")

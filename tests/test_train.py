@@ -9,6 +9,7 @@ import torch
 import data
 import supcon
 import train
+from helpers import assert_same_weights, stop_at_call
 
 TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--linear-epochs", "3",
         "--device", "cpu"]
@@ -64,27 +65,14 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     args = TINY + ["--epochs", "3", "--batch-size", "16", "--data-on", data_on, "--out", str(tmp_path)]
     train.main(args + ["--name", "straight"])
 
-    real_loss, calls = train.compute_loss, {"n": 0}
-
-    def interrupt_on_the_9th_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 9:  # step 2 of the second epoch
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(train, "compute_loss", interrupt_on_the_9th_step)
+    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 9)  # step 2 of the 2nd epoch
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)  # 1 epoch + 2 steps done
     monkeypatch.setattr(train, "compute_loss", real_loss)
     train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["classifier"]:
-        assert torch.equal(a["classifier"][key], b["classifier"][key]), key
+    assert_same_weights(tmp_path / "straight", tmp_path / "cut", ("model", "classifier"))
 
 
 @pytest.mark.parametrize("loss", ["supcon", "ce"])
@@ -99,10 +87,7 @@ def test_eval_every_logs_probe_accuracy_and_changes_no_weight(tmp_path, loss):
     # the last probe is the same probe as the end of the run: the same accuracy
     assert records[-1]["probe_accuracy"] == pytest.approx(probed["test_accuracy"], abs=1e-6)
     # probing draws from its own random state: the trained weights are those of a run without it
-    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "probed" / "model.pt", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "plain", tmp_path / "probed")
     assert plain["test_accuracy"] == probed["test_accuracy"]
 
 
@@ -136,28 +121,23 @@ def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatc
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
 
-def test_dataset_triplets_resume_after_ctrl_c_like_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = TINY + LOOPS[1][0] + ["--batch-size", "16", "--no-report", "--out", str(tmp_path)]
+@pytest.mark.parametrize("mining", ["random", "batch_hard"])
+def test_dataset_triplets_resume_after_ctrl_c_like_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                         mining):
+    # batch_hard's triplets depend on the weights: a resumed epoch must use the triplets mined
+    # at its start (kept in the checkpoint), not mine again on the weights of the stop
+    args = TINY + LOOPS[1][0] + ["--mining", mining, "--batch-size", "16", "--no-report",
+                                 "--out", str(tmp_path)]
     train.main(args + ["--name", "straight"])
-    real_loss, calls = train.compute_loss, {"n": 0}
-
-    def interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 23:  # step 2 of the second epoch (20 triplet batches an epoch)
-            raise KeyboardInterrupt
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(train, "compute_loss", interrupt)
+    # step 2 of the second epoch (20 triplet batches an epoch)
+    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 23)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)
     monkeypatch.setattr(train, "compute_loss", real_loss)
     train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
-    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "straight", tmp_path / "cut")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -190,10 +170,7 @@ def test_host_memory_path_trains_the_same_weights_as_the_device_path(tmp_path, e
     args = TINY + extra + ["--no-report", "--out", str(tmp_path)]
     on_device = train.main(args + ["--name", "device", "--data-on", "device"])
     on_host = train.main(args + ["--name", "host", "--data-on", "host", "--workers", "2"])
-    a = torch.load(tmp_path / "device" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "host" / "model.pt", weights_only=True)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(tmp_path / "device", tmp_path / "host")
     assert on_device["test_accuracy"] == on_host["test_accuracy"]
 
 
