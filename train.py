@@ -837,8 +837,9 @@ def run(args, run_dir, device, resumed=False):
     K = len(splits.classes)  # training classes (held-out OOD classes excluded)
     augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
-    print(f"data {args.data}: {len(splits.train)} real training images, "
-          f"{len(train_set) - len(splits.train)} synthetic ({int(train_set.negative_only.sum())} "
+    n_real = int((train_set.kind == data.KIND_REAL).sum())  # 0 with --no-real
+    print(f"data {args.data}: {n_real} real training images, "
+          f"{len(train_set) - n_real} synthetic ({int(train_set.negative_only.sum())} "
           f"negative-only), {len(splits.test)} test, {K} classes; held out as OOD: "
           f"{splits.ood_classes or 'none'}; device {device}")
     # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights

@@ -163,6 +163,19 @@ def test_trains_on_an_image_folder_with_synthetic_negatives(tmp_path):
     assert 0 <= results["test_accuracy"] <= 1 and "ood_auroc_knn" in results
 
 
+def test_the_data_line_counts_what_trains(tmp_path, capsys):
+    # --no-real: the line says 0 real images and every synthetic one, not the unused real split
+    from test_data import write_folder, write_manifest
+    write_folder(tmp_path / "imgs", per_class=8, size=16)
+    write_manifest(str(tmp_path / "syn"), [(f"near_ood/ant/{i}.png", "ant", "near_ood") for i in range(4)]
+                   + [(f"id/{c}/{i}.png", c, "id") for c in ("ant", "bee") for i in range(3)])
+    train.main(["--data", str(tmp_path / "imgs"), "--image-size", "16", "--ood-classes", "cat",
+                "--synthetic", str(tmp_path / "syn"), "--positives", "id", "--negatives", "near_ood",
+                "--no-real", "--epochs", "1", "--batch-size", "4", "--linear-epochs", "1",
+                "--no-report", "--device", "cpu", "--out", str(tmp_path), "--name", "n"])
+    assert "0 real training images, 10 synthetic (4 negative-only)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra", [[], ["--loss", "triplet", "--mining-scope", "dataset"]])
 def test_host_memory_path_trains_the_same_weights_as_the_device_path(tmp_path, extra):
     # --data-on host: DataLoader workers gather each batch from host memory; the views are still
