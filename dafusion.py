@@ -679,8 +679,8 @@ SETTINGS = ("generator", "model", "mode", "guidance", "steps", "prompt", "num_ve
 def open_output(args, jobs, sheet):
     """The output folder, with the settings that make its images in OUT/generation.json: a
     resumed set must be made as it began (an image's manifest row cannot say its guidance or
-    denoising steps), so once it holds an image other settings are refused. The temporaries a stopped run left
-    beside the files this set writes are removed (never anything else)."""
+    denoising steps), so once it holds an image other settings are refused. The temporaries a
+    stopped run left beside the files this set writes are removed (never anything else)."""
     os.makedirs(args.out, exist_ok=True)
     record = {k: getattr(args, k, None) for k in SETTINGS}  # None for settings these args lack
     path = os.path.join(args.out, "generation.json")
