@@ -146,3 +146,13 @@ def test_evaluate_cli_writes_metrics_report_and_pictures(tmp_path):
     for picture in ("tsne.png", "ood_curves.png", "classification_curves.png", "confusion.png", "grad_cam.png"):
         assert (run / picture).stat().st_size > 1000 and f"({picture})" in report
     assert "positive class" in report
+
+
+def test_an_older_run_folder_reads_with_the_options_added_since(tmp_path):
+    # a config.json written before --masks, --resize and --val-fraction existed: evaluate reads
+    # it with those options' defaults (as --resume does), and what was saved still wins
+    (tmp_path / "config.json").write_text(json.dumps({"data": "digits", "seed": 3}))
+    args = evaluate.run_settings(str(tmp_path))
+    assert (args.data, args.seed) == ("digits", 3)
+    assert args.masks is None and args.val_fraction == 0.25 and args.resize == "crop"
+    assert evaluate.run_settings(str(tmp_path), {"seed": 4}).seed == 4  # overrides win
