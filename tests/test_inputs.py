@@ -536,3 +536,15 @@ def test_evaluate_options_of_the_other_mode_are_refused(finished_run, tmp_path, 
     assert_one_line(code, err, "--episodes has no effect with --nearness")
     code, err = command("evaluate", ["--nearness", str(tmp_path)], capsys)
     assert_one_line(code, err, "no manifest.csv there")
+
+
+def test_evaluate_ood_data_missing_or_holding_a_bad_image_is_one_line(finished_run, tmp_path,
+                                                                       capsys):
+    code, err = command("evaluate", [str(finished_run), "--ood-data", str(tmp_path / "none")],
+                        capsys)
+    assert_one_line(code, err, str(tmp_path / "none"))
+    write_folder(tmp_path / "ood", classes=("x",), per_class=3, rgb=False)
+    (tmp_path / "ood" / "x" / "broken.png").write_bytes(b"not a png")  # a cut download
+    code, err = command("evaluate", [str(finished_run), "--ood-data", str(tmp_path / "ood")],
+                        capsys)
+    assert_one_line(code, err, "broken.png")
