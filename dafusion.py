@@ -11,9 +11,10 @@ strength (--id-strength, 0.2 in the thesis) stays close to the source: ID. High 
 What strength means. Stable Diffusion v1's img2img (diffusers, 50 DDIM steps over its
 scaled-linear schedule) starts at timestep t(s) = 20 int(50 s) - 19, i.e. from the noise level
 alpha-bar(t(s)): 0.78 at s = 0.2, 0.30 at s = 0.5, 0.043 at s = 0.8. The ddpm generator was
-trained with a cosine schedule, on which the same timestep means much less noise (at s = 0.5
-its alpha-bar would be 0.57). So it starts instead at the timestep of ITS schedule with the
-alpha-bar Stable Diffusion v1 starts from: strength s means the same noise in both generators.
+trained with a cosine schedule, on which the same timestep means much less noise (SD's
+s = 0.5 timestep 481 has alpha-bar 0.52 there). So it starts instead at the timestep of ITS
+schedule with the alpha-bar Stable Diffusion v1 starts from: strength s means the same noise
+in both generators.
 
   --generator ddpm              (default, offline) a small class-conditional DDPM (diffusers'
                                 UNet2DModel with class embeddings and a null class for
