@@ -25,8 +25,10 @@ OOD classes) and write a grid of augmented views to data_preview.png.
 
 import argparse
 import collections
+import copy
 import csv
 import functools
+import glob
 import math
 import multiprocessing
 import os
@@ -930,7 +932,6 @@ def remove_temporaries(paths):
     """Delete what atomic_write may have left beside `paths` when a run was stopped while
     writing them (never a finished file, never anything else); a folder stepped aside whose
     replacement never arrived is put back. Returns how many were removed."""
-    import glob
     removed = 0
     for path in paths:
         stem, ext = os.path.splitext(path)
@@ -1199,7 +1200,6 @@ def add_synthetic_arguments(parser):
 def given_options(parser, argv):
     """The dests of the options typed on the command line (argv None: sys.argv[1:]). argparse
     cannot tell a default from a value the user typed; a copy of the parser without defaults can."""
-    import copy
     quiet = copy.deepcopy(parser)  # a deep copy: the caller's parser keeps its defaults
     for action in quiet._actions:
         action.default, action.required = argparse.SUPPRESS, False  # untyped: no attribute at all
