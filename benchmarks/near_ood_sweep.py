@@ -49,8 +49,9 @@ Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 
       python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4 --more-seeds 5 6 7   # the phase-1
             family on more seeds (the strength stays the one seeds 0-4's validation chose)
       python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke   # a smoke run
-Runs go to runs/sweep/ (a stopped sweep continues: finished runs are reused; delete runs/sweep
-after changing the code); results to benchmarks/results/near_ood_sweep.{json,md,png}.
+Runs go to runs/sweep/ (a stopped sweep continues: finished runs and their measurements, each
+run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code); results
+to benchmarks/results/near_ood_sweep.{json,md,png}.
 """
 
 import argparse
@@ -219,6 +220,16 @@ def run_row(args, seed, name, flags, synthetic):
     return run_dir
 
 
+def measured(run_dir, sets, splits, outliers=None, name="sweep_metrics.json"):
+    """measure(), kept in the run folder as `name`: a sweep run again (more seeds, the tables
+    rewritten) reads what it measured before instead of measuring 100 runs anew."""
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        data.write_text(path, json.dumps(measure(run_dir, sets, splits, outliers), indent=1))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def measure(run_dir, sets, splits, outliers=None):
     """The sweep's metrics of a finished run, from its model.pt and the evaluation sets.
     outliers: near-OOD images to refit the run's probe with outlier exposure (lambda 0.5) on
@@ -306,22 +317,29 @@ def machine():
 def run_phase(args, table, sets, pool, results, configs, seeds):
     """Every row of `table` for every seed, --workers runs at a time (one thread each: on two
     cores two single-thread runs do 1.3x the work of one two-thread run, with the same
-    numbers); then each run measured here. Fills results[row][seed] and configs[row]."""
+    numbers); a seed's runs are queued as soon as its synthetic set is made, so no core waits
+    for the other seeds' sets. Then each run is measured here. Fills results[row][seed] and
+    configs[row]."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=spawn, initializer=one_thread) as workers:
-        synthetic = dict(zip(seeds, workers.map(synthetic_set, [args] * len(seeds), seeds)))
-        jobs = [(seed, name, flags, synthetic[seed] if uses else None)
-                for seed in seeds for name, (flags, uses) in table.items()]
-        folders = list(workers.map(run_row, [args] * len(jobs), *zip(*jobs)))
-    for (seed, name, flags, _), run_dir in zip(jobs, folders):
-        results.setdefault(name, {})[seed] = measure(run_dir, sets,
-                                                     seed_splits(pool, sets, args, seed))
-        configs[name] = describe(flags)
-        print(f"seed {seed} {name}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in results[name][seed].items() if k.startswith("test")),
-            flush=True)
+        making = {workers.submit(synthetic_set, args, seed): seed for seed in seeds}
+        jobs = {}  # (seed, row name) -> the run's future
+        for made in as_completed(making):
+            seed = making[made]
+            for name, (flags, uses) in table.items():
+                jobs[seed, name] = workers.submit(run_row, args, seed, name, flags,
+                                                  made.result() if uses else None)
+        folders = {job: future.result() for job, future in jobs.items()}
+    for seed in seeds:
+        for name, (flags, _) in table.items():
+            results.setdefault(name, {})[seed] = measured(folders[seed, name], sets,
+                                                          seed_splits(pool, sets, args, seed))
+            configs[name] = describe(flags)
+            print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                      results[name][seed].items()
+                                                      if k.startswith("test")), flush=True)
 
 
 def one_thread():
@@ -338,7 +356,8 @@ def outlier_exposure(args, sets, pool, results, configs, best, seeds):
         splits = seed_splits(pool, sets, args, seed)
         syn = data.training_set(argparse.Namespace(**{**vars(evaluate.run_settings(run_dir)),
                                                       "near_ood_strength": best}), splits)[1]
-        results.setdefault(name, {})[seed] = measure(run_dir, sets, splits, outliers=syn)
+        results.setdefault(name, {})[seed] = measured(run_dir, sets, splits, syn,
+                                                      f"sweep_metrics_oe{best}.json")
     configs[name] = {**describe(["--positives", "id"]), "strength": best,
                      "outlier_exposure": 0.5}
 
