@@ -49,9 +49,11 @@ Statistics: per row and metric, the per-seed differences to the reference row, t
 Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 2 CPU cores
       python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4 --more-seeds 5 6 7   # the phase-1
             family on more seeds, any number (the strength stays the one seeds 0-4 chose)
-      python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke   # a smoke run
+      python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke \
+            --out runs/sweep-smoke                                 # a smoke run
 Runs go to runs/sweep/ (a stopped sweep continues: finished runs and their measurements, each
-run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code); results
+run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code; other options into the same --out are refused, as its runs would be
+reused as if made with them); results
 to benchmarks/results/near_ood_sweep.{json,md,png}.
 """
 
@@ -165,6 +167,23 @@ def free_folder(args, sets):
 def seed_folder(args, seed):
     """The folder a seed's runs and synthetic set read (see free_folder)."""
     return args.folder if seed < LATER_SEEDS else args.folder + "-free"
+
+
+def check_settings(args):
+    """<out>/settings.json: the options that shape a run or a measurement. A sweep into a folder
+    made with other ones is refused (its runs would be reused as if made with these)."""
+    path = os.path.join(args.out, "settings.json")
+    mine = {key: getattr(args, key) for key in ("train_steps", "batch_size", "shots", "per_image",
+                                                "train_per_class", "val_per_class", "folder")}
+    if not os.path.exists(path):
+        os.makedirs(args.out, exist_ok=True)
+        data.write_text(path, json.dumps(mine, indent=1))
+    with open(path, encoding="utf-8") as f:
+        made = json.load(f)
+    if made != mine:
+        other = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in made.items() if mine[k] != v)
+        raise SystemExit(f"--out {args.out}: its runs were made with {other}; pass those, "
+                         f"another --out, or delete the folder")
 
 
 def data_flags(args, seed):
@@ -443,6 +462,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
     args = p.parse_args()
     t0 = time.time()
+    check_settings(args)
     prepare_folder(args)
     sets, pool = evaluation_sets(args)
     free_folder(args, sets)
