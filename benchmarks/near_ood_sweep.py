@@ -561,6 +561,11 @@ def markdown(setup, results, comparisons, nearness):
             cells.append(f"{c['mean_delta']:+.4f} [{c['ci95'][0]:+.4f}, "
                          f"{c['ci95'][1]:+.4f}]{star}")
         lines.append(f"| {name} | {versus} | " + " | ".join(cells) + " |")
+    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at each "
+              "row's observed paired sd: " + "; ".join(
+                  f"{c['config']} (sd {c['sd_delta']:.3f}): {seeds_for(c['sd_delta'], 0.02)} / "
+                  f"{seeds_for(c['sd_delta'], 0.01)}" for c in comparisons
+                  if c["metric"] == PRIMARY and c["versus"] == CONTROL) + "."]
     lines += ["", "Nearness (evaluate.py --nearness; reference: the seed's real + ID run; the "
               "held-out row holds the cat, dog and horse test images), mean over seeds:", "",
               "| images | strength | source accuracy | OOD AUROC (k-NN, k = 50) |",
@@ -575,6 +580,15 @@ def markdown(setup, results, comparisons, nearness):
         auroc = np.mean([t["held_out"]["ood_auroc"] for t in nearness.values()])
         lines.append(f"| real held-out classes | - | - | {auroc:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_for(sd, half):
+    """The fewest seeds whose 95% t-interval is at most +-half wide at this paired sd."""
+    from scipy import stats
+    n = 2
+    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half:
+        n += 1
+    return n
 
 
 def plot(comparisons, path):
