@@ -52,9 +52,9 @@ Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 
       python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke \
             --out runs/sweep-smoke                                 # a smoke run
 Runs go to runs/sweep/ (a stopped sweep continues: finished runs and their measurements, each
-run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code; other options into the same --out are refused, as its runs would be
-reused as if made with them); results
-to benchmarks/results/near_ood_sweep.{json,md,png}.
+run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code; a sweep
+with other run-shaping options into the same --out is refused, since its runs would be reused as
+if made with them); results to benchmarks/results/near_ood_sweep.{json,md,png}.
 """
 
 import argparse
@@ -150,9 +150,13 @@ def free_folder(args, sets):
     none of them drew; a later seed draws from this folder, so validation stays out of its
     training set too. Hard links: the same files, no copies."""
     out = args.folder + "-free"
-    if os.path.exists(os.path.join(out, "done")):
-        return out
-    held = {os.path.relpath(name, args.folder) for name in sets["val_id"].names}
+    held = sorted(os.path.relpath(name, args.folder) for name in sets["val_id"].names)
+    done = os.path.join(out, "done")  # lists the images left out
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            if f.read().split("\n") == held:
+                return out
+        shutil.rmtree(out)  # made for another validation set (--val-per-class, --shots): anew
     for folder, _, files in os.walk(args.folder):
         for name in files:
             path = os.path.relpath(os.path.join(folder, name), args.folder)
@@ -160,7 +164,7 @@ def free_folder(args, sets):
                 os.makedirs(os.path.dirname(os.path.join(out, path)), exist_ok=True)
                 if not os.path.exists(os.path.join(out, path)):  # a stopped link pass resumes
                     os.link(os.path.join(args.folder, path), os.path.join(out, path))
-    open(os.path.join(out, "done"), "w").close()
+    data.write_text(done, "\n".join(held))
     return out
 
 
@@ -180,8 +184,9 @@ def check_settings(args):
         data.write_text(path, json.dumps(mine, indent=1))
     with open(path, encoding="utf-8") as f:
         made = json.load(f)
-    if made != mine:
-        other = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in made.items() if mine[k] != v)
+    other = ", ".join(f"--{k.replace('_', '-')} {made.get(k)}" for k in mine
+                      if made.get(k) != mine[k])
+    if other:
         raise SystemExit(f"--out {args.out}: its runs were made with {other}; pass those, "
                          f"another --out, or delete the folder")
 
@@ -350,7 +355,8 @@ def paired(results, names, versus, metric, family=False):
 def holm(comparisons):
     """Holm's step-down correction at 0.05: sort the p-values, compare the i-th smallest with
     0.05 / (k - i); every comparison after the first failure is not significant."""
-    order = sorted(range(len(comparisons)), key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
+    order = sorted(range(len(comparisons)),
+                   key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
     going = True
     for rank, i in enumerate(order):
         going = going and bool(comparisons[i]["p"] <= 0.05 / (len(comparisons) - rank))
@@ -382,6 +388,9 @@ def run_phase(args, table, sets, pool, results, configs, seeds):
         jobs = {}  # (seed, row name) -> the run's future
         for made in as_completed(making):
             seed = making[made]
+            if made.exception():  # say so now, not after every run queued for the other seeds
+                workers.shutdown(wait=False, cancel_futures=True)
+                raise made.exception()
             for name, (flags, uses) in table.items():
                 jobs[seed, name] = workers.submit(run_row, args, seed, name, flags,
                                                   made.result() if uses else None)
@@ -462,10 +471,12 @@ def main():
     p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
     args = p.parse_args()
     t0 = time.time()
+    args.folder = os.path.normpath(args.folder)  # "x/" would put x-free inside x
     check_settings(args)
     prepare_folder(args)
     sets, pool = evaluation_sets(args)
-    free_folder(args, sets)
+    if max(args.seeds + args.more_seeds) >= LATER_SEEDS:
+        free_folder(args, sets)
     results, configs = {}, {}
     run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds)
     check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
@@ -561,11 +572,11 @@ def markdown(setup, results, comparisons, nearness):
             cells.append(f"{c['mean_delta']:+.4f} [{c['ci95'][0]:+.4f}, "
                          f"{c['ci95'][1]:+.4f}]{star}")
         lines.append(f"| {name} | {versus} | " + " | ".join(cells) + " |")
-    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at each "
-              "row's observed paired sd: " + "; ".join(
+    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at the "
+              "observed paired sd of each row against the control: " + "; ".join(
                   f"{c['config']} (sd {c['sd_delta']:.3f}): {seeds_for(c['sd_delta'], 0.02)} / "
                   f"{seeds_for(c['sd_delta'], 0.01)}" for c in comparisons
-                  if c["metric"] == PRIMARY and c["versus"] == CONTROL) + "."]
+                  if c["metric"] == PRIMARY and c["versus"] == CONTROL and c["n"] > 1) + "."]
     lines += ["", "Nearness (evaluate.py --nearness; reference: the seed's real + ID run; the "
               "held-out row holds the cat, dog and horse test images), mean over seeds:", "",
               "| images | strength | source accuracy | OOD AUROC (k-NN, k = 50) |",
@@ -599,7 +610,8 @@ def plot(comparisons, path):
               c["config"].startswith("negatives s=") and "," not in c["config"]]
     xs = [float(c["config"].split("=")[1]) for c in points]
     ys = [c["mean_delta"] for c in points]
-    err = [[y - c["ci95"][0] for y, c in zip(ys, points)], [c["ci95"][1] - y for y, c in zip(ys, points)]]
+    err = [[y - c["ci95"][0] for y, c in zip(ys, points)],  # below and above each mean
+           [c["ci95"][1] - y for y, c in zip(ys, points)]]
     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="near-OOD negatives (w = 1)")
     placebo = [c for c in comparisons if c["metric"] == PRIMARY and c["config"].startswith("ID ")]
     for c in placebo:
