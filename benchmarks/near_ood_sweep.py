@@ -29,7 +29,8 @@ whole class), of the held-out cat and dog test images against the 7,000 ID test 
 FPR@95 of that score, k = 1 and 50, MSP AUROC, linear-probe test accuracy (the run's probe, and
 a probe refitted on the real images alone), a far-OOD set (the 1,797 sklearn digits at 32 px
 RGB). Validation: 100 training images per class outside every seed's few-shot set (ID) against
-500 horse training images (OOD), k = 5.
+500 horse training images (OOD), k = 5: images none of seeds 0-9 drew from the 600 per class;
+seeds 10 and up draw from the 500 that validation left (the folder <folder>-free).
 
 Rows. Phase 1 (the confirmatory family, fixed in advance): near-OOD negatives at 0.3 / 0.5 /
 0.7 / 0.9 and the ID variations (0.2) as negatives, each against the control (same-class
@@ -47,11 +48,13 @@ Statistics: per row and metric, the per-seed differences to the reference row, t
 
 Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 2 CPU cores
       python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4 --more-seeds 5 6 7   # the phase-1
-            family on more seeds (the strength stays the one seeds 0-4's validation chose)
-      python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke   # a smoke run
+            family on more seeds, any number (the strength stays the one seeds 0-4 chose)
+      python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke \
+            --out runs/sweep-smoke                                 # a smoke run
 Runs go to runs/sweep/ (a stopped sweep continues: finished runs and their measurements, each
-run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code); results
-to benchmarks/results/near_ood_sweep.{json,md,png}.
+run folder's sweep_metrics*.json, are reused; delete runs/sweep after changing the code; a sweep
+with other run-shaping options into the same --out is refused, since its runs would be reused as
+if made with them); results to benchmarks/results/near_ood_sweep.{json,md,png}.
 """
 
 import argparse
@@ -81,6 +84,7 @@ CONTROL_STRENGTH = 0.5  # the thesis's near-OOD strength; w = 0 removes it from 
 K = 5  # the primary k of the k-NN score (see the top of this file)
 PRIMARY, SELECT = "test_knn_auroc", "val_knn_auroc"  # the primary metric; the one that chooses
 CONTROL, REAL_ID = "control (w = 0)", "real + ID"
+LATER_SEEDS = 10  # seeds from here on draw their few-shot sets from the images validation left
 METRICS = [  # (key, what)
     ("test_knn_auroc", f"k-NN (k={K}) OOD AUROC, cat+dog (primary)"),
     ("test_knn_fpr95", f"k-NN (k={K}) FPR@95, cat+dog"),
@@ -140,9 +144,56 @@ def prepare_folder(args):
     return out
 
 
+def free_folder(args, sets):
+    """<folder>-free: the sweep's folder without the validation images, for seeds 10 and up.
+    Seeds 0-9 draw their few-shot sets from the whole folder, and validation holds only images
+    none of them drew; a later seed draws from this folder, so validation stays out of its
+    training set too. Hard links: the same files, no copies."""
+    out = args.folder + "-free"
+    held = sorted(os.path.relpath(name, args.folder) for name in sets["val_id"].names)
+    done = os.path.join(out, "done")  # lists the images left out
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            if f.read().split("\n") == held:
+                return out
+        shutil.rmtree(out)  # made for another validation set (--val-per-class, --shots): anew
+    for folder, _, files in os.walk(args.folder):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), args.folder)
+            if path != "done" and path not in held:
+                os.makedirs(os.path.dirname(os.path.join(out, path)), exist_ok=True)
+                if not os.path.exists(os.path.join(out, path)):  # a stopped link pass resumes
+                    os.link(os.path.join(args.folder, path), os.path.join(out, path))
+    data.write_text(done, "\n".join(held))
+    return out
+
+
+def seed_folder(args, seed):
+    """The folder a seed's runs and synthetic set read (see free_folder)."""
+    return args.folder if seed < LATER_SEEDS else args.folder + "-free"
+
+
+def check_settings(args):
+    """<out>/settings.json: the options that shape a run or a measurement. A sweep into a folder
+    made with other ones is refused (its runs would be reused as if made with these)."""
+    path = os.path.join(args.out, "settings.json")
+    mine = {key: getattr(args, key) for key in ("train_steps", "batch_size", "shots", "per_image",
+                                                "train_per_class", "val_per_class", "folder")}
+    if not os.path.exists(path):
+        os.makedirs(args.out, exist_ok=True)
+        data.write_text(path, json.dumps(mine, indent=1))
+    with open(path, encoding="utf-8") as f:
+        made = json.load(f)
+    other = ", ".join(f"--{k.replace('_', '-')} {made.get(k)}" for k in mine
+                      if made.get(k) != mine[k])
+    if other:
+        raise SystemExit(f"--out {args.out}: its runs were made with {other}; pass those, "
+                         f"another --out, or delete the folder")
+
+
 def data_flags(args, seed):
     """The data options every run and every synthetic set of a seed shares."""
-    return ["--data", args.folder, "--ood-classes", ",".join(TEST_OOD + VAL_OOD),
+    return ["--data", seed_folder(args, seed), "--ood-classes", ",".join(TEST_OOD + VAL_OOD),
             "--examples-per-class", str(args.shots), "--seed", str(seed)]
 
 
@@ -155,7 +206,7 @@ def evaluation_sets(args):
     kept = [index[c] for c in CLASSES if c not in TEST_OOD + VAL_OOD]
     pool, test_id = data.remap(everything.train, kept), data.remap(everything.test, kept)
     used = set()  # every image some seed's few-shot set holds (seeds 0-9): never validation
-    for seed in range(10):
+    for seed in range(LATER_SEEDS):
         used |= set(data.few_shot_indices(pool.labels, args.shots, seed).tolist())
     g = torch.Generator().manual_seed(12345)
     val = []
@@ -176,10 +227,18 @@ def evaluation_sets(args):
 
 
 def seed_splits(pool, sets, args, seed):
-    """The splits a run of `seed` trained on (its few-shot real images), without reading files."""
+    """The splits a run of `seed` trained on (its few-shot real images), without reading files:
+    train.py's draw from the seed's folder, whose images are the pool's (less validation's for
+    seeds 10 and up) in the same order, named by that folder as a manifest names them."""
+    folder = seed_folder(args, seed)
+    if folder != args.folder:
+        held = set(sets["val_id"].names)
+        pool = pool.subset([i for i, name in enumerate(pool.names) if name not in held])
+        pool.names = [os.path.join(folder, os.path.relpath(name, args.folder))
+                      for name in pool.names]
     train_set = pool.subset(data.few_shot_indices(pool.labels, args.shots, seed))
     return data.Splits(train_set, sets["test_id"], sets["test_ood"], pool.classes,
-                       TEST_OOD + VAL_OOD, args.folder)
+                       TEST_OOD + VAL_OOD, folder)
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +355,8 @@ def paired(results, names, versus, metric, family=False):
 def holm(comparisons):
     """Holm's step-down correction at 0.05: sort the p-values, compare the i-th smallest with
     0.05 / (k - i); every comparison after the first failure is not significant."""
-    order = sorted(range(len(comparisons)), key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
+    order = sorted(range(len(comparisons)),
+                   key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
     going = True
     for rank, i in enumerate(order):
         going = going and bool(comparisons[i]["p"] <= 0.05 / (len(comparisons) - rank))
@@ -328,6 +388,9 @@ def run_phase(args, table, sets, pool, results, configs, seeds):
         jobs = {}  # (seed, row name) -> the run's future
         for made in as_completed(making):
             seed = making[made]
+            if made.exception():  # say so now, not after every run queued for the other seeds
+                workers.shutdown(wait=False, cancel_futures=True)
+                raise made.exception()
             for name, (flags, uses) in table.items():
                 jobs[seed, name] = workers.submit(run_row, args, seed, name, flags,
                                                   made.result() if uses else None)
@@ -407,11 +470,13 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one core each")
     p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
     args = p.parse_args()
-    if max(args.seeds + args.more_seeds) > 9:
-        raise SystemExit("--seeds 0-9 only: validation images are kept out of seeds 0-9's sets")
     t0 = time.time()
+    args.folder = os.path.normpath(args.folder)  # "x/" would put x-free inside x
+    check_settings(args)
     prepare_folder(args)
     sets, pool = evaluation_sets(args)
+    if max(args.seeds + args.more_seeds) >= LATER_SEEDS:
+        free_folder(args, sets)
     results, configs = {}, {}
     run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds)
     check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
@@ -507,6 +572,11 @@ def markdown(setup, results, comparisons, nearness):
             cells.append(f"{c['mean_delta']:+.4f} [{c['ci95'][0]:+.4f}, "
                          f"{c['ci95'][1]:+.4f}]{star}")
         lines.append(f"| {name} | {versus} | " + " | ".join(cells) + " |")
+    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at the "
+              "observed paired sd of each row against the control: " + "; ".join(
+                  f"{c['config']} (sd {c['sd_delta']:.3f}): {seeds_for(c['sd_delta'], 0.02)} / "
+                  f"{seeds_for(c['sd_delta'], 0.01)}" for c in comparisons
+                  if c["metric"] == PRIMARY and c["versus"] == CONTROL and c["n"] > 1) + "."]
     lines += ["", "Nearness (evaluate.py --nearness; reference: the seed's real + ID run; the "
               "held-out row holds the cat, dog and horse test images), mean over seeds:", "",
               "| images | strength | source accuracy | OOD AUROC (k-NN, k = 50) |",
@@ -523,6 +593,15 @@ def markdown(setup, results, comparisons, nearness):
     return "\n".join(lines) + "\n"
 
 
+def seeds_for(sd, half):
+    """The fewest seeds whose 95% t-interval is at most +-half wide at this paired sd."""
+    from scipy import stats
+    n = 2
+    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half:
+        n += 1
+    return n
+
+
 def plot(comparisons, path):
     """The primary metric's paired difference to the control against strength (95% intervals)."""
     plt = data.pyplot()
@@ -531,7 +610,8 @@ def plot(comparisons, path):
               c["config"].startswith("negatives s=") and "," not in c["config"]]
     xs = [float(c["config"].split("=")[1]) for c in points]
     ys = [c["mean_delta"] for c in points]
-    err = [[y - c["ci95"][0] for y, c in zip(ys, points)], [c["ci95"][1] - y for y, c in zip(ys, points)]]
+    err = [[y - c["ci95"][0] for y, c in zip(ys, points)],  # below and above each mean
+           [c["ci95"][1] - y for y, c in zip(ys, points)]]
     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="near-OOD negatives (w = 1)")
     placebo = [c for c in comparisons if c["metric"] == PRIMARY and c["config"].startswith("ID ")]
     for c in placebo:
