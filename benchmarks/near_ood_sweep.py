@@ -62,6 +62,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -334,8 +335,9 @@ def measure(run_dir, sets, splits, outliers=None):
 
 
 def paired(results, names, versus, metric, family=False):
-    """For each row: the per-seed differences to `versus`, their mean, sd, 95% t-interval and a
-    two-sided paired t-test; family: Holm at 0.05 across these rows."""
+    """For each row: the per-seed differences to `versus` (on the seeds both rows have), their
+    mean, sd, 95% t-interval and a two-sided paired t-test; family: Holm at 0.05 across these
+    rows."""
     from scipy import stats  # installed with scikit-learn
     out = []
     for name in names:
@@ -352,15 +354,16 @@ def paired(results, names, versus, metric, family=False):
     return out
 
 
-def holm(comparisons):
-    """Holm's step-down correction at 0.05: sort the p-values, compare the i-th smallest with
-    0.05 / (k - i); every comparison after the first failure is not significant."""
+def holm(comparisons, key="holm_significant"):
+    """Holm's step-down correction at 0.05, written to each comparison's `key`: sort the
+    p-values, compare the i-th smallest (from 0) with 0.05 / (k - i); every comparison after the
+    first failure is not significant."""
     order = sorted(range(len(comparisons)),
                    key=lambda i: np.nan_to_num(comparisons[i]["p"], nan=1.0))
     going = True
     for rank, i in enumerate(order):
         going = going and bool(comparisons[i]["p"] <= 0.05 / (len(comparisons) - rank))
-        comparisons[i]["holm_significant"] = bool(going)
+        comparisons[i][key] = bool(going)
 
 
 # -----------------------------------------------------------------------------
@@ -374,31 +377,35 @@ def machine():
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
 
 
-def run_phase(args, table, sets, pool, results, configs, seeds):
+def run_phase(args, table, sets, pool, results, configs, seeds, stored):
     """Every row of `table` for every seed, --workers runs at a time (one thread each: on two
     cores two single-thread runs do 1.3x the work of one two-thread run, with the same
     numbers); a seed's runs are queued as soon as its synthetic set is made, so no core waits
-    for the other seeds' sets. Then each run is measured here. Fills results[row][seed] and
-    configs[row]."""
+    for the other seeds' sets. Then each run is measured here. A run `stored` holds
+    (--reuse-results) is taken from it, neither trained nor measured. Fills results[row][seed]
+    and configs[row]."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    todo = {seed: [name for name in table if seed not in stored.get(name, {})] for seed in seeds}
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=spawn, initializer=one_thread) as workers:
-        making = {workers.submit(synthetic_set, args, seed): seed for seed in seeds}
+        making = {workers.submit(synthetic_set, args, seed): seed for seed in seeds if todo[seed]}
         jobs = {}  # (seed, row name) -> the run's future
         for made in as_completed(making):
             seed = making[made]
             if made.exception():  # say so now, not after every run queued for the other seeds
                 workers.shutdown(wait=False, cancel_futures=True)
                 raise made.exception()
-            for name, (flags, uses) in table.items():
+            for name in todo[seed]:
+                flags, uses = table[name]
                 jobs[seed, name] = workers.submit(run_row, args, seed, name, flags,
                                                   made.result() if uses else None)
         folders = {job: future.result() for job, future in jobs.items()}
     for seed in seeds:
         for name, (flags, _) in table.items():
-            results.setdefault(name, {})[seed] = measured(folders[seed, name], sets,
-                                                          seed_splits(pool, sets, args, seed))
+            results.setdefault(name, {})[seed] = (
+                measured(folders[seed, name], sets, seed_splits(pool, sets, args, seed))
+                if (seed, name) in folders else stored[name][seed])
             configs[name] = describe(flags)
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                       results[name][seed].items()
@@ -410,12 +417,15 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def outlier_exposure(args, sets, pool, results, configs, best, seeds):
+def outlier_exposure(args, sets, pool, results, configs, best, seeds, stored):
     """The outlier-exposure row: each seed's real + ID encoder, its probe refitted with the
-    near-OOD images of strength `best` as outliers."""
+    near-OOD images of strength `best` as outliers (or what `stored` holds of it)."""
     name = f"outlier exposure s={best}"
     for seed in seeds:
-        run_dir = run_folder(args, seed, REAL_ID)  # finished in phase 1
+        if seed in stored.get(name, {}):
+            results.setdefault(name, {})[seed] = stored[name][seed]
+            continue
+        run_dir = run_folder(args, seed, REAL_ID)  # finished in phase 1 or phase 2
         splits = seed_splits(pool, sets, args, seed)
         syn = data.training_set(argparse.Namespace(**{**vars(evaluate.run_settings(run_dir)),
                                                       "near_ood_strength": best}), splits)[1]
@@ -450,13 +460,15 @@ def describe(flags):
             "outlier_exposure": float(get("--outlier-exposure", 0.0))}
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="every row's seeds; their validation data choose the strength")
     p.add_argument("--more-seeds", type=int, nargs="*", default=[],
-                   help="more seeds for the phase-1 family only, run after the choice")
+                   help="more seeds for the phase-1 family, run after the choice")
+    p.add_argument("--more-phase2-seeds", type=int, nargs="*", default=[],
+                   help="some of --more-seeds for the phase-2 rows and outlier exposure too")
     p.add_argument("--train-steps", type=int, default=300, help="optimiser steps of every run")
     p.add_argument("--batch-size", type=int, default=128, help="labelled images per batch")
     p.add_argument("--shots", type=int, default=50, help="real training images per class")
@@ -469,7 +481,22 @@ def main():
     p.add_argument("--out", default=os.path.join("runs", "sweep"))
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one core each")
     p.add_argument("--smoke", action="store_true", help="write results under a smoke- name")
-    args = p.parse_args()
+    p.add_argument("--reuse-results", action="store_true",
+                   help="take the runs the results JSON holds (made with these settings) instead "
+                        "of training them again: to add seeds where the run folders are gone")
+    p.add_argument("--tables-only", action="store_true",
+                   help="rewrite the .md, .png and the JSON's paired statistics from the runs "
+                        "the JSON holds (no run folder needed; nothing is trained or measured)")
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.tables_only:
+        return rewrite_tables(results_path(args))
+    if not set(args.more_phase2_seeds) <= set(args.more_seeds):
+        raise SystemExit("--more-phase2-seeds: pass seeds of --more-seeds (the phase-2 rows are "
+                         "paired with phase-1 rows of the same seed)")
     t0 = time.time()
     args.folder = os.path.normpath(args.folder)  # "x/" would put x-free inside x
     check_settings(args)
@@ -477,8 +504,9 @@ def main():
     sets, pool = evaluation_sets(args)
     if max(args.seeds + args.more_seeds) >= LATER_SEEDS:
         free_folder(args, sets)
+    stored, nearness = stored_results(args)
     results, configs = {}, {}
-    run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds)
+    run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds, stored)
     check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
     print(f"noise check, real + ID minus control on {PRIMARY}: {check['mean_delta']:+.2e} "
           f"(sd {check['sd_delta']:.2e})")
@@ -486,35 +514,12 @@ def main():
     print(f"validation gains over the control: " + ", ".join(
         f"s={s}: {g['mean_delta']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
         for s, g in gains.items()) + f"; chosen strength {best}")
-    run_phase(args, phase1_rows(), sets, pool, results, configs, args.more_seeds)
-    run_phase(args, phase2_rows(best), sets, pool, results, configs, args.seeds)
-    outlier_exposure(args, sets, pool, results, configs, best, args.seeds)
-    write_results(args, results, configs, best, gains, sets, time.time() - t0)
-
-
-def comparisons_of(results, best):
-    """Every paired comparison the README reports: the phase-1 family against the control
-    (Holm on the primary metric), the descriptive rows against the control, phase 2 against
-    "negatives s=best", outlier exposure against real + ID."""
-    family = [f"negatives s={s}" for s in STRENGTHS] + ["ID variations (0.2) as negatives"]
-    phase2 = [n for n in results if n.startswith(f"negatives s={best},")]
-    oe = [n for n in results if n.startswith("outlier exposure")]
-    out = []
-    for key, _ in METRICS:
-        out += paired(results, family, CONTROL, key, family=key == PRIMARY)
-        out += paired(results, ["real only", REAL_ID], CONTROL, key)
-        out += paired(results, phase2, f"negatives s={best}", key)
-        out += paired(results, oe, REAL_ID, key)
-    return out
-
-
-def write_results(args, results, configs, best, gains, sets, seconds):
-    """near_ood_sweep.json, the markdown tables and the strength plot."""
-    tag = "smoke-" if args.smoke else ""
-    nearness = nearness_tables(args)
+    run_phase(args, phase1_rows(), sets, pool, results, configs, args.more_seeds, stored)
+    phase2_seeds = args.seeds + args.more_phase2_seeds
+    phase2(args, best, sets, pool, results, configs, phase2_seeds, stored)
     setup = {"machine": machine(), "command": "python benchmarks/near_ood_sweep.py "
              + " ".join(sys.argv[1:]), "seeds": args.seeds, "more_seeds": args.more_seeds,
-             "train_steps": args.train_steps,
+             "more_phase2_seeds": args.more_phase2_seeds, "train_steps": args.train_steps,
              "batch_size": args.batch_size, "shots": args.shots, "per_image": args.per_image,
              "classes": [c for c in CLASSES if c not in TEST_OOD + VAL_OOD],
              "test_ood": TEST_OOD, "val_ood": VAL_OOD, "strengths": STRENGTHS, "k": K,
@@ -522,25 +527,121 @@ def write_results(args, results, configs, best, gains, sets, seconds):
              "best_strength": best,
              "validation_gain_by_strength": {str(s): g for s, g in gains.items()},
              "evaluation_sets": {k: len(v) for k, v in sets.items()},
-             "total_minutes": seconds / 60}
+             "reused_runs": sum(seed in stored.get(row, {}) for row in results
+                                for seed in results[row]),
+             "total_minutes": (time.time() - t0) / 60}
+    write_results(results_path(args), setup, results, configs, nearness_tables(args, nearness))
+
+
+def phase2(args, best, sets, pool, results, configs, seeds, stored):
+    """The phase-2 rows and outlier exposure on `seeds`. Outlier exposure refits the real + ID
+    run's probe, so a seed whose real + ID run only `stored` holds trains it again, and it must
+    measure as stored (same code, same seed: bit for bit) or the sweep stops."""
+    oe = f"outlier exposure s={best}"
+    again = [s for s in seeds if s not in stored.get(oe, {})]
+    keep = {row: {s: m for s, m in per.items() if row != REAL_ID or s not in again}
+            for row, per in stored.items()}
+    table = {**phase2_rows(best), REAL_ID: phase1_rows()[REAL_ID]}
+    run_phase(args, table, sets, pool, results, configs, seeds, keep)
+    for seed in again:
+        before = stored.get(REAL_ID, {}).get(seed)
+        if before is None:
+            continue
+        now = results[REAL_ID][seed]
+        differ = [k for k in before if k != "wall_seconds" and now[k] != before[k]]
+        if differ:
+            raise SystemExit(f"--reuse-results: real + ID, seed {seed}, trained again, measures "
+                             f"another {', '.join(differ)} than {results_path(args)} holds: the "
+                             f"code changed since; run without --reuse-results")
+        results[REAL_ID][seed] = before  # the stored run's wall time
+    outlier_exposure(args, sets, pool, results, configs, best, seeds, stored)
+
+
+def results_path(args):
+    return os.path.join(HERE, "results", ("smoke-" if args.smoke else "") + "near_ood_sweep.json")
+
+
+def stored_results(args):
+    """--reuse-results: the results JSON's runs {row: {seed: metrics}} and nearness tables
+    {seed: table}, refused in one line unless its command shaped runs as this one does; without
+    the flag, nothing."""
+    path = results_path(args)
+    if not args.reuse_results:
+        return {}, {}
+    if not os.path.exists(path):
+        raise SystemExit(f"--reuse-results: {path} does not exist; run without the flag")
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    made = build_parser().parse_args(shlex.split(stored["setup"]["command"])[2:])
+    made.folder = os.path.normpath(made.folder)
+    keys = ("train_steps", "batch_size", "shots", "per_image", "train_per_class",
+            "val_per_class", "folder")
+    other = ", ".join(f"--{k.replace('_', '-')} {getattr(made, k)}" for k in keys
+                      if getattr(made, k) != getattr(args, k))
+    if other:
+        raise SystemExit(f"--reuse-results: {path} was made with {other}; pass those or run "
+                         f"without the flag")
+    runs = {}
+    for run in stored["runs"]:
+        runs.setdefault(run["config"]["row"], {})[run["seed"]] = run["metrics"]
+    return runs, {int(seed): table for seed, table in stored["nearness"].items()}
+
+
+def rewrite_tables(path):
+    """--tables-only: the statistics, tables and plot anew from the runs stored in `path` (the
+    run folders need not exist: they stay on the machine that ran the sweep)."""
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    results, configs = {}, {}
+    for run in stored["runs"]:
+        row = run["config"]["row"]
+        results.setdefault(row, {})[run["seed"]] = run["metrics"]
+        configs[row] = {k: v for k, v in run["config"].items() if k != "row"}
+    setup = {**stored["setup"], "tables": f"rewritten from the stored runs at {machine()}"}
+    write_results(path, setup, results, configs, stored["nearness"])
+
+
+def comparisons_of(results, best):
+    """Every paired comparison the README reports: every trained row against the control
+    (Holm on the primary metric twice: over the phase-1 family fixed in advance,
+    "holm_significant", and over every row against the control, "holm_all_rows"); phase 2 also
+    against "negatives s=best"; outlier exposure against real + ID (its encoder's run)."""
+    family = [f"negatives s={s}" for s in STRENGTHS] + ["ID variations (0.2) as negatives"]
+    phase2 = [n for n in results if n.startswith(f"negatives s={best},")]
+    oe = [n for n in results if n.startswith("outlier exposure")]
+    out = []
+    for key, _ in METRICS:
+        rows = paired(results, family, CONTROL, key, family=key == PRIMARY)
+        rows += paired(results, ["real only", REAL_ID] + phase2, CONTROL, key)
+        if key == PRIMARY:
+            holm(rows, "holm_all_rows")
+        out += rows + paired(results, phase2, f"negatives s={best}", key)
+        out += paired(results, oe, REAL_ID, key)
+    return out
+
+
+def write_results(path, setup, results, configs, nearness):
+    """The JSON at `path` (.json), the markdown tables (.md) and the strength plot (.png)."""
     runs = [{"config": {"row": name, **configs[name]}, "seed": seed, "metrics": m}
             for name in results for seed, m in sorted(results[name].items())]
-    comparisons = comparisons_of(results, best)
-    data.write_text(os.path.join(HERE, "results", f"{tag}near_ood_sweep.json"), json.dumps(
+    comparisons = comparisons_of(results, setup["best_strength"])
+    data.write_text(path, json.dumps(
         {"setup": setup, "nearness": nearness, "runs": runs, "paired": comparisons}, indent=1))
     md = markdown(setup, results, comparisons, nearness)
-    data.write_text(os.path.join(HERE, "results", f"{tag}near_ood_sweep.md"), md)
-    plot(comparisons, os.path.join(HERE, "results", f"{tag}near_ood_sweep.png"))
+    data.write_text(path[:-len(".json")] + ".md", md)
+    plot(comparisons, path[:-len(".json")] + ".png")
     print(md)
 
 
-def nearness_tables(args):
-    """The meter on every seed's set, the seed's real + ID run as the reference."""
+def nearness_tables(args, stored):
+    """The meter on every seed's set, the seed's real + ID run as the reference (or the table
+    `stored` holds for the seed)."""
     tables = {}
     for seed in args.seeds + args.more_seeds:
         folder = os.path.join(args.out, f"synthetic-seed{seed}")
         reference = run_folder(args, seed, REAL_ID)
-        tables[seed] = evaluate.nearness(folder, None, run=reference, device="cpu")
+        tables[seed] = stored.get(seed) or evaluate.nearness(folder, None, run=reference,
+                                                              device="cpu")
     return tables
 
 
@@ -549,34 +650,39 @@ def markdown(setup, results, comparisons, nearness):
     header = "| row | " + " | ".join(w for _, w in METRICS) + " |"
     rule = "|---" * (len(METRICS) + 1) + "|"
     lines = [f"Machine: {setup['machine']}. Command: `{setup['command']}`. Seeds "
-             f"{setup['seeds']} (phase-1 rows also {setup['more_seeds'] or 'no others'}); "
+             f"{setup['seeds']} (phase-1 rows also {setup['more_seeds'] or 'no others'}; phase-2 "
+             f"rows and outlier exposure also {setup.get('more_phase2_seeds') or 'no others'}); "
              f"{setup['train_steps']} optimiser steps per run; total "
              f"{setup['total_minutes']:.0f} min. Strength chosen on validation: "
-             f"{setup['best_strength']}.", "", "Mean ± std over seeds:", "", header, rule]
+             f"{setup['best_strength']}." + (f" Tables {setup['tables']}." if "tables" in setup
+                                             else ""), "", "Mean ± std over seeds:", "",
+             header.replace("| row |", "| row | seeds |"), rule + "---|"]
     for name, per_seed in results.items():
         cells = []
         for key, _ in METRICS:
             v = np.array([m[key] for m in per_seed.values()])
             cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences, mean [95% interval] over seeds, against the row named "
-              "(* = significant after Holm's correction over the phase-1 family, primary "
-              "metric only):", "", header.replace("| row |", "| row | versus |"),
-              rule + "---|"]
-    for name in dict.fromkeys(c["config"] for c in comparisons):
-        cells, versus = [], None
+        lines.append(f"| {name} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences, mean [95% interval] over the seeds both rows have, against "
+              "the row named (primary metric: * = significant after Holm's correction over the "
+              "phase-1 family, + = after Holm over every row against the control):", "",
+              header.replace("| row |", "| row | versus | seeds |"), rule + "---|---|"]
+    for name, versus in dict.fromkeys((c["config"], c["versus"]) for c in comparisons):
+        cells, n = [], None
         for key, _ in METRICS:
-            c = next(c for c in comparisons if c["config"] == name and c["metric"] == key)
-            versus = c["versus"]
-            star = "*" if c.get("holm_significant") else ""
+            c = next(c for c in comparisons if (c["config"], c["versus"], c["metric"]) ==
+                     (name, versus, key))
+            n = c["n"]
+            star = "*" * bool(c.get("holm_significant")) + "+" * bool(c.get("holm_all_rows"))
             cells.append(f"{c['mean_delta']:+.4f} [{c['ci95'][0]:+.4f}, "
                          f"{c['ci95'][1]:+.4f}]{star}")
-        lines.append(f"| {name} | {versus} | " + " | ".join(cells) + " |")
-    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at the "
-              "observed paired sd of each row against the control: " + "; ".join(
-                  f"{c['config']} (sd {c['sd_delta']:.3f}): {seeds_for(c['sd_delta'], 0.02)} / "
-                  f"{seeds_for(c['sd_delta'], 0.01)}" for c in comparisons
-                  if c["metric"] == PRIMARY and c["versus"] == CONTROL and c["n"] > 1) + "."]
+        lines.append(f"| {name} | {versus} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Seeds a 95% interval of ±0.02 / ±0.01 on the primary metric would need at "
+              "each comparison's observed paired sd: " + "; ".join(
+                  f"{c['config']} vs {c['versus']} (sd {c['sd_delta']:.3f}, n {c['n']}): "
+                  f"{seeds_for(c['sd_delta'], 0.02)} / {seeds_for(c['sd_delta'], 0.01)}"
+                  for c in comparisons if c["metric"] == PRIMARY and c["n"] > 1
+                  and c["sd_delta"] > 0) + "."]
     lines += ["", "Nearness (evaluate.py --nearness; reference: the seed's real + ID run; the "
               "held-out row holds the cat, dog and horse test images), mean over seeds:", "",
               "| images | strength | source accuracy | OOD AUROC (k-NN, k = 50) |",
