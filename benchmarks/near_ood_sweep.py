@@ -38,17 +38,21 @@ masking, w = 1, 32 negatives per batch), Holm-corrected on the primary metric; b
 real only and real + ID (descriptive; real + ID against the control is the noise check). The
 best strength is chosen on validation: the strength with the largest mean paired gain over
 the control, if that gain exceeds the 0.5 row's by more than one standard error, else 0.5.
-Phase 2 (exploratory, against "negatives s=best"): w = 0.25 and 4, 0.1 and 0.5 of a batch,
---hard-negatives all; and outlier exposure (Hendrycks et al. 2019, lambda 0.5), the near-OOD
-images of the best strength on the linear probe of the real + ID encoder (no negatives in
-SupCon), against real + ID on MSP and accuracy (its encoder IS real + ID's).
+Phase 2 (exploratory, against "negatives s=best" and against the control): w = 0.25 and 4, 0.1
+and 0.5 of a batch, --hard-negatives all; and outlier exposure (Hendrycks et al. 2019, lambda
+0.5), the near-OOD images of the best strength on the linear probe of the real + ID encoder (no
+negatives in SupCon), against real + ID on MSP and accuracy (its encoder IS real + ID's).
 
-Statistics: per row and metric, the per-seed differences to the reference row, their mean and
-95% t-interval, a two-sided paired t-test; Holm at 0.05 over the phase-1 family.
+Statistics: per row and metric, the per-seed differences to the reference row on the seeds both
+have, their mean and 95% t-interval, a two-sided paired t-test; Holm at 0.05 over the phase-1
+family (fixed in advance), and over every row against the control.
 
 Run:  python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4          # hours on 2 CPU cores
       python benchmarks/near_ood_sweep.py --seeds 0 1 2 3 4 --more-seeds 5 6 7   # the phase-1
             family on more seeds, any number (the strength stays the one seeds 0-4 chose)
+      ... --more-seeds 5 6 7 --more-phase2-seeds 5 6   # phase 2 and outlier exposure too
+      ... --reuse-results   # take the runs the results JSON holds, train only the others
+      python benchmarks/near_ood_sweep.py --tables-only    # the tables anew from the JSON
       python benchmarks/near_ood_sweep.py --seeds 0 1 --train-steps 20 --smoke \
             --out runs/sweep-smoke                                 # a smoke run
 Runs go to runs/sweep/ (a stopped sweep continues: finished runs and their measurements, each
