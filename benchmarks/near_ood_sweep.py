@@ -508,7 +508,7 @@ def main():
     sets, pool = evaluation_sets(args)
     if max(args.seeds + args.more_seeds) >= LATER_SEEDS:
         free_folder(args, sets)
-    stored, nearness = stored_results(args)
+    stored, nearness, made = stored_results(args)
     results, configs = {}, {}
     run_phase(args, phase1_rows(), sets, pool, results, configs, args.seeds, stored)
     check = paired(results, [REAL_ID], CONTROL, PRIMARY)[0]  # w = 0: no effect in the loss
@@ -520,7 +520,8 @@ def main():
         for s, g in gains.items()) + f"; chosen strength {best}")
     run_phase(args, phase1_rows(), sets, pool, results, configs, args.more_seeds, stored)
     phase2_seeds = args.seeds + args.more_phase2_seeds
-    phase2(args, best, sets, pool, results, configs, phase2_seeds, stored)
+    again = phase2(args, best, sets, pool, results, configs, phase2_seeds, stored,
+                   made and made["machine"])
     setup = {"machine": machine(), "command": "python benchmarks/near_ood_sweep.py "
              + " ".join(sys.argv[1:]), "seeds": args.seeds, "more_seeds": args.more_seeds,
              "more_phase2_seeds": args.more_phase2_seeds, "train_steps": args.train_steps,
@@ -531,34 +532,41 @@ def main():
              "best_strength": best,
              "validation_gain_by_strength": {str(s): g for s, g in gains.items()},
              "evaluation_sets": {k: len(v) for k, v in sets.items()},
-             "reused_runs": sum(seed in stored.get(row, {}) for row in results
-                                for seed in results[row]),
              "total_minutes": (time.time() - t0) / 60}
+    if made:  # what was taken from the stored results, and where those were measured
+        setup["reused"] = {"runs": sum(seed in stored.get(row, {}) for row in results
+                                       for seed in results[row]) - len(again),
+                           "from": made.get("reused", {}).get("from", []) + [
+                               {k: made[k] for k in ("machine", "command", "total_minutes")}]}
     write_results(results_path(args), setup, results, configs, nearness_tables(args, nearness))
 
 
-def phase2(args, best, sets, pool, results, configs, seeds, stored):
-    """The phase-2 rows and outlier exposure on `seeds`. Outlier exposure refits the real + ID
-    run's probe, so a seed whose real + ID run only `stored` holds trains it again, and it must
-    measure as stored (same code, same seed: bit for bit) or the sweep stops."""
-    oe = f"outlier exposure s={best}"
-    again = [s for s in seeds if s not in stored.get(oe, {})]
-    keep = {row: {s: m for s, m in per.items() if row != REAL_ID or s not in again}
+def phase2(args, best, sets, pool, results, configs, seeds, stored, made_on=None):
+    """The phase-2 rows and outlier exposure on `seeds`. A seed that gets new phase-2 runs while
+    `stored` (--reuse-results, made on the machine `made_on`) holds its phase-1 runs first trains
+    again the two runs they lean on: real + ID (outlier exposure refits its probe) and negatives
+    s=best (the same near-OOD images; phase 2's reference). Both must measure as stored, bit for
+    bit, or the sweep stops before it trains more. Returns the runs trained again."""
+    anchors = {name: phase1_rows()[name] for name in (REAL_ID, f"negatives s={best}")}
+    later = list(phase2_rows(best)) + [f"outlier exposure s={best}"]
+    new = [s for s in seeds if all(s in stored.get(row, {}) for row in anchors)
+           and any(s not in stored.get(row, {}) for row in later)]
+    keep = {row: {s: m for s, m in per.items() if row not in anchors or s not in new}
             for row, per in stored.items()}
-    table = {**phase2_rows(best), REAL_ID: phase1_rows()[REAL_ID]}
-    run_phase(args, table, sets, pool, results, configs, seeds, keep)
-    for seed in again:
-        before = stored.get(REAL_ID, {}).get(seed)
-        if before is None:
-            continue
-        now = results[REAL_ID][seed]
-        differ = [k for k in before if k != "wall_seconds" and now[k] != before[k]]
-        if differ:
-            raise SystemExit(f"--reuse-results: real + ID, seed {seed}, trained again, measures "
-                             f"another {', '.join(differ)} than {results_path(args)} holds: the "
-                             f"code changed since; run without --reuse-results")
-        results[REAL_ID][seed] = before  # the stored run's wall time
+    run_phase(args, anchors, sets, pool, results, configs, new, keep)
+    for name in anchors:
+        for seed in new:
+            before, now = stored[name][seed], results[name][seed]
+            differ = [k for k in before if k != "wall_seconds" and now.get(k) != before[k]]
+            if differ:
+                raise SystemExit(f"--reuse-results: {name}, seed {seed}, trained again here, "
+                                 f"measures another {', '.join(differ)} than the stored run "
+                                 f"(made on {made_on}): other code, torch or CPU; run without "
+                                 f"--reuse-results")
+            results[name][seed] = before  # the same run: keep its wall time
+    run_phase(args, phase2_rows(best), sets, pool, results, configs, seeds, stored)
     outlier_exposure(args, sets, pool, results, configs, best, seeds, stored)
+    return [(name, seed) for name in anchors for seed in new]
 
 
 def results_path(args):
@@ -566,29 +574,40 @@ def results_path(args):
 
 
 def stored_results(args):
-    """--reuse-results: the results JSON's runs {row: {seed: metrics}} and nearness tables
-    {seed: table}, refused in one line unless its command shaped runs as this one does; without
-    the flag, nothing."""
+    """--reuse-results: the results JSON's runs {row: {seed: metrics}}, nearness tables
+    {seed: table} and setup. Refused in one line unless its runs were shaped as this command's
+    are, with the same choice seeds, and this command covers every seed it holds (the JSON is
+    rewritten with this command's runs alone). Without the flag: {}, {}, None."""
     path = results_path(args)
     if not args.reuse_results:
-        return {}, {}
+        return {}, {}, None
     if not os.path.exists(path):
         raise SystemExit(f"--reuse-results: {path} does not exist; run without the flag")
     with open(path, encoding="utf-8") as f:
         stored = json.load(f)
-    made = build_parser().parse_args(shlex.split(stored["setup"]["command"])[2:])
-    made.folder = os.path.normpath(made.folder)
-    keys = ("train_steps", "batch_size", "shots", "per_image", "train_per_class",
+    setup = stored["setup"]
+    made = vars(build_parser().parse_known_args(shlex.split(setup["command"])[2:])[0])
+    made.update({k: setup[k] for k in ("train_steps", "batch_size", "shots", "per_image",
+                                       "seeds") if k in setup})  # as recorded, not as defaults
+    made["folder"] = os.path.normpath(made["folder"])
+    keys = ("seeds", "train_steps", "batch_size", "shots", "per_image", "train_per_class",
             "val_per_class", "folder")
-    other = ", ".join(f"--{k.replace('_', '-')} {getattr(made, k)}" for k in keys
-                      if getattr(made, k) != getattr(args, k))
+    word = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    other = ", ".join(f"--{k.replace('_', '-')} {word(made[k])}" for k in keys
+                      if made[k] != getattr(args, k))
     if other:
         raise SystemExit(f"--reuse-results: {path} was made with {other}; pass those or run "
                          f"without the flag")
+    for key in ("more_seeds", "more_phase2_seeds"):
+        left = sorted(set(setup.get(key, [])) - set(getattr(args, key)))
+        if left:
+            raise SystemExit(f"--reuse-results: {path} holds runs of --{key.replace('_', '-')} "
+                             f"{' '.join(map(str, left))}, which this command would drop; "
+                             f"pass them too")
     runs = {}
     for run in stored["runs"]:
         runs.setdefault(run["config"]["row"], {})[run["seed"]] = run["metrics"]
-    return runs, {int(seed): table for seed, table in stored["nearness"].items()}
+    return runs, {int(seed): table for seed, table in stored["nearness"].items()}, setup
 
 
 def rewrite_tables(path):
@@ -659,7 +678,8 @@ def markdown(setup, results, comparisons, nearness):
              f"{setup['train_steps']} optimiser steps per run; total "
              f"{setup['total_minutes']:.0f} min. Strength chosen on validation: "
              f"{setup['best_strength']}." + (f" Tables {setup['tables']}." if "tables" in setup
-                                             else ""), "", "Mean ± std over seeds:", "",
+                                             else "") + reused_line(setup, results), "",
+             "Mean ± std over seeds:", "",
              header.replace("| row |", "| row | seeds |"), rule + "---|"]
     for name, per_seed in results.items():
         cells = []
@@ -701,6 +721,16 @@ def markdown(setup, results, comparisons, nearness):
         auroc = np.mean([t["held_out"]["ood_auroc"] for t in nearness.values()])
         lines.append(f"| real held-out classes | - | - | {auroc:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def reused_line(setup, results):
+    """The markdown's word on the runs --reuse-results took from earlier results."""
+    if "reused" not in setup:
+        return ""
+    total = sum(len(per_seed) for per_seed in results.values())
+    return (f" {setup['reused']['runs']} of the {total} runs were taken from the stored results "
+            f"of " + "; then ".join(f"`{f['command']}` ({f['machine']}, {f['total_minutes']:.0f} "
+                                     f"min)" for f in setup["reused"]["from"]) + ".")
 
 
 def seeds_for(sd, half):

@@ -74,19 +74,24 @@ def test_seeds_for_is_the_fewest_seeds_whose_interval_is_that_narrow(sd, half):
     assert n == 2 or width(n - 1) > half
 
 
-def stored_json(tmp_path, command="python benchmarks/near_ood_sweep.py --seeds 0 1 2"):
-    """A results JSON of three seeds: the phase-1 rows, phase 2 at s=0.3, outlier exposure."""
+def stored_json(tmp_path, steps=300, more_seeds=()):
+    """A results JSON of seeds 0-2 (and `more_seeds` for the phase-1 rows): the phase-1 rows,
+    phase 2 at s=0.3, outlier exposure."""
     rng = np.random.default_rng(1)
-    rows = list(sweep.phase1_rows()) + list(sweep.phase2_rows(0.3)) + ["outlier exposure s=0.3"]
-    results = results_of(rng, rows, [0, 1, 2])
+    phase1, phase2 = list(sweep.phase1_rows()), list(sweep.phase2_rows(0.3))
+    results = {**results_of(rng, phase1, [0, 1, 2, *more_seeds]),
+               **results_of(rng, phase2 + ["outlier exposure s=0.3"], [0, 1, 2])}
     runs = [{"config": {"row": row, "strength": None}, "seed": s, "metrics": m}
-            for row in rows for s, m in results[row].items()]
+            for row in results for s, m in results[row].items()]
     table = {"rows": [{"kind": "id", "strength": 0.2, "source_accuracy": 0.7, "ood_auroc": 0.5}]}
-    setup = {"command": command, "machine": "test", "seeds": [0, 1, 2], "more_seeds": [],
-             "train_steps": 300, "best_strength": 0.3, "total_minutes": 1.0}
+    more = " ".join(map(str, more_seeds))
+    setup = {"command": f"python benchmarks/near_ood_sweep.py --seeds 0 1 2 --train-steps {steps}"
+             + (f" --more-seeds {more}" if more else ""), "machine": "the test's",
+             "seeds": [0, 1, 2], "more_seeds": list(more_seeds), "train_steps": steps,
+             "best_strength": 0.3, "total_minutes": 1.0}
     path = tmp_path / "near_ood_sweep.json"
-    path.write_text(json.dumps({"setup": setup, "nearness": {str(s): table for s in range(3)},
-                                "runs": runs, "paired": []}))
+    path.write_text(json.dumps({"setup": setup, "runs": runs, "paired": [], "nearness": {
+        str(s): table for s in [0, 1, 2, *more_seeds]}}))
     return str(path), results
 
 
@@ -114,13 +119,82 @@ def test_tables_are_rewritten_from_the_stored_runs(tmp_path):
     assert os.path.getsize(path[:-len(".json")] + ".png") > 0
 
 
-def test_reuse_results_refuses_a_json_made_with_other_settings(tmp_path, monkeypatch):
-    path, results = stored_json(tmp_path, "python benchmarks/near_ood_sweep.py --train-steps 20")
+def parse(*argv):
+    return sweep.build_parser().parse_args(["--seeds", "0", "1", "2", *argv])
+
+
+def test_reuse_results_refuses_other_settings_and_dropping_stored_seeds(tmp_path, monkeypatch):
+    path, results = stored_json(tmp_path, steps=20, more_seeds=(3, 4))
     monkeypatch.setattr(sweep, "results_path", lambda args: path)
-    args = sweep.build_parser().parse_args(["--reuse-results"])
     with pytest.raises(SystemExit, match="--train-steps 20; pass those or run without"):
-        sweep.stored_results(args)
-    args = sweep.build_parser().parse_args(["--reuse-results", "--train-steps", "20"])
-    runs, nearness = sweep.stored_results(args)
-    assert runs == results and sorted(nearness) == [0, 1, 2]
-    assert sweep.stored_results(sweep.build_parser().parse_args([])) == ({}, {})
+        sweep.stored_results(parse("--reuse-results", "--more-seeds", "3", "4"))
+    with pytest.raises(SystemExit, match="made with --seeds 0 1 2, --train-steps 20; pass"):
+        sweep.stored_results(sweep.build_parser().parse_args(["--reuse-results"]))
+    with pytest.raises(SystemExit, match="--more-seeds 4, which this command would drop"):
+        sweep.stored_results(parse("--reuse-results", "--train-steps", "20", "--more-seeds", "3"))
+    runs, nearness, setup = sweep.stored_results(
+        parse("--reuse-results", "--train-steps", "20", "--more-seeds", "3", "4", "5"))
+    assert runs == results and sorted(nearness) == [0, 1, 2, 3, 4]
+    assert setup["machine"] == "the test's"
+    assert sweep.stored_results(parse()) == ({}, {}, None)
+
+
+def test_new_phase2_seeds_first_retrain_and_check_the_runs_they_lean_on(tmp_path, monkeypatch):
+    """phase2() with stored phase-1 runs of seeds 0-4 and phase 2 of 0-2: seeds 3 and 4 train
+    real + ID and negatives s=0.3 again (compared with the stored ones) before their phase-2
+    rows; seeds 0-2 train nothing. A retrained run that measures otherwise stops the sweep."""
+    _, stored = stored_json(tmp_path, more_seeds=(3, 4))
+    trained = []
+
+    def fake_run_phase(args, table, sets, pool, results, configs, seeds, keep):
+        for name in table:
+            for seed in seeds:
+                if seed in keep.get(name, {}):
+                    results.setdefault(name, {})[seed] = keep[name][seed]
+                else:  # "trained": the stored measurement with another wall time
+                    trained.append((name, seed))
+                    m = stored.get(name, {}).get(seed, {"test_knn_auroc": 0.5})
+                    results.setdefault(name, {})[seed] = {**m, "wall_seconds": -1.0}
+    monkeypatch.setattr(sweep, "run_phase", fake_run_phase)
+    monkeypatch.setattr(sweep, "outlier_exposure", lambda *a: trained.append(("OE", a[-2])))
+    results = {}
+    again = sweep.phase2(parse(), 0.3, None, None, results, {}, [0, 1, 2, 3, 4], stored, "x")
+    anchors = [(sweep.REAL_ID, 3), (sweep.REAL_ID, 4), ("negatives s=0.3", 3),
+               ("negatives s=0.3", 4)]
+    assert again == anchors and trained[:4] == anchors
+    assert sorted(trained[4:-1]) == sorted((row, s) for row in sweep.phase2_rows(0.3)
+                                           for s in (3, 4))
+    assert trained[-1] == ("OE", [0, 1, 2, 3, 4])
+    assert results[sweep.REAL_ID][3] == stored[sweep.REAL_ID][3]  # its stored wall time kept
+    stored[sweep.REAL_ID][4] = {**stored[sweep.REAL_ID][4], "test_knn_auroc": 0.123}
+    real = stored[sweep.REAL_ID][4]
+    monkeypatch.setattr(sweep, "run_phase", lambda args, table, sets, pool, results, configs,
+                        seeds, keep: [results.setdefault(n, {}).update(
+                            {s: {**real, "test_knn_auroc": 0.5} for s in seeds}) for n in table])
+    with pytest.raises(SystemExit, match="real \\+ ID, seed 4, trained again here, measures "
+                                         "another test_knn_auroc"):
+        sweep.phase2(parse(), 0.3, None, None, {}, {}, [4], stored, "x")
+
+
+def test_run_phase_trains_only_what_is_not_stored(monkeypatch):
+    """run_phase with a stored run: the other rows of the seed train (its synthetic set made
+    once), a seed whose every row is stored makes nothing."""
+    import concurrent.futures
+
+    class InProcess(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers, mp_context=None, initializer=None):
+            super().__init__(workers)
+    made, ran = [], []
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(sweep, "synthetic_set", lambda args, seed: made.append(seed) or "syn")
+    monkeypatch.setattr(sweep, "run_row", lambda args, seed, name, flags, syn:
+                        ran.append((name, seed, syn)) or f"{name}-{seed}")
+    monkeypatch.setattr(sweep, "seed_splits", lambda *a: None)
+    monkeypatch.setattr(sweep, "measured", lambda folder, sets, splits: {"folder": folder})
+    table = {"real only": ([], False), sweep.REAL_ID: (["--positives", "id"], True)}
+    stored = {"real only": {0: {"stored": 1}, 1: {"stored": 2}}, sweep.REAL_ID: {1: {"s": 3}}}
+    results, configs = {}, {}
+    sweep.run_phase(parse(), table, None, None, results, configs, [0, 1], stored)
+    assert made == [0] and ran == [(sweep.REAL_ID, 0, "syn")]
+    assert results == {"real only": {0: {"stored": 1}, 1: {"stored": 2}},
+                       sweep.REAL_ID: {0: {"folder": f"{sweep.REAL_ID}-0"}, 1: {"s": 3}}}
