@@ -604,10 +604,18 @@ def stored_results(args):
             raise SystemExit(f"--reuse-results: {path} holds runs of --{key.replace('_', '-')} "
                              f"{' '.join(map(str, left))}, which this command would drop; "
                              f"pass them too")
-    runs = {}
-    for run in stored["runs"]:
-        runs.setdefault(run["config"]["row"], {})[run["seed"]] = run["metrics"]
+    runs, _ = runs_of(stored)
     return runs, {int(seed): table for seed, table in stored["nearness"].items()}, setup
+
+
+def runs_of(stored):
+    """The results JSON's runs as {row: {seed: metrics}} and each row's config."""
+    results, configs = {}, {}
+    for run in stored["runs"]:
+        row = run["config"]["row"]
+        results.setdefault(row, {})[run["seed"]] = run["metrics"]
+        configs[row] = {k: v for k, v in run["config"].items() if k != "row"}
+    return results, configs
 
 
 def rewrite_tables(path):
@@ -615,11 +623,7 @@ def rewrite_tables(path):
     run folders need not exist: they stay on the machine that ran the sweep)."""
     with open(path, encoding="utf-8") as f:
         stored = json.load(f)
-    results, configs = {}, {}
-    for run in stored["runs"]:
-        row = run["config"]["row"]
-        results.setdefault(row, {})[run["seed"]] = run["metrics"]
-        configs[row] = {k: v for k, v in run["config"].items() if k != "row"}
+    results, configs = runs_of(stored)
     setup = {**stored["setup"], "tables": f"rewritten from the stored runs at {machine()}"}
     write_results(path, setup, results, configs, stored["nearness"])
 
