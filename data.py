@@ -29,6 +29,7 @@ import copy
 import csv
 import functools
 import glob
+import hashlib  # content digests: a renamed copy of a run's image is still that image
 import math
 import multiprocessing
 import os
@@ -50,7 +51,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10")  # --data names that are not folders
 NATIVE_SIZE = {"digits": 16, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # digits: 8 px x 2
 DEFAULT_OOD = {"digits": "8,9"}  # held-out classes of the default run (open-set OOD test)
-KIND_REAL, KIND_ID, KIND_NEAR_OOD = 0, 1, 2  # ImageSet.kind: where an image came from
+# ImageSet.kind: where an image came from (real training image, synthetic ID / near-OOD
+# variation, or a real photograph of --negative-data, used only as a negative)
+KIND_REAL, KIND_ID, KIND_NEAR_OOD, KIND_NEGATIVE = 0, 1, 2, 3
 KINDS = {"id": KIND_ID, "near_ood": KIND_NEAR_OOD}  # the manifest's kind column -> KIND_*
 # the synthetic set's manifest, written by dafusion.py and read here: one row per image
 MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed", "generator")
@@ -79,6 +82,9 @@ class ImageSet:
     kind: torch.Tensor = None  # (N,) int8 KIND_REAL / KIND_ID / KIND_NEAR_OOD (default: real)
     names: list = field(default_factory=list)  # file path or "<source>/<index>" of each image
     strength: torch.Tensor = None  # (N,) float: SDEdit strength of a synthetic image, 0 if real
+    # (N,) bool: a negative-only image meant for every anchor, not only for its class's (a
+    # --negative-data image outside a class sub-folder); default False
+    every_anchor: torch.Tensor = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -88,8 +94,11 @@ class ImageSet:
             self.kind = torch.full((n,), KIND_REAL, dtype=torch.int8)
         if self.strength is None:
             self.strength = torch.zeros(n)
+        if self.every_anchor is None:
+            self.every_anchor = torch.zeros(n, dtype=torch.bool)
         # a mismatch here would silently pair images with the wrong labels later
-        sizes = {len(self.labels), len(self.negative_only), len(self.kind), len(self.strength)}
+        sizes = {len(self.labels), len(self.negative_only), len(self.kind), len(self.strength),
+                 len(self.every_anchor)}
         if sizes != {n}:
             raise DataError(f"ImageSet: {n} images but per-image fields of sizes {sorted(sizes)}")
         # labels index classes: 0 <= y < K
@@ -110,7 +119,7 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes,
                         self.negative_only[index], self.kind[index],
                         [self.names[i] for i in index.tolist()] if self.names else [],
-                        self.strength[index])
+                        self.strength[index], self.every_anchor[index])
 
     def probe_set(self):
         """What the linear classifier trains on: the real and ID images that are labelled
@@ -130,7 +139,8 @@ class ImageSet:
         # cat(name): one per-image field of every set, concatenated
         cat = lambda name: torch.cat([getattr(s, name) for s in sets])  # noqa: E731
         return ImageSet(cat("images"), cat("labels"), sets[0].classes, cat("negative_only"),
-                        cat("kind"), sum((s.names for s in sets), []), cat("strength"))
+                        cat("kind"), sum((s.names for s in sets), []), cat("strength"),
+                        cat("every_anchor"))
 
 
 # -----------------------------------------------------------------------------
@@ -476,7 +486,7 @@ def remap(s, keep_classes):
     lookup[torch.tensor(keep_classes, dtype=torch.long)] = torch.arange(len(keep_classes))
     sub = s.subset(lookup[s.labels] >= 0)  # images of dropped classes leave
     return ImageSet(sub.images, lookup[sub.labels], [s.classes[c] for c in keep_classes],
-                    sub.negative_only, sub.kind, sub.names, sub.strength)
+                    sub.negative_only, sub.kind, sub.names, sub.strength, sub.every_anchor)
 
 
 def load_data(data="digits", data_root="./.data", download=False, image_size=None,
@@ -616,14 +626,29 @@ def _keep_training_sources(rows, splits, manifest, drop):
 
 
 def training_set(args, splits):
-    """(the images a run trains on, the set's near-OOD images or None): the real training images
-    (unless --no-real) and the synthetic images of args.synthetic in the roles the flags give:
+    """(the images a run trains on, the outliers of --outlier-exposure or None): the real
+    training images (unless --no-real), the synthetic images of args.synthetic in the roles the
+    flags give (synthetic_roles), and the real photographs of --negative-data as negative-only
+    samples (read_negative_data). The outliers are the --negative-data images when given, else
+    the synthetic set's near-OOD images, whatever role those have."""
+    labelled = negatives = near_ood = real_negatives = None
+    if args.synthetic:
+        labelled, negatives, near_ood = synthetic_roles(args, splits)
+    if args.negative_data:
+        real_negatives = read_negative_data(args.negative_data, splits, args.resize,
+                                            args.skip_bad_images)
+    # ImageSet.concat skips the None parts; labelled images come before negative-only ones
+    used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives,
+                            real_negatives])
+    return used, real_negatives if real_negatives is not None else near_ood
+
+
+def synthetic_roles(args, splits):
+    """The synthetic set's images in their roles: (labelled, negative-only, the near-OOD ones),
+    each an ImageSet or None:
       --positives id | id+near_ood   labelled samples (extra positives of their class)
       --negatives near_ood | id      negative-only samples (id: the placebo of the sweep)
-      --near-ood-strength S          of a set with several near-OOD strengths, only strength S.
-    The near-OOD images come back apart for --outlier-exposure, whatever role they have."""
-    if not args.synthetic:
-        return splits.train, None
+      --near-ood-strength S          of a set with several near-OOD strengths, only strength S."""
     _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
     # every synthetic image; their roles are decided below
     syn = read_manifest(args.synthetic, splits, H, C, args.resize, args.synthetic_margin,
@@ -647,9 +672,60 @@ def training_set(args, splits):
     for flag, part in (("--positives", labelled), ("--negatives", negatives)):
         if part is not None and not len(part):
             raise DataError(f"{flag}: {args.synthetic} holds no images of that kind")
-    # ImageSet.concat skips the None parts
-    used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives])
-    return used, syn.subset(near)
+    return labelled, negatives, syn.subset(near)
+
+
+# -----------------------------------------------------------------------------
+# Real negatives: photographs that are none of the classes (--negative-data)
+
+
+def read_negative_data(folder, splits, resize="crop", skip_bad=False):
+    """--negative-data FOLDER -> ImageSet of negative-only images (KIND_NEGATIVE), read as every
+    other input is (as viewed, at the run's size and channels; hidden files left out).
+
+    Images under FOLDER/<training class>/ are negatives of that class's anchors only (like the
+    thesis's same-class masking); every other image (FOLDER itself, or sub-folders not named
+    like a training class) is a negative of every anchor. Refused in one line: a missing or
+    empty folder, and a folder holding any image of this run's training, test or OOD test sets,
+    compared by content (decoded pixels), so that a renamed copy is caught too."""
+    if not os.path.isdir(folder):
+        raise DataError(f"--negative-data {folder}: no such folder")
+    _, C, H, _ = splits.train.images.shape
+    items = []  # (path, class index or -1 for every anchor)
+    for parent, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if visible(d))  # hidden folders pruned
+        top = os.path.relpath(parent, folder).replace(os.sep, "/").split("/")[0]
+        label = splits.classes.index(top) if top in splits.classes else -1  # -1: every anchor
+        items += [(os.path.join(parent, f), label) for f in sorted(files)
+                  if visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not items:
+        raise DataError(f"--negative-data {folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
+    # labels must index a class: an every-anchor image carries 0, which nothing reads
+    read = load_files([(p, max(label, 0)) for p, label in items], list(splits.classes), C, H,
+                      resize, skip_bad, root=folder)
+    kept = set(read.names)  # --skip-bad-images may have left some out
+    every = torch.tensor([label < 0 for p, label in items if p in kept], dtype=torch.bool)
+    _refuse_known_images(read, splits, folder)
+    return ImageSet(read.images, read.labels, read.classes, torch.ones(len(read), dtype=torch.bool),
+                    torch.full((len(read),), KIND_NEGATIVE, dtype=torch.int8), read.names,
+                    every_anchor=every)
+
+
+def _refuse_known_images(negatives, splits, folder):
+    """DataError if a negative image is, pixel for pixel, one of the run's own images."""
+    digest = lambda image: hashlib.sha256(image.contiguous().numpy().tobytes()).digest()  # noqa
+    known = {}  # digest -> (which set, its name)
+    for where, part in (("training", splits.train), ("test", splits.test),
+                        ("OOD test", splits.ood_test)):
+        for i, image in enumerate(part.images if part is not None else []):
+            known.setdefault(digest(image), (where, part.names[i] if part.names else f"#{i}"))
+    found = [(name, known[digest(image)]) for image, name in zip(negatives.images, negatives.names)
+             if digest(image) in known]
+    if found:
+        name, (where, theirs) = found[0]
+        raise DataError(f"--negative-data {folder}: {len(found)} of its images are images of this "
+                        f"run's {where} set (e.g. {name} is {theirs}); negatives must be other "
+                        f"images: remove those")
 
 
 # -----------------------------------------------------------------------------
@@ -669,7 +745,7 @@ def epoch_generator(seed, epoch):
 
 
 def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
-                        generator=None):
+                        generator=None, every_anchor=None):
     """One epoch of index batches (a list of (b,) tensors) for a contrastive loss.
 
     Labelled samples come in groups of m (or m+1) of one class, so that every anchor has a
@@ -677,8 +753,9 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     round-robin into ceil(labelled / batch_size) batches: every labelled sample appears once an
     epoch and the number of batches depends on the sizes alone. When negative-only samples
     exist, round(batch_size * negatives_share) of them ride on top of each batch (the labelled
-    part does not shrink), drawn with replacement from the classes the batch holds, so that
-    same-class hard-negative masking has something to contrast."""
+    part does not shrink), drawn with replacement from those of the classes the batch holds and
+    those meant for every anchor (every_anchor, (N,) bool), so that same-class hard-negative
+    masking has something to contrast."""
     # a fixed default: the same batches on every call
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
@@ -697,7 +774,10 @@ def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negati
     batches = [torch.cat([groups[i] for i in order[b::n_batches]]) for b in range(n_batches)]
     n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # 0: no negatives
     for b, batch in enumerate(batches if n_neg else []):
-        pool = negatives[torch.isin(labels[negatives], labels[batch])]  # this batch's classes
+        fits = torch.isin(labels[negatives], labels[batch])  # of this batch's classes
+        if every_anchor is not None:
+            fits |= every_anchor[negatives]  # or meant for every anchor
+        pool = negatives[fits]
         pool = pool if len(pool) else negatives  # no match at all: any negative will do
         pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]  # with replacement
         batches[b] = torch.cat([batch, pick])  # labelled first, then the negatives
@@ -1181,6 +1261,10 @@ def add_synthetic_arguments(parser):
     s.add_argument("--negatives", choices=["none", "near_ood", "id"], default="none",
                    help="near_ood: the near-OOD synthetic images as negative-only samples; id: "
                         "the ID ones instead (a placebo)")
+    s.add_argument("--negative-data", default=None, metavar="PATH",
+                   help="real images used only as negatives (never anchors, positives or probe "
+                        "images): PATH/<training class>/ ones for that class's anchors, all "
+                        "others for every anchor; with --outlier-exposure, its outliers")
     s.add_argument("--near-ood-strength", type=float_in(0, 1, low_open=True), default=None,
                    help="of a set with several near-OOD strengths (dafusion.py --strengths), "
                         "use only this one")

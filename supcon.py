@@ -93,13 +93,15 @@ def _to_device(x, device):
     return x.to(device)
 
 
-def _flatten_views(features, labels, negative_only, name="features", device=None):
+def _flatten_views(features, labels, negative_only, name="features", device=None,
+                   hard_negatives="all"):
     """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors.
 
-    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, image_id (N,).
-    With views, row v*B + b holds view v of image b (view-major, like the reference code),
-    and the per-image labels / negative_only flags are repeated for every view. The per-row
-    vectors go to `device` (default: the features' device).
+    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the
+    negative-only rows that count for anchors of their own label only, from hard_negatives:
+    "same_class", "all" or a per-image bool tensor) and image_id (N,). With views, row v*B + b
+    holds view v of image b (view-major, like the reference code), and the per-image vectors are
+    repeated for every view. The per-row vectors go to `device` (default: the features').
     """
     # the only two layouts with a meaning: rows of embeddings, or views of images
     if not torch.is_tensor(features) or features.dim() not in (2, 3):
@@ -131,19 +133,30 @@ def _flatten_views(features, labels, negative_only, name="features", device=None
         negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
     elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
         raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
-    return z, labels, negative_only, image_id
+    if torch.is_tensor(hard_negatives):  # a rule per sample: True = its own class's anchors only
+        own_class = per_row(hard_negatives, "hard_negatives")
+        if own_class.dtype != torch.bool:
+            raise ValueError(f"hard_negatives as a tensor must be bool; got {own_class.dtype}")
+        own_class = own_class & negative_only  # only negative-only samples have a rule
+    else:  # one rule for every negative-only sample
+        own_class = negative_only & (hard_negatives == "same_class")
+    return z, labels, negative_only, own_class, image_id
 
 
 # -----------------------------------------------------------------------------
 # 1. The supervised contrastive loss with negative-only samples (extended Eq. 2)
 
 
-def _check_settings(temperature, hard_negatives, negative_weight, chunk_size, fused):
+def _check_settings(temperature, base_temperature, hard_negatives, negative_weight, chunk_size,
+                    fused):
     """Every mistake in supcon_loss's settings is a ValueError that says what was expected."""
-    if hard_negatives not in ("same_class", "all"):
-        raise ValueError(f"hard_negatives must be 'same_class' or 'all'; got {hard_negatives!r}")
+    if not torch.is_tensor(hard_negatives) and hard_negatives not in ("same_class", "all"):
+        raise ValueError(f"hard_negatives must be 'same_class', 'all' or a bool tensor with one "
+                         f"entry per image; got {hard_negatives!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
+    if base_temperature is not None and not base_temperature > 0:
+        raise ValueError(f"base_temperature must be None or > 0; got {base_temperature}")
     if not negative_weight >= 0:
         raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -169,7 +182,10 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                      code's constant factor); default None = no scaling.
     hard_negatives:  "same_class": a negative-only sample of class k enters the denominators of
                      class-k anchors only (the thesis's hard-negative masking); "all": of every
-                     anchor.
+                     anchor; or a bool tensor (N,) / (B,), a rule per sample (True: its class's
+                     anchors only, False: every anchor), for two kinds of negatives in one batch
+                     (e.g. synthetic near-OOD images of a class, real photographs of no class).
+                     Entries of samples that are not negative-only are ignored.
     negative_weight: w >= 0, the factor on a negative-only sample's exp-term in the denominator.
     chunk_size, fused: which path computes the denominators (M anchors, N samples):
       plain    (default) the readable specification: one (M, N) matrix, autograd's gradient.
@@ -184,17 +200,19 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     Returns a scalar: the mean of L_i over anchors that have at least one positive, or 0 (with
     zero gradients) when no anchor has one. Half-precision input is computed in fp32.
     """
-    _check_settings(temperature, hard_negatives, negative_weight, chunk_size, fused)
+    _check_settings(temperature, base_temperature, hard_negatives, negative_weight, chunk_size,
+                    fused)
     # ---- flatten: z (N, D) with N = V*B rows; labels, negative_only, image_id (N,)
     # the per-row vectors stay where the labels are: CPU labels keep the bookkeeping on the CPU
-    z, labels, negative_only, image_id = _flatten_views(
-        features, labels, negative_only, device=labels.device if torch.is_tensor(labels) else None)
+    z, labels, negative_only, own_class, image_id = _flatten_views(
+        features, labels, negative_only, device=labels.device if torch.is_tensor(labels) else None,
+        hard_negatives=hard_negatives)
     if labels is None:
         # SimCLR needs at least two views, or no row would have a positive
         if features.dim() != 3 or features.shape[1] < 2:
             raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
                              "views; pass labels for (N, D) features")
-        if negative_only.any() and hard_negatives == "same_class":
+        if own_class.any():
             raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
                              "sample's class; pass labels or use hard_negatives='all'")
     # what positives share: the label (SupCon), or the image (SimCLR: the other views of it).
@@ -227,7 +245,8 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     roles = _Roles(real=on_z(real_rows), negative=on_z(negative_rows),
                    position=on_z(torch.cumsum(~negative_only, 0) - 1),
                    group_label=on_z(group_label), negative_only=on_z(negative_only),
-                   has_negatives=negative_rows.numel() > 0)
+                   own_class=on_z(own_class), has_negatives=negative_rows.numel() > 0,
+                   has_own_class=bool(own_class.any()))  # on the labels' device: no GPU wait
 
     # ---- the positive term: 1/|P(i)| sum_{p in P(i)} s_ip                              (M,)
     # sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), with S_g the sum of the real embeddings of
@@ -251,14 +270,12 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
         if fused:  # FlexAttention: no (M, N) matrix in memory (CUDA)
-            log_denominator = _log_denominator_fused(z, anchors, log_weight, temperature, roles,
-                                                     hard_negatives)
+            log_denominator = _log_denominator_fused(z, anchors, log_weight, temperature, roles)
         elif chunk_size is None:  # one (M, N) matrix, autograd's gradient
-            log_denominator = _log_denominator(z, anchors, log_weight, temperature, roles,
-                                               hard_negatives)
+            log_denominator = _log_denominator(z, anchors, log_weight, temperature, roles)
         else:  # (chunk_size, N) blocks, analytic gradient
             log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
-                                                           chunk_size, roles, hard_negatives)
+                                                           chunk_size, roles)
 
     # ---- -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip, mean over anchors
     loss = (log_denominator - mean_positive_logit).mean()  # scalar
@@ -274,10 +291,12 @@ class _Roles(NamedTuple):
     position: torch.Tensor  # (N,) a real row's column among the R real ones
     group_label: torch.Tensor  # (N,) the label (SimCLR: the image) hard-negative masking compares
     negative_only: torch.Tensor  # (N,) bool
+    own_class: torch.Tensor  # (N,) bool: negative-only rows that count for their label's anchors
     has_negatives: bool  # K > 0, known without asking the GPU
+    has_own_class: bool  # own_class has a True entry
 
 
-def _masked_logits(z, anchors, log_weight, temperature, roles, hard_negatives):
+def _masked_logits(z, anchors, log_weight, temperature, roles):
     """s_ia + log w_a for the anchors `anchors` (c,) against all N columns, -inf where a is not
     in A(i). Returns a (c, N) matrix; exp() of an excluded entry is exactly 0."""
     logits = (z[anchors] / temperature) @ z.T  # (c, N) s_ia = z_i . z_a / tau
@@ -285,19 +304,19 @@ def _masked_logits(z, anchors, log_weight, temperature, roles, hard_negatives):
         logits = logits + log_weight  # exp(s + log w) = w exp(s)
     columns = torch.arange(z.shape[0], device=z.device)  # (N,)
     excluded = anchors[:, None] == columns[None, :]  # (c, N) a = i: the anchor itself
-    if roles.has_negatives and hard_negatives == "same_class":
-        # a negative-only sample of another class than the anchor's is not in A(i)
+    if roles.has_own_class:
+        # a negative-only sample of another class than the anchor's is not in A(i), unless its
+        # rule is "every anchor" (hard_negatives "all", or False in a per-sample tensor)
         other_class = roles.group_label[anchors][:, None] != roles.group_label[None, :]  # (c, N)
-        excluded |= roles.negative_only[None, :] & other_class
-    # "all": every negative-only sample stays in every anchor's denominator.
+        excluded |= roles.own_class[None, :] & other_class
     # -inf, not a multiplication by 0 after the max-shift: defect 1 (see the top of this file)
     return logits.masked_fill(excluded, -math.inf)  # (c, N)
 
 
-def _log_denominator(z, anchors, log_weight, temperature, roles, hard_negatives):
+def _log_denominator(z, anchors, log_weight, temperature, roles):
     """Plain path: log sum_{a in A(i)} w_a exp(s_ia) for all M anchors at once; autograd does the
     gradient. logsumexp subtracts each row's maximum, so tau = 0.01 (|s| <= 100) cannot overflow."""
-    logits = _masked_logits(z, anchors, log_weight, temperature, roles, hard_negatives)  # (M, N)
+    logits = _masked_logits(z, anchors, log_weight, temperature, roles)  # (M, N)
     return torch.logsumexp(logits, dim=1)  # (M,)
 
 
@@ -325,9 +344,9 @@ class _LogDenominatorChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, roles, hard_negatives):
+    def forward(ctx, z, anchors, log_weight, temperature, chunk_size, roles):
         """(M,) log-denominators, computed `chunk_size` anchors at a time."""
-        columns = _DenominatorColumns(z, log_weight, temperature, roles, hard_negatives)
+        columns = _DenominatorColumns(z, log_weight, temperature, roles)
         log_denominator = []
         for s in range(0, anchors.numel(), chunk_size):
             # [(c, R), (c, K)]: s_ia + log w_a - shift, -inf off A(i)
@@ -344,7 +363,7 @@ class _LogDenominatorChunked(torch.autograd.Function):
         # unless all anchors fit in one block: that block is allocated anyway, so keep it
         ctx.save_for_backward(z, anchors, log_weight, log_denominator)
         ctx.roles = roles  # index vectors made inside supcon_loss (no gradient, never modified)
-        ctx.settings = (temperature, chunk_size, hard_negatives)  # plain Python values
+        ctx.settings = (temperature, chunk_size)  # plain Python values
         ctx.kept = (blocks, row_shift + columns.shift) if anchors.numel() <= chunk_size else None
         return log_denominator  # (M,)
 
@@ -352,8 +371,8 @@ class _LogDenominatorChunked(torch.autograd.Function):
     def backward(ctx, grad_log_denominator):
         """dL/dZ = (G + G^T) Z / tau with G_ia = g_i p_ia, accumulated block by block."""
         z, anchors, log_weight, log_denominator = ctx.saved_tensors
-        temperature, chunk_size, hard_negatives = ctx.settings
-        columns = _DenominatorColumns(z, log_weight, temperature, ctx.roles, hard_negatives)
+        temperature, chunk_size = ctx.settings
+        columns = _DenominatorColumns(z, log_weight, temperature, ctx.roles)
         kept, ctx.kept = ctx.kept, None  # (the block goes with this call)
         with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast
             grad_z = torch.zeros_like(z)  # (N, D)
@@ -383,14 +402,14 @@ class _LogDenominatorChunked(torch.autograd.Function):
                     grad.addmm_(b.T, scaled_anchors)
             for column_index, grad in zip(columns.column_index, grad_columns):
                 grad_z.index_add_(0, column_index, grad)  # back to each sample's own row
-            return grad_z, None, None, None, None, None, None  # only z needs a gradient
+            return grad_z, None, None, None, None, None  # only z needs a gradient
 
 
 class _DenominatorColumns:
     """The columns a of the chunked denominator, split into real samples and negative-only ones,
     with what every block of anchors needs: their embeddings, the bias log w_a - shift, masks."""
 
-    def __init__(self, z, log_weight, temperature, roles, hard_negatives):
+    def __init__(self, z, log_weight, temperature, roles):
         self.z, self.temperature = z, temperature
         # exp(s - 1/tau) >= exp(-2/tau) must stay a normal float (10: a margin of e^10)
         self.fixed_shift = 2 / temperature <= -math.log(torch.finfo(z.dtype).tiny) - 10
@@ -404,9 +423,10 @@ class _DenominatorColumns:
         self.bias = [bias[i] for i in self.column_index]  # (R,), (K,): contiguous, for addmm
         self.position = roles.position  # (N,)
         self.group_label = roles.group_label  # (N,)
-        # "same_class": a negative-only column counts only for anchors of its class        (K,)
-        self.negative_label = (roles.group_label[roles.negative]
-                               if hard_negatives == "same_class" else None)
+        # a negative-only column with the own-class rule counts only for anchors of its class
+        self.negative_label = roles.group_label[roles.negative]  # (K,)
+        self.negative_own_class = roles.own_class[roles.negative] if roles.has_own_class \
+            else None  # (K,) bool; None: every negative-only column counts for every anchor
 
     def logits(self, anchor_block):
         """[(c, R), (c, K)]: s_ia + log w_a - shift for the anchors `anchor_block` (c,), -inf off
@@ -417,10 +437,11 @@ class _DenominatorColumns:
         # a = i: the anchor's own column (c entries, by index: no (c, R) mask is built)
         block_row = torch.arange(len(anchor_block), device=anchor_block.device)  # (c,)
         blocks[0][block_row, self.position[anchor_block]] = -math.inf
-        if len(blocks) > 1 and self.negative_label is not None:
+        if len(blocks) > 1 and self.negative_own_class is not None:
             # a negative-only sample of another class than the anchor's is not in A(i)     (c, K)
             anchor_label = self.group_label[anchor_block]  # (c,)
-            blocks[1].masked_fill_(anchor_label[:, None] != self.negative_label[None, :], -math.inf)
+            other_class = anchor_label[:, None] != self.negative_label[None, :]
+            blocks[1].masked_fill_(other_class & self.negative_own_class[None, :], -math.inf)
         return blocks
 
 
@@ -433,12 +454,12 @@ _NO_CPU_BACKWARD = ("supcon_loss(fused=True): the fused path's gradient needs a 
                     "(FlexAttention has no backward on the CPU); use chunk_size=... instead")
 
 
-def _log_denominator_fused(z, anchors, log_weight, temperature, roles, hard_negatives):
+def _log_denominator_fused(z, anchors, log_weight, temperature, roles):
     """Fused path: the (M,) log-denominators from FlexAttention. On CUDA autograd differentiates
     through the compiled kernels; elsewhere only the forward exists and backward() raises."""
     if z.device.type == "cuda":
-        return _flex_log_sum_exp(z, anchors, log_weight, temperature, roles, hard_negatives)
-    return _FusedForwardOnly.apply(z, anchors, log_weight, temperature, roles, hard_negatives)
+        return _flex_log_sum_exp(z, anchors, log_weight, temperature, roles)
+    return _FusedForwardOnly.apply(z, anchors, log_weight, temperature, roles)
 
 
 class _FusedForwardOnly(torch.autograd.Function):
@@ -446,10 +467,9 @@ class _FusedForwardOnly(torch.autograd.Function):
     on detached embeddings here, and this function's backward stands in for the missing one."""
 
     @staticmethod
-    def forward(ctx, z, anchors, log_weight, temperature, roles, hard_negatives):
+    def forward(ctx, z, anchors, log_weight, temperature, roles):
         """(M,) log-denominators, no graph through FlexAttention."""
-        return _flex_log_sum_exp(z.detach(), anchors, log_weight, temperature, roles,
-                                 hard_negatives)
+        return _flex_log_sum_exp(z.detach(), anchors, log_weight, temperature, roles)
 
     @staticmethod
     def backward(ctx, grad_log_denominator):
@@ -457,7 +477,7 @@ class _FusedForwardOnly(torch.autograd.Function):
         raise RuntimeError(_NO_CPU_BACKWARD)
 
 
-def _flex_log_sum_exp(z, anchors, log_weight, temperature, roles, hard_negatives):
+def _flex_log_sum_exp(z, anchors, log_weight, temperature, roles):
     """log sum_{a in A(i)} w_a exp(s_ia) for the M anchors, as attention's log-sum-exp (LSE).
 
     Attention with queries q_i = z_i (the anchors), keys k_a = z_a (all N samples) and scale 1/tau
@@ -486,8 +506,8 @@ def _flex_log_sum_exp(z, anchors, log_weight, temperature, roles, hard_negatives
     # be one more compiled kernel)
     anchor_label = roles.group_label[anchors]  # (M,)
     # (N,) columns that count only for anchors of their own label: the negative-only samples
-    # under "same_class", none under "all"
-    own_label_only = roles.negative_only & (hard_negatives == "same_class")
+    # with the own-class rule (all of them under "same_class", none under "all")
+    own_label_only = roles.own_class
     if log_weight is None:  # w = 1 everywhere: log w_a = 0
         log_weight = torch.zeros(N, dtype=z.dtype, device=z.device)
 
@@ -557,7 +577,7 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
     if mining not in MINING:
         raise ValueError(f"mining must be one of {MINING}; got {mining!r}")
     # per-row labels and flags (the same checks and messages as supcon_loss)
-    z, labels, negative_only, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
+    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
     if labels is None:
         raise ValueError("triplet mining needs labels")
     if z.dim() != 2 or embeddings.dim() != 2:
@@ -634,7 +654,7 @@ def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, bala
     Pairs of two negative-only samples are skipped (neither is ever an anchor).
     Mean over pairs; balance=True gives the mean of the positive-pair and negative-pair means.
     """
-    z, labels, negative_only, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
+    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
     if labels is None:
         raise ValueError("cosine_pair_loss needs labels")
     N = z.shape[0]

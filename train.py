@@ -173,6 +173,9 @@ def check_args(args, given):
         (args.negatives != "none" and args.loss == "ce", "--negatives needs a contrastive loss "
          "(--loss supcon, simclr, triplet or cosine): cross-entropy cannot use negative-only "
          "images"),
+        (args.negative_data and args.loss == "ce", "--negative-data needs a contrastive loss "
+         "(--loss supcon, simclr, triplet or cosine): cross-entropy cannot use negative-only "
+         "images"),
         (args.loss == "simclr" and args.hard_negatives == "same_class", "--loss simclr has no "
          "classes to mask negatives by: use --hard-negatives all (its default)"),
         (args.synthetic and not uses_synthetic and not args.outlier_exposure, "--synthetic DIR "
@@ -186,14 +189,16 @@ def check_args(args, given):
         (args.batch_size < args.m_per_class, f"--batch-size {args.batch_size} is smaller than "
          f"--m-per-class {args.m_per_class}: a batch must hold one group of a class"),
         # the n_neg of data.contrastive_batches would be 0
-        (args.negatives != "none" and round(args.batch_size * args.negatives_per_batch) == 0,
+        ((args.negatives != "none" or args.negative_data) and
+         round(args.batch_size * args.negatives_per_batch) == 0,
          f"--negatives-per-batch {args.negatives_per_batch} x --batch-size {args.batch_size} "
          f"rounds to no negative per batch; raise it (0.25 is the default)"),
         (args.strengths and "ood_strength" in given, "--strengths and --ood-strength both "
          "given; --strengths makes every near-OOD strength of the set: drop --ood-strength"),
-        (args.outlier_exposure and (args.loss == "ce" or not (args.synthetic or uses_synthetic)),
-         "--outlier-exposure trains the linear probe of a contrastive run on near-OOD images: it "
-         "needs --synthetic DIR (or --positives id) and a contrastive --loss"),
+        (args.outlier_exposure and (args.loss == "ce" or not (args.synthetic or uses_synthetic
+                                                              or args.negative_data)),
+         "--outlier-exposure trains the linear probe of a contrastive run on outliers: it needs "
+         "--negative-data PATH or --synthetic DIR (or --positives id), and a contrastive --loss"),
         ("epochs" in given and "train_steps" in given, "--epochs and --train-steps both given: "
          "--train-steps sets the run's length; drop one"),
         ("warmup_epochs" in given and "warmup_steps" in given, "--warmup-epochs and "
@@ -203,6 +208,8 @@ def check_args(args, given):
          f"--synthetic {args.synthetic}: no manifest.csv there; make the set with dafusion.py "
          f"--out {args.synthetic}"),
         (args.masks and not os.path.isdir(args.masks), f"--masks {args.masks}: no such folder"),
+        (args.negative_data and not os.path.isdir(args.negative_data),
+         f"--negative-data {args.negative_data}: no such folder"),
         (args.init_from and not os.path.isfile(os.path.join(args.init_from, "model.pt")),
          f"--init-from {args.init_from}: no model.pt there; pass a finished run folder"),
     ]
@@ -275,20 +282,26 @@ def open_run(parser, args, argv):
 
 
 def load_training_data(args, device):
-    """(settings, splits, training set, near-OOD images): the real splits plus the synthetic
-    images the flags ask for, generated into the cache first on a miss (settings then name
-    the cache folder, so config.json says which set the run used)."""
+    """(settings, splits, training set, outliers): the real splits plus the synthetic images the
+    flags ask for, generated into the cache first on a miss (settings then name the cache
+    folder, so config.json says which set the run used), and --negative-data's images; the
+    outliers are what --outlier-exposure reads (data.training_set)."""
     splits = data.splits_from_args(args)  # train / test / held-out OOD test
     if not len(splits.test):
         raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
                              "fraction above 0 or a PATH/test folder")
-    # any role for synthetic images (OE reads the near-OOD ones)
-    wants = args.positives != "none" or args.negatives != "none" or args.outlier_exposure
+    # a synthetic role (--outlier-exposure reads the near-OOD images unless --negative-data is given)
+    wants = args.positives != "none" or args.negatives != "none" or \
+        (args.outlier_exposure and not args.negative_data)
     if wants and not args.synthetic:
         folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
         # a new Namespace, not args.synthetic = ...: the caller's args stay as given
         args = argparse.Namespace(**{**vars(args), "synthetic": folder})
-    train_set, near_ood = data.training_set(args, splits)  # near_ood: the set's near-OOD, or None
+    train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
+    if args.loss == "simclr" and (train_set.negative_only & ~train_set.every_anchor &
+                                  (train_set.kind == data.KIND_NEGATIVE)).any():
+        raise data.DataError(f"--negative-data {args.negative_data}: --loss simclr has no classes "
+                             f"for its class sub-folders; put every negative in the folder itself")
     return args, splits, train_set, near_ood
 
 
@@ -353,7 +366,8 @@ def epoch_batches(args, train_set, epoch, embeddings=None):
         return list(torch.randperm(len(train_set), generator=g).split(args.batch_size))
     # (b,) index tensors, labelled rows first, negative-only rows after them
     return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
-                                    args.m_per_class, args.negatives_per_batch, g)
+                                    args.m_per_class, args.negatives_per_batch, g,
+                                    train_set.every_anchor)
 
 
 def data_placement(args, images, device):
@@ -424,9 +438,11 @@ def gather_rows(z, sizes):
     return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
 
 
-def compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes=None):
-    """One batch's loss. views: (b, V, C, H, W) views of this process's rows; labels and
-    negative_only: (B,) for the whole batch, best on the CPU (SupCon then does its row
+def compute_loss(args, model, classifier, views, labels, negative_only, every_anchor, generator,
+                 sizes=None):
+    """One batch's loss. views: (b, V, C, H, W) views of this process's rows; labels,
+    negative_only and every_anchor (the negatives meant for every anchor, not only their class's):
+    (B,) for the whole batch, best on the CPU (SupCon then does its row
     bookkeeping there and the GPU never waits for it). sizes: each process's rows under
     torchrun (None in one process). Dataset-scope triplets: views (3T, 1, ...) of the a, p, n
     images in turn (labels and negative_only are then unused).
@@ -461,7 +477,9 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
         return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
                                   temperature=args.temperature,
                                   base_temperature=args.base_temperature,
-                                  hard_negatives=args.hard_negatives,
+                                  # a rule per image: its class's anchors, or every anchor
+                                  hard_negatives="all" if args.hard_negatives == "all"
+                                  else ~every_anchor,
                                   negative_weight=args.negative_weight,
                                   chunk_size=args.chunk_size or None)  # 0 -> None: the plain path
     # triplet / cosine: every view is a sample of its image's class
@@ -473,15 +491,16 @@ def compute_loss(args, model, classifier, views, labels, negative_only, generato
     return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)  # every row pair
 
 
-def train_step(args, model, classifier, opt, sched, views, labels, negative_only, generator,
-               sizes=None, updating=contextlib.nullcontext()):
+def train_step(args, model, classifier, opt, sched, views, labels, negative_only, every_anchor,
+               generator, sizes=None, updating=contextlib.nullcontext()):
     """One optimiser step: forward under bf16 autocast on CUDA, backward outside it (as
     autocast's documentation asks), then the update inside `updating`. Returns the whole
     batch's loss as a device scalar, unread (reading it would wait for the device)."""
     # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda)
     with autocast:
-        loss = compute_loss(args, model, classifier, views, labels, negative_only, generator, sizes)
+        loss = compute_loss(args, model, classifier, views, labels, negative_only, every_anchor,
+                            generator, sizes)
     value = loss.detach().clone()  # a copy: all_reduce below works in place
     opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
     loss.backward()  # under DDP: gradients averaged over the ranks during backward
@@ -837,10 +856,16 @@ def run(args, run_dir, device, resumed=False):
     K = len(splits.classes)  # training classes (held-out OOD classes excluded)
     augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
-    n_real = int((train_set.kind == data.KIND_REAL).sum())  # 0 with --no-real
-    print(f"data {args.data}: {n_real} real training images, "
-          f"{len(train_set) - n_real} synthetic ({int(train_set.negative_only.sum())} "
-          f"negative-only), {len(splits.test)} test, {K} classes; held out as OOD: "
+    count = lambda kind: int((train_set.kind == kind).sum())  # noqa: E731
+    n_real, n_neg = count(data.KIND_REAL), count(data.KIND_NEGATIVE)  # n_real 0 with --no-real
+    n_syn = count(data.KIND_ID) + count(data.KIND_NEAR_OOD)
+    negative_data = "" if not n_neg else (
+        f"{n_neg} real negatives from {args.negative_data} "
+        f"({int(train_set.every_anchor.sum())} of every anchor, "
+        f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
+    print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
+          f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
+          f"negative-only), {negative_data}{len(splits.test)} test, {K} classes; held out as OOD: "
           f"{splits.ood_classes or 'none'}; device {device}")
     # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
     # whether the synthetic set was generated in this run or read from the cache
@@ -904,7 +929,7 @@ def run(args, run_dir, device, resumed=False):
                 sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
                 loss = train_step(args, step_model, step_classifier, opt, sched, views,
                                   train_set.labels[batch], train_set.negative_only[batch],
-                                  gens.mining, sizes, checkpoint.updating())
+                                  train_set.every_anchor[batch], gens.mining, sizes, checkpoint.updating())
                 log.step(loss, epoch, step)  # read a step later (EpochLog)
                 checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
             steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch

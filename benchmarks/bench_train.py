@@ -153,7 +153,7 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
             views = train.make_views(local, len(local), "simclr", 2, gens, mean, std)
             # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits
             train.train_step(settings, forward, None, opt, sched, views, s.labels[batch],
-                             no_negatives, gens.mining)
+                             no_negatives, no_negatives, gens.mining)
     return timed(run_steps, args.warmup, args.steps, device)
 
 

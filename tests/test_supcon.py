@@ -39,8 +39,12 @@ def brute_force_supcon(features, labels=None, negative_only=None, temperature=0.
         P = [r for j, r in enumerate(rows) if j != i and not r[2] and same(r)]
         if not P:
             continue
+        # a negative-only sample of another class is in A(i) when its rule is "every anchor":
+        # hard_negatives "all", or False in a per-image tensor
+        every = (lambda r: hard_negatives == "all") if isinstance(hard_negatives, str) else \
+            (lambda r: not bool(hard_negatives[r[3]]))
         A = [r for j, r in enumerate(rows) if j != i and
-             (not r[2] or hard_negatives == "all" or r[1] == li)]
+             (not r[2] or every(r) or r[1] == li)]
         # log sum_a w_a exp(s_ia), with the largest s_ia taken out so tiny tau cannot overflow
         logits = [float(zi @ r[0]) / temperature for r in A]
         top = max(logits)
@@ -101,6 +105,46 @@ def test_matches_brute_force_with_negatives(views, hard_negatives, negative_weig
     got = supcon_loss(x, labels, neg, temperature=0.1, hard_negatives=hard_negatives,
                       negative_weight=negative_weight, chunk_size=chunk_size)
     assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("negative_weight", [1.0, 0.5])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_two_kinds_of_negatives_each_keep_their_rule(views, negative_weight, chunk_size):
+    # synthetic near-OOD images of a class (their class's anchors only) beside real photographs
+    # of no class (every anchor) in one batch: a rule per image
+    feats, labels, neg = random_batch(B=14, V=views, seed=20 + views, neg_fraction=0.5)
+    g = torch.Generator().manual_seed(7)
+    own_class = torch.rand(14, generator=g) < 0.5  # True: its class's anchors only
+    assert (neg & own_class).any() and (neg & ~own_class).any()  # both kinds present
+    x = feats if views > 1 else feats[:, 0]
+    expected = brute_force_supcon(feats, labels, neg, 0.1, None, own_class, negative_weight)
+    got = supcon_loss(x, labels, neg, temperature=0.1, hard_negatives=own_class,
+                      negative_weight=negative_weight, chunk_size=chunk_size)
+    assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    # the two kinds really differ from either single rule
+    for rule in ("same_class", "all"):
+        assert brute_force_supcon(feats, labels, neg, 0.1, None, rule, negative_weight) != \
+            pytest.approx(expected, rel=1e-6)
+    # all-True / all-False tensors are the two string rules
+    for rule, flags in (("same_class", torch.ones(14, dtype=torch.bool)),
+                        ("all", torch.zeros(14, dtype=torch.bool))):
+        assert supcon_loss(x, labels, neg, hard_negatives=flags, chunk_size=chunk_size).item() \
+            == pytest.approx(supcon_loss(x, labels, neg, hard_negatives=rule).item(), rel=1e-12)
+
+
+def test_per_sample_rule_and_base_temperature_are_checked():
+    feats, labels, neg = random_batch(B=6, V=2, seed=1)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        supcon_loss(feats, labels, neg, hard_negatives=torch.ones(6))  # floats, not bool
+    with pytest.raises(ValueError, match="expected length 6"):
+        supcon_loss(feats, labels, neg, hard_negatives=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs labels"):  # SimCLR has no class for the rule
+        supcon_loss(feats, None, torch.ones(6, dtype=torch.bool) & neg | torch.tensor([True] + [False] * 5),
+                    hard_negatives=torch.ones(6, dtype=torch.bool))
+    for bad in (0.0, -0.07, float("nan")):
+        with pytest.raises(ValueError, match="base_temperature"):
+            supcon_loss(feats, labels, neg, base_temperature=bad)
 
 
 @pytest.mark.parametrize("views", [2, 4])

@@ -32,7 +32,7 @@ def test_each_loss_falls_on_a_fixed_batch(loss):
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(25):
-        value = train.compute_loss(args, model, classifier, views, s.train.labels, neg,
+        value = train.compute_loss(args, model, classifier, views, s.train.labels, neg, neg,
                                    torch.Generator().manual_seed(0))
         opt.zero_grad()
         value.backward()
