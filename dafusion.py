@@ -409,10 +409,18 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     2023). images: (N, 3, R, R) in [-1, 1] at the pipeline's resolution. Only the new rows of
     the token-embedding matrix train: AdamW's update touches the whole matrix (weight decay,
     moments), so every other row is copied back after each step -- otherwise all rows drift.
-    Returns (embeddings (num_vectors, dim), the loss of every step)."""
+    Returns (embeddings (num_vectors, dim) in fp32, the loss of every step).
+
+    Precision: the text encoder, whose rows train, runs in fp32 whatever the pipeline's dtype
+    (as diffusers' textual-inversion example keeps it), so the rows and AdamW's moments are fp32:
+    in fp16, AdamW's eps (1e-8) rounds to 0 and squared gradients below about 2.4e-4 underflow,
+    and m / (sqrt(v) + eps) is inf after one step. The UNet and the VAE, the compute, stay in the
+    pipeline's dtype; in fp16 the loss is scaled before backward (torch's GradScaler) so that
+    small gradients survive the fp16 UNet's backward. Seeded: the images, the VAE's posterior
+    samples, the noise and the timesteps all come from one generator seeded with `seed`."""
     from diffusers import DDPMScheduler
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    device = unet.device
+    device, dtype = unet.device, text_encoder.dtype  # dtype: the pipeline's, restored at the end
     tokens = placeholder_tokens(token, num_vectors)  # num_vectors new words, one row each
     if tokenizer.add_tokens(tokens) != num_vectors:  # returns how many were new
         raise GenerationError(f"token {token} already exists in the tokenizer; choose another")
@@ -421,12 +429,13 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
         raise GenerationError(f"--init-token {init_token!r} is {len(init_ids)} tokens; it must "
                               f"be one token")
     token_ids = tokenizer.convert_tokens_to_ids(tokens)  # (num_vectors,) their rows
+    text_encoder.to(torch.float32)  # fp16 / bf16 -> fp32 is exact: the old rows keep their bits
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # (V + n, dim)
     # a fresh Parameter that nothing else shares: the resize may swap the tensor under the old
     # one, which autograd would still believe has the old number of rows
     layer = text_encoder.get_input_embeddings()
     layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
-    embeddings = layer.weight  # (V, dim)
+    embeddings = layer.weight  # (V, dim) fp32
     with torch.no_grad():
         embeddings[token_ids] = embeddings[init_ids[0]].clone()  # start from the initializer
     frozen_rows = embeddings.detach().clone()  # what every other row must stay
@@ -437,35 +446,42 @@ def textual_inversion(pipe, images, token, *, num_vectors=4, init_token="a", ste
     embeddings.requires_grad_(True)  # the one trainable tensor
     text_encoder.train()  # as diffusers' textual-inversion example (CLIP has no dropout)
     opt = torch.optim.AdamW([embeddings], lr=lr, weight_decay=1e-2)  # as diffusers' example
+    # fp16 gradients below 6e-8 are 0: the loss is scaled up (2^10 to start, halved on an
+    # overflow, whose step is skipped); bf16 has fp32's range and needs no scaling
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10,
+                                  enabled=unet.dtype == torch.float16)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's schedule
     prompt = template.format(" ".join(tokens))  # "a photo of a <tok> <tok>_1 <tok>_2 <tok>_3"
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)  # (1, 77)
-    g = torch.Generator().manual_seed(seed)  # image choice, noise and timesteps
+    g = torch.Generator().manual_seed(seed)  # every draw below: images, posterior, noise, t
     losses = []
     for _ in tqdm(range(steps), desc=f"textual inversion {token}", dynamic_ncols=True,
                   disable=None):
         x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device, vae.dtype)
-        with torch.no_grad():  # (B, 4, R/8, R/8)
-            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        with torch.no_grad():  # (B, 4, R/8, R/8); the posterior's sample drawn from g
+            latents = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,),
                           generator=g).to(device)  # t ~ U{0, ..., T - 1}
-        hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        hidden = text_encoder(ids.repeat(batch_size, 1))[0]  # (B, 77, dim) fp32
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden.to(unet.dtype)).sample
         # what the UNet was trained to predict: the noise (v1) or the velocity (v-prediction)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" \
             else noise_scheduler.get_velocity(latents, noise, t)
         loss = F.mse_loss(pred.float(), target.float())  # gradients reach only the embeddings
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()  # (unscaled again before the step)
+        scaler.step(opt)  # skipped if an fp16 overflow made the gradient inf
+        scaler.update()
         with torch.no_grad():  # restore every row but the placeholders, bit for bit
             embeddings[keep] = frozen_rows[keep]
         losses.append(loss.item())
     embeddings.requires_grad_(False)
     text_encoder.eval()
-    return embeddings[token_ids].detach().clone(), losses
+    vectors = embeddings[token_ids].detach().clone()  # fp32, as trained
+    text_encoder.to(dtype)  # back to the pipeline's dtype for generation
+    return vectors, losses
 
 
 def save_embedding(path, token, vectors):
@@ -555,7 +571,7 @@ def sd_generator(args, splits, device):
 
     def make_images(jobs):
         kwargs = dict(prompt=[prompts[j.label] for j in jobs], guidance_scale=args.guidance,
-                      num_inference_steps=args.steps, output_type="pil",  # saved as they are
+                      num_inference_steps=args.steps, output_type="np",  # checked, then saved
                       # one generator per image: an image does not depend on its batch
                       generator=[torch.Generator(device="cpu").manual_seed(j.seed) for j in jobs])
         if args.mode == "txt2img" or inpaint:  # no input image to take the size from
@@ -567,7 +583,16 @@ def sd_generator(args, splits, device):
         if inpaint:  # the masks cropped and resized exactly as their images
             kwargs["mask_image"] = [load_mask(args.masks, train_set.names[j.index], splits.root,
                                               resolution, args.resize) for j in jobs]
-        return runner(**kwargs).images  # len(jobs) PIL images, in job order
+        pixels = runner(**kwargs).images  # (b, R, R, 3) floats in [0, 1], in job order
+        # a half-precision overflow (VAE decoding, guidance) gives NaN, which the PIL
+        # conversion would silently turn into black pixels: refused instead
+        broken = int((~np.isfinite(pixels)).reshape(len(jobs), -1).any(1).sum())
+        if broken:
+            raise GenerationError(f"Stable Diffusion made {broken} of {len(jobs)} images with "
+                                  f"non-finite pixels in {pipe.unet.dtype} (an overflow of this "
+                                  f"precision): run again with --dtype bf16 or fp32")
+        # as diffusers' own PIL output: x 255, rounded, uint8
+        return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
     return make_images
 
 

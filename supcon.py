@@ -542,12 +542,14 @@ MINING = ("random", "batch_hard", "hard_negative", "semi_hard", "mixed")
 
 
 def pairwise_distances(x, distance="euclidean"):
-    """(N, D) -> (N, N) distances: euclidean ||x_i - x_j||_2, or cosine 1 - cos(x_i, x_j)."""
-    if distance == "euclidean":
-        return torch.cdist(x, x)  # (N, N) ||x_i - x_j||_2
-    if distance == "cosine":
-        x = F.normalize(x, dim=1)  # (N, D) unit rows
-        return 1.0 - x @ x.T  # (N, N) in [0, 2]
+    """(N, D) -> (N, N) distances: euclidean ||x_i - x_j||_2, or cosine 1 - cos(x_i, x_j); in
+    x's precision even under torch.autocast (which would run the product in bf16 / fp16)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if distance == "euclidean":
+            return torch.cdist(x, x)  # (N, N) ||x_i - x_j||_2
+        if distance == "cosine":
+            x = F.normalize(x, dim=1)  # (N, D) unit rows
+            return 1.0 - x @ x.T  # (N, N) in [0, 2]
     raise ValueError(f"distance must be 'euclidean' or 'cosine'; got {distance!r}")
 
 
@@ -659,7 +661,8 @@ def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, bala
         raise ValueError("cosine_pair_loss needs labels")
     N = z.shape[0]
     x = F.normalize(_at_least_fp32(z), dim=1)  # (N, D) unit rows
-    cos = x @ x.T  # (N, N) cosine similarities
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even under train.py's autocast
+        cos = x @ x.T  # (N, N) cosine similarities
     i, j = torch.triu_indices(N, N, offset=1, device=z.device)  # (2, N(N-1)/2) every pair once
     keep = ~(negative_only[i] & negative_only[j])  # a pair of two negatives teaches nothing
     i, j = i[keep], j[keep]  # (P,) each

@@ -41,6 +41,36 @@ def test_each_loss_falls_on_a_fixed_batch(loss):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.parametrize("loss", ["supcon", "simclr", "triplet", "cosine", "ce"])
+def test_every_loss_under_bf16_autocast_matches_fp32(loss):
+    # train_step runs the forward under bf16 autocast on CUDA; the CPU runs the same autocast.
+    # The encoder's products round to bf16 (8-bit mantissa, about 0.4% per product, a few layers
+    # deep), while every loss computes in fp32: the value stays within 3% of fp32's, it is an
+    # fp32 scalar, and every gradient is finite. A loss computed in bf16 would come back bf16.
+    args = train.with_defaults(train.build_parser().parse_args(["--loss", loss]))
+    torch.manual_seed(0)
+    s = data.load_data("digits", examples_per_class=8, ood_classes="")
+    model, classifier = supcon.build_model(args.model, args.loss, 1, 16, 10)
+    model.eval()  # no dropout: both precisions see the same network
+    mean, std = data.channel_stats(s.train.images)
+    x = data.to_float(s.train.images, mean, std)
+    views = torch.stack([x, x.flip(-1)], 1)  # (B, 2, C, H, W)
+    neg = torch.zeros(len(x), dtype=torch.bool)
+    if loss != "ce":  # a quarter of the images as negatives, half of them meant for every anchor
+        neg[::4] = True
+    every = neg & (torch.arange(len(x)) % 8 == 0)
+    full = train.compute_loss(args, model, classifier, views, s.train.labels, neg, every,
+                              torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = train.compute_loss(args, model, classifier, views, s.train.labels, neg, every,
+                                  torch.Generator().manual_seed(0))
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half.item() == pytest.approx(full.item(), rel=0.03), (loss, half.item(), full.item())
+    half.backward()
+    grads = [p.grad for p in [*model.parameters(), *classifier.parameters()] if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_default_run_writes_its_folder(tmp_path):
     results = train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
     run = tmp_path / "r"
