@@ -45,7 +45,7 @@ Run:  python dafusion.py --out synthetic/digits                     # ddpm on sk
 """
 
 import argparse
-import csv
+import contextlib
 import hashlib  # stable names and seeds (Python's hash() is salted per process)
 import json
 import os
@@ -88,7 +88,8 @@ class Job:
 
 def _digest(text, n=8):
     """A short, stable hash of a string (sha256, hex)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]  # 8 hex digits = 32 bits
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes (os.fsencode's)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]  # 32 bits
 
 
 def class_folders(classes):
@@ -154,12 +155,7 @@ def is_valid_image(path):
 
 def write_manifest(out, jobs, classes, generator):
     """manifest.csv listing exactly `jobs` (atomically: a reader never sees half of it)."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:  # newline="" as csv requires
-            writer = csv.DictWriter(f, fieldnames=data.MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(manifest_row(j, classes, generator) for j in jobs)
-    data.atomic_write(os.path.join(out, "manifest.csv"), write)
+    data.write_manifest(out, [manifest_row(j, classes, generator) for j in jobs])
 
 
 def finished_jobs(out, jobs, classes, generator):
@@ -167,11 +163,7 @@ def finished_jobs(out, jobs, classes, generator):
     row, and decodable. OUT holding another set -- a row that differs from its job (another
     seed, source, strength or generator), or rows this plan does not make (other --strengths,
     --kinds, --per-image or split) -- is refused, never overwritten or dropped."""
-    path = os.path.join(out, "manifest.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
-        previous = {row["path"]: row for row in csv.DictReader(f)}  # path -> row
+    previous = {row["path"]: row for _, row in data.manifest_rows(out)}  # path -> row
     planned = {job.path: job for job in jobs}  # path -> job
     other = [p for p, row in previous.items()
              if p not in planned or dict(row) != manifest_row(planned[p], classes, generator)]
@@ -649,9 +641,21 @@ def contact_sheet(out, jobs, train_set, path, per_class=2, per_group=2):
 def generate(args, splits=None, device=None):
     """Make the synthetic set for the training split the data arguments describe; returns how
     many images were made now (0 when everything was already on disk). Under torchrun the ranks
-    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest."""
+    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest.
+    Before any data loads, OUT must be writable; while the set is made, OUT is locked: a second
+    process filling the same OUT (or train.py's same cache folder) waits, then reuses or
+    refuses what the first made -- never mixed, never overwritten."""
     args = with_generation_defaults(args)  # guidance, steps, batch by generator
     kinds = check_generation(args)  # refuses bad settings first
+    rank, _ = data.distributed()
+    if rank == 0:
+        data.writable_folder(args.out, "--out")  # now, not after minutes of loading
+    with data.folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
+        return make_set(args, kinds, splits, device)
+
+
+def make_set(args, kinds, splits=None, device=None):
+    """generate() inside OUT's lock: plan the jobs, reuse what OUT holds, make the rest."""
     splits = splits or data.splits_from_args(args)  # the same split train.py will use
     train_set = splits.train  # the real images the variations are made from
     device = device or data.pick_device(args.gen_device)  # train.py passes its own
@@ -908,10 +912,7 @@ def main(argv=None):
     try:
         generate(args, device=device)
     except KeyboardInterrupt:  # one line: what is kept, and the command that goes on
-        kept = 0
-        if os.path.exists(os.path.join(args.out, "manifest.csv")):
-            with open(os.path.join(args.out, "manifest.csv"), encoding="utf-8") as f:
-                kept = max(0, len(f.read().splitlines()) - 1)  # rows minus the header
+        kept = len(data.manifest_rows(args.out))
         command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         print(f"\nCtrl-C: kept the {kept} finished images in {args.out}; continue with: "
               f"python dafusion.py {command}", file=sys.stderr)

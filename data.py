@@ -25,8 +25,10 @@ OOD classes) and write a grid of augmented views to data_preview.png.
 
 import argparse
 import collections
+import contextlib
 import copy
 import csv
+import errno
 import functools
 import glob
 import hashlib  # content digests: a renamed copy of a run's image is still that image
@@ -37,6 +39,7 @@ import pickle
 import shutil
 import signal
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor  # decodes large folders (load_files)
 from dataclasses import dataclass, field
 
@@ -45,6 +48,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps  # ImageOps.exif_transpose: phone photos' rotation
 from tqdm.auto import tqdm
+
+try:  # folder locks (folder_lock); POSIX only: without it (Windows) folders are not locked
+    import fcntl
+except ImportError:
+    fcntl = None
 
 # matched lower-cased, so .JPG counts too
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -70,6 +78,30 @@ class LeakError(DataError):
 
 class RunError(RuntimeError):
     """A run that cannot go on (its loss diverged): one line on stderr, like DataError."""
+
+
+class DiskFull(DataError):
+    """A write failed because the disk is full (ENOSPC): what, where, about how much it needs, and
+    what to do once space is freed (`then`, which a script may replace with its own advice)."""
+
+    def __init__(self, path, needed, free, then="run the same command again: it goes on from "
+                                                  "where it stopped"):
+        super().__init__(path)
+        self.path, self.needed, self.free, self.then = path, needed, free, then
+
+    def __str__(self):
+        return (f"the disk is full: could not write {self.path} (it needs about "
+                f"{_bytes(self.needed)}; {_bytes(self.free)} free in "
+                f"{os.path.dirname(os.path.abspath(self.path))}); nothing was left half-written. "
+                f"Free some space, then {self.then}")
+
+
+def _bytes(n):
+    """1234567 -> '1.2 MB'."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 @dataclass
@@ -543,15 +575,7 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
         raise DataError(f"--synthetic {folder}: no manifest.csv there. Generate the images with "
                         f"`python dafusion.py --out {folder}` or point --synthetic at such a "
                         f"folder.")
-    rows = []  # (line, row) of every manifest row
-    with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
-        reader = csv.DictReader(f)
-        # the header must name every column; extra ones are ignored
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{manifest}: missing column(s) {missing}; needs "
-                            f"{list(MANIFEST_COLUMNS)}")
-        rows = list(enumerate(reader, start=2))  # line 1 is the header: numbers match an editor
+    rows = manifest_rows(folder)  # (line, row) of every manifest row
     if not rows:
         raise DataError(f"{manifest}: no rows")
     rows = _keep_training_sources(rows, splits, manifest, drop_leaking)  # checked before any decode
@@ -589,6 +613,35 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
     return ImageSet(torch.stack(images), torch.tensor(labels), list(splits.classes),
                     # negative_only: the near-OOD ones, until training_set assigns the roles
                     kind == KIND_NEAR_OOD, kind, names, torch.tensor(strengths))
+
+
+def manifest_rows(folder):
+    """FOLDER/manifest.csv as [(line number, row dict)] (line 1 is the header, so numbers match
+    an editor's); [] if there is none. The one reader of the file (dafusion.py's resume reads it
+    too). Names that are not UTF-8 come back as the bytes they were written from."""
+    manifest = os.path.join(folder, "manifest.csv")
+    if not os.path.exists(manifest):
+        return []
+    # -sig: a spreadsheet's BOM; newline="" as csv requires
+    with open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        # the header must name every column; extra ones are ignored
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{manifest}: missing column(s) {missing}; needs "
+                            f"{list(MANIFEST_COLUMNS)}")
+        return list(enumerate(reader, start=2))
+
+
+def write_manifest(folder, rows):
+    """FOLDER/manifest.csv holding `rows` (dicts of MANIFEST_COLUMNS), atomically; the one
+    writer of the file, the counterpart of manifest_rows."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(os.path.join(folder, "manifest.csv"), write)
 
 
 def _keep_training_sources(rows, splits, manifest, drop):
@@ -978,19 +1031,30 @@ def to_device(x, device):
     return x.to(device)  # blocking; a no-op when x is there already
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, size=None):
     """write(tmp) fills a temporary file or folder beside `path`, which is then renamed into
     place: a crash or Ctrl-C never leaves half a file where a reader (or --resume) looks. The
     one writer of every file and folder the project makes. tmp keeps path's extension, so
-    writers that infer the format from the name (PIL, matplotlib, torch) still do, and holds
-    the process id, so two processes writing one path never share a temporary."""
+    writers that infer the format from the name (PIL, matplotlib) still do, and holds the
+    process id, so two processes writing one path never share a temporary. On any failure the
+    temporary is removed and the old `path` stays as it was; a full disk (ENOSPC) becomes
+    DiskFull, with about how much the file needs (`size`, bytes, if the caller knows)."""
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp{os.getpid()}{ext}"  # e.g. model.tmp4242.pt
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.isdir(tmp):  # left by a crash of this process id in the middle of a folder
-        shutil.rmtree(tmp)
-    write(tmp)  # may write a file or fill a folder
+    try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.isdir(tmp):  # left by a crash of this process id in the middle of a folder
+            shutil.rmtree(tmp)
+        write(tmp)  # may write a file or fill a folder
+    except BaseException as error:  # Ctrl-C included: no temporary outlives its write
+        written = _size_of(tmp)
+        _remove(tmp)
+        if isinstance(error, Exception) and disk_full(error):
+            where = os.path.dirname(os.path.abspath(path))
+            raise DiskFull(path, max(size or 0, written, _size_of(path)),
+                           shutil.disk_usage(where).free if os.path.isdir(where) else 0) from error
+        raise
     if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot replace a folder: the old
         old = f"{stem}.old{os.getpid()}{ext}"  # one steps aside, and is removed once replaced
         os.replace(path, old)
@@ -1000,12 +1064,58 @@ def atomic_write(path, write):
         os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
 
 
-def write_text(path, text):
-    """A text file (config, metrics, report, table), written atomically in UTF-8."""
+def disk_full(error):
+    """True if `error` says the disk is full: ENOSPC (or a quota, EDQUOT) from Python, or the
+    same from a library that reports it in words (safetensors: "No space left on device")."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "os error 28" in str(error)
+
+
+def _size_of(path):
+    """Bytes of a file, or of every file in a folder; 0 if there is nothing."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+                   if os.path.isfile(os.path.join(d, f)))
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def _remove(path):
+    """Delete a file, a link or a folder, if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def save_torch(path, state):
+    """torch.save of `state` to `path`, atomically. Through a Python file object: a full disk is
+    then an OSError (ENOSPC) rather than torch's "unexpected pos" RuntimeError, and any name
+    the file system allows works (torch's own writer wants UTF-8 names)."""
+    size = sum(t.nelement() * t.element_size() for t in _tensors(state))  # about the file's size
+
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:  # not Windows' code-page default
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write, size)
+
+
+def _tensors(x):
+    """Every tensor inside nested dicts, lists and tuples."""
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [t for item in x for t in _tensors(item)] if isinstance(x, (list, tuple)) else []
+
+
+def write_text(path, text):
+    """A text file (config, metrics, report, table, manifest), written atomically in UTF-8; a
+    name that is not UTF-8 (Linux allows any bytes) is written back as its own bytes."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:  # not a code page
             f.write(text)
-    atomic_write(path, write)
+    atomic_write(path, write, len(text.encode("utf-8", "surrogateescape")))
 
 
 def remove_temporaries(paths):
@@ -1023,6 +1133,42 @@ def remove_temporaries(paths):
             shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder, busy=None):
+    """Hold `folder` for this process while the block runs: an exclusive flock on the folder
+    itself, which the kernel releases when the process ends, even killed (no stale lock file to
+    delete). Another process that asks for it waits (and says so once), or, given `busy`, is
+    refused with that one line. Without fcntl (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)  # a folder can be opened (and locked) like a file
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: fails at once if held
+        except BlockingIOError:
+            if busy:
+                raise DataError(busy) from None
+            print(f"{folder}: another process is writing there; waiting until it is done",
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder ends
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def writable_folder(folder, what):
+    """Make `folder` (with its parents) if needed and check that a file can be written there,
+    before any data loads; refused in one line that names the option otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # a file really created there, then removed
+            pass
+    except OSError as error:
+        raise DataError(f"{what} {folder}: cannot write there ({error.strerror or error}); "
+                        f"choose another {what}") from error
 
 
 def load_torch_file(path, what):
@@ -1299,7 +1445,11 @@ def splits_from_args(args):
 
 def run_command(main, argv=None):
     """Run a script's main(argv) as a command: bad input (DataError) is one line on stderr and
-    exit status 1, Ctrl-C exit status 130 after the script's own one-line message."""
+    exit status 1, Ctrl-C exit status 130 after the script's own one-line message. File names
+    that are not UTF-8 (any bytes are a legal name on Linux) are printed with \\x escapes."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a real text stream (not a test's capture)
+            stream.reconfigure(errors="backslashreplace")
     try:
         return main(argv)
     except (DataError, RunError) as error:

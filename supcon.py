@@ -714,16 +714,17 @@ def resnet(name="resnet18", in_channels=3, small_images=True, pretrained=False):
     """
     if name not in RESNETS:
         raise ValueError(f"model must be one of {sorted(RESNETS)}; got {name!r}")
-    weights = None
-    if pretrained:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        net = torchvision.models.get_model(name, weights=weights)
-    except Exception as error:  # no network / no cached file
-        raise RuntimeError(
-            f"--pretrained: could not load torchvision's ImageNet weights for {name} ({error}). "
-            f"Download them once with network access (they go to $TORCH_HOME), or train from "
-            f"scratch without --pretrained.") from error
+    if not pretrained:
+        net = torchvision.models.get_model(name, weights=None)
+    else:
+        try:  # the weights come from torchvision's cache: no network here, perhaps no file
+            net = torchvision.models.get_model(
+                name, weights=torchvision.models.get_model_weights(name).DEFAULT)
+        except Exception as error:  # no network / no cached file
+            raise RuntimeError(
+                f"--pretrained: could not load torchvision's ImageNet weights for {name} "
+                f"({error}). Download them once with network access (they go to $TORCH_HOME), "
+                f"or train from scratch without --pretrained.") from error
     if small_images:  # 32 px: a 7x7/2 stem + pool would leave a 1x1 map after layer4
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()

@@ -34,9 +34,11 @@ the whole global batch and the gradients equal one process's on that batch. Rank
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -234,29 +236,27 @@ def with_defaults(args):
 
 
 def open_run(parser, args, argv):
-    """(settings, run folder, resumed?) A new run gets a new folder (refused if it holds a run;
-    made only when its config is written, after the data loaded). --resume keeps the run's saved
-    settings; options typed beside it must be ones a resumed run can honour."""
+    """(settings, run folder, resumed?) A new run claims a new folder now, before any data loads
+    (claim_run_folder; rank 0 claims, the other ranks take its name). --resume keeps the run's
+    saved settings; options typed beside it must be ones a resumed run can honour."""
     given = data.given_options(parser, argv)  # what was typed, as opposed to argparse's defaults
     if not args.resume:
         check_args(args, given)
-        stamp = time.strftime("%Y%m%d-%H%M%S")  # e.g. 20240131-235959, local time
-        # a one-element list: broadcast_object_list fills it in place on ranks > 0
-        name = [args.name or f"{args.loss}-{os.path.basename(str(args.data).rstrip('/'))}-{stamp}"]
-        if data.distributed()[1] > 1:  # the ranks' clocks may differ by a second: rank 0's name
-            torch.distributed.broadcast_object_list(name, src=0)
-        run_dir = os.path.join(args.out, name[0])
-        if os.path.exists(os.path.join(run_dir, "config.json")):
-            raise data.DataError(f"{run_dir} already holds a run; choose another --name, or "
-                                 f"continue it with --resume {run_dir}")
-        return with_defaults(args), run_dir, False
+        rank, world = data.distributed()
+        claimed = [None]  # a one-element list: broadcast_object_list fills it in place
+        if rank == 0:
+            try:
+                claimed = [claim_run_folder(args)]
+            except data.DataError as error:  # sent to the other ranks too: none waits forever
+                claimed = [error]
+        if world > 1:
+            torch.distributed.broadcast_object_list(claimed, src=0)
+        if isinstance(claimed[0], Exception):
+            raise claimed[0]
+        return with_defaults(args), claimed[0], False
     run_dir = args.resume
     if not os.path.exists(os.path.join(run_dir, "config.json")):
         raise data.DataError(f"--resume {run_dir}: no config.json there; is it a run folder?")
-    if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        raise data.DataError(f"--resume {run_dir}: no checkpoint.pt, so nothing to continue (the "
-                             f"run stopped before its first checkpoint); start it again as a new "
-                             f"run")
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         saved = json.load(f)
     defaults = vars(parser.parse_args([]))  # options added after the run started
@@ -275,6 +275,31 @@ def open_run(parser, args, argv):
     settings = {**defaults, **saved, **{k: getattr(args, k) for k in given & RESUME_MAY_CHANGE},
                 "resume": run_dir}
     return argparse.Namespace(**settings), run_dir, True
+
+
+def claim_run_folder(args):
+    """A new run's folder, made with one exclusive os.mkdir (it fails if the folder exists), so
+    that runs started in the same second -- a shell loop over seeds -- never share one. A taken
+    --name is refused; the default name (loss-data-time) takes the next free -2, -3, ..."""
+    data_name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
+    name = args.name or f"{args.loss}-{data_name or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        raise data.DataError(f"--out {args.out}: cannot create it ({error.strerror or error}); "
+                             f"choose another --out") from error
+    for n in itertools.count(1):
+        run_dir = os.path.join(args.out, name if n == 1 else f"{name}-{n}")
+        try:
+            os.mkdir(run_dir)  # atomic: of two processes, exactly one makes it
+            return run_dir
+        except FileExistsError:
+            if args.name:
+                raise data.DataError(f"{run_dir} already exists; choose another --name, or "
+                                     f"continue the run there with --resume {run_dir}") from None
+        except OSError as error:
+            raise data.DataError(f"--out {args.out}: cannot make a run folder there "
+                                 f"({error.strerror or error}); choose another --out") from error
 
 
 # -----------------------------------------------------------------------------
@@ -337,6 +362,20 @@ def build_training(args, channels, size, num_classes, device, world):
     else:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     return model, classifier, opt
+
+
+def step_modules(args, model, classifier, device, world):
+    """What the step calls: DDP wrappers under torchrun (they average the gradients over the
+    ranks) and torch.compile on request; `model` and `classifier` stay the plain modules saved."""
+    step_model, step_classifier = model, classifier
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
+        step_model = DistributedDataParallel(model, device_ids=ids)
+        if args.loss == "ce":  # only ce trains its classifier inside the loop
+            step_classifier = DistributedDataParallel(classifier, device_ids=ids)
+    if args.compile:
+        step_model = torch.compile(step_model)  # compiles on the first step's shapes
+    return step_model, step_classifier
 
 
 def count_batches(args, train_set):
@@ -571,7 +610,7 @@ class Checkpoint:
             state["mined"] = torch.cat(self.mined[1])  # (T, 3), cut back by mined_sizes
             # (n_batches,) lengths, to split the concatenation back
             state["mined_sizes"] = torch.tensor([len(b) for b in self.mined[1]])
-        data.atomic_write(self.path, lambda tmp: torch.save(state, tmp))  # a stop keeps the old one
+        data.save_torch(self.path, state)  # atomic: a stop or a full disk keeps the old one
 
     def restore(self):
         """Load checkpoint.pt into the run; returns (epoch, step, log state)."""
@@ -812,7 +851,7 @@ def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, 
     state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
              "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
     # what evaluate.py's load_run reads back
-    data.atomic_write(os.path.join(run_dir, "model.pt"), lambda tmp: torch.save(state, tmp))
+    data.save_torch(os.path.join(run_dir, "model.pt"), state)
     # epochs: fractional when --train-steps cuts the last one
     results = {"train_minutes": minutes, "epochs": steps / count_batches(args, train_set),
                "optimizer_steps": steps,
@@ -841,7 +880,19 @@ def main(argv=None):
     device = data.init_distributed(data.pick_device(args.device))
     try:
         args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
-        return run(args, run_dir, device, resumed)
+        lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
+        # while the run goes on, a --resume of it started elsewhere is refused
+        busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
+        try:
+            with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
+                return run(args, run_dir, device, resumed)
+        except data.DiskFull as error:  # what to do once space is freed
+            if os.path.exists(os.path.join(run_dir, "config.json")):
+                error.then = f"continue with: python train.py --resume {run_dir}"
+            raise
+        finally:  # a new run that stopped before writing anything leaves no folder
+            if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
+                os.rmdir(run_dir)
     finally:
         if data.distributed()[1] > 1:  # leave the group even after an error (NCCL warns otherwise)
             torch.distributed.destroy_process_group()
@@ -879,26 +930,20 @@ def run(args, run_dir, device, resumed=False):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     gens = Generators(args.seed, device)
     checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
-    epoch0, step0, log_state = checkpoint.restore() if resumed else (0, 0, {})  # epoch0 is 0-based
+    # a run stopped before its first checkpoint resumes from its first step
+    restored = resumed and os.path.exists(checkpoint.path)
+    epoch0, step0, log_state = checkpoint.restore() if restored else (0, 0, {})  # 0-based epoch
     done = epoch0 * per_epoch + step0  # optimiser steps already taken
     if resumed:
         check_resumable(run_dir, done, total)
-        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps")
+        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
+              + ("" if restored else " (it stopped before its first checkpoint)"))
     if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
         if resumed:  # the temporaries a stop may have left are never a finished file
             data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
         data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
     log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
-    # what the step calls: DDP wrappers under torchrun (they average the gradients over ranks)
-    # and torch.compile on request; `model` and `classifier` stay the plain modules saved
-    step_model, step_classifier = model, classifier
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
-        step_model = DistributedDataParallel(model, device_ids=ids)
-        if args.loss == "ce":  # only ce trains its classifier inside the loop
-            step_classifier = DistributedDataParallel(classifier, device_ids=ids)
-    if args.compile:
-        step_model = torch.compile(step_model)  # compiles on the first step's shapes
+    step_model, step_classifier = step_modules(args, model, classifier, device, world)
     data_on = data_placement(args, train_set.images, device)
     images = train_set.images.to(device) if data_on == "device" else train_set.images
     # two views for the contrastive losses; ce and dataset-scope triplets use one
@@ -920,6 +965,11 @@ def run(args, run_dir, device, resumed=False):
             for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
                                                          args.workers):
                 ctrl_c.check()  # a Ctrl-C stops here, between steps
+                if not len(batch):  # a dataset-scope batch without a triplet: no loss, so no
+                    sched.step()  # update (AdamW's decay and momentum would move the weights)
+                    log.progress.update(1)
+                    checkpoint.mark(epoch, step + 1)
+                    continue
                 # dropout draws from the global generator, re-seeded each step: the labelled
                 # rows (first in the batch) get the same masks with or without negatives
                 torch.manual_seed(data.stream_seed(args.seed, epoch * per_epoch + step))

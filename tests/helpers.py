@@ -25,12 +25,12 @@ def stop_at_image(monkeypatch, n):
     """A Ctrl-C while the n-th generated image (not the contact sheet) is being written."""
     real, calls = data.atomic_write, {"n": 0}
 
-    def write(path, writer):
+    def write(path, writer, size=None):
         if path.endswith(".png") and "contact_sheet" not in path:
             calls["n"] += 1
             if calls["n"] == n:
                 raise KeyboardInterrupt
-        real(path, writer)
+        real(path, writer, size)
 
     monkeypatch.setattr(data, "atomic_write", write)
     return real

@@ -385,9 +385,15 @@ def test_resume_refuses_what_it_cannot_continue_and_extends_epochs(finished_run,
     assert [r["epoch"] for r in after] == [1, 2, 3, 4] and after[:2] == before
     assert result["optimizer_steps"] == 2 * after[1]["optimizer_steps"]
     assert json.loads((run / "config.json").read_text())["epochs"] == 4
-    os.remove(run / "checkpoint.pt")  # config.json but no checkpoint: nothing to continue
-    code, err = command("train", ["--resume", str(run)], capsys)
-    assert_one_line(code, err, "no checkpoint.pt")
+    # config.json but no checkpoint (a run stopped, or out of disk, before its first one):
+    # --resume starts it from its first step: the weights of a new run of 4 epochs
+    os.remove(run / "checkpoint.pt")
+    train.main(["--resume", str(run), "--device", "cpu"])
+    assert "stopped before its first checkpoint" in capsys.readouterr().out
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == \
+        [1, 2, 3, 4]
+    train.main(TINY + ["--epochs", "4", "--out", str(tmp_path), "--name", "new"])
+    assert_same_weights(tmp_path / "new", run)
 
 
 def test_the_log_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):

@@ -85,7 +85,7 @@ def test_default_run_writes_its_folder(tmp_path):
     # checkpoints hold tensors and plain containers only: weights_only loading works
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 0
-    with pytest.raises(data.DataError, match="already holds a run"):
+    with pytest.raises(data.DataError, match="already exists; choose another --name"):
         train.main(TINY + ["--out", str(tmp_path), "--name", "r"])
 
 
