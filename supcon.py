@@ -1,9 +1,11 @@
 """
-supcon.py -- supervised contrastive learning with near-out-of-distribution synthetic images as
-hard negatives: the losses, encoders and heads in one file of plain PyTorch.
+supcon.py -- supervised contrastive learning with near-out-of-distribution images as hard
+negatives: the losses, encoders and heads in one file of plain PyTorch. The loss is Eq. 2 of
+Khosla et al. (2020), "Supervised Contrastive Learning" (L_out^sup), extended with negative-only
+samples; labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020, Eq. 1).
 
-The file imports only torch, torchvision and the Python standard library, so it can be copied into
-any project. Run it, or import it:
+The loss needs torch alone (torchvision only for resnet()), so the file can be copied into any
+project. Run it, or import it:
 
     python supcon.py             a tiny demonstration on random embeddings (CPU, about a second)
     python supcon.py --help      these notes and the demonstration's options
@@ -11,18 +13,23 @@ any project. Run it, or import it:
     from supcon import supcon_loss
     loss = supcon_loss(z, labels, negative_only, temperature=0.1)  # z: (B, V, D) or (N, D)
 
+    from supcon import SupConLoss                                    # the reference code's API
+    criterion = SupConLoss(temperature=0.07)
+    loss = criterion(features, labels)                               # features (bsz, n_views, D)
+
 What is here, in the order a reader of the papers meets it:
 
-  1. supcon_loss       the supervised contrastive loss L_out^sup, Eq. 2 of Khosla et al. (2020),
-                       with negative-only samples added to A(i); "extended Eq. 2" below.
-                       labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020). Three paths
-                       give the same value: plain (the specification), chunked (exact, blockwise)
-                       and fused (FlexAttention's log-sum-exp, Dong et al. 2024).
+  1. supcon_loss_spec  extended Eq. 2 written as the paper writes it: the specification.
+     SupConLoss        the same as an nn.Module with the reference code's constructor and call.
+     supcon_loss       the same value, fast and exact (the default of train.py): a group-sum
+                       numerator, and denominators plain, chunked (blockwise, analytic gradient)
+                       or fused (FlexAttention's log-sum-exp, Dong et al. 2024).
   2. triplet_loss      triplet margin loss with online mining: random, batch-hard (Hermans et al.
                        2017), hard-negative, semi-hard (Schroff et al. 2015, FaceNet), mixed.
   3. cosine_pair_loss  cosine-embedding loss on every pair of the batch.
   4. Encoders, heads   a small CNN, torchvision ResNets with a small-image stem, SupCon's projection
                        head, a 3-layer embedding head, and the encoder + head model.
+  Plumbing             the inputs' layout and checks, last.
 
 Where it comes from. The main source is a thesis, "Contrastive Learning with Stable Diffusion-based
 Data Augmentation": DA-Fusion (Trabucco et al. 2023) makes synthetic variations of each training
@@ -43,7 +50,8 @@ Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negat
     P(i)  = samples with i's label (labels=None: the other views of i's image), i itself and
             negative-only samples excluded
     A(i)  = every other sample that is not negative-only, plus the negative-only samples meant for
-            i: those of i's class (hard_negatives="same_class") or all of them ("all")
+            i: those of i's class (hard_negatives="same_class") or all of them ("all"), or each
+            by its own rule (a per-sample bool tensor)
     w_a   = negative_weight for negative-only samples, 1 otherwise
 
     L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
@@ -69,107 +77,148 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 # -----------------------------------------------------------------------------
-# Input handling shared by the three losses
+# 1. The supervised contrastive loss, as Eq. 2 writes it (the specification)
 
 
-def _at_least_fp32(x):
-    """Half-precision tensors are upcast to fp32 for the loss math; fp32/fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def supcon_loss_spec(features, labels=None, negative_only=None, *, temperature=0.1,
+                     base_temperature=None, hard_negatives="same_class", negative_weight=1.0):
+    """Extended Eq. 2 written the way the paper writes it, line by line: the specification that
+    every faster path of this file is tested against. Same arguments and value as supcon_loss
+    (see there); one (N, N) matrix of similarities, autograd's gradient, any dtype and device."""
+    _check_settings(temperature, base_temperature, hard_negatives, negative_weight, None, False)
+    z, labels, negative_only, own_class, image_id = _flatten_views(
+        features, labels, negative_only, hard_negatives=hard_negatives)
+    _check_simclr(features, labels, own_class)
+    group = image_id if labels is None else labels  # what positives share: label, or image
+    same = group[:, None] == group[None, :]  # (N, N) i and j share a label (SimCLR: an image)
+    return _eq2(z, same, negative_only, own_class, temperature, base_temperature,
+                negative_weight)
 
 
-def _to_device(x, device):
-    """x on `device` without making the host wait. Host -> CUDA copies go from pinned (page-locked)
-    memory with non_blocking=True: from ordinary (pageable) memory the driver may first wait for
-    the GPU to finish all queued work, a hidden synchronisation in every step. Any other copy
-    blocks (a non-blocking copy to the host could be read before it has arrived)."""
-    device = torch.device(device)
-    if x.device.type == "cpu" and device.type == "cuda":
-        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
-        # its copy is done, so the source cannot be overwritten while it is in flight
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negative_weight,
+         anchor_rows=None):
+    """Eq. 2 from its sets. z (N, D) rows; same (N, N) bool: j counts as i's positive if it is
+    not i and not negative-only; anchor_rows (N,) bool: rows that may be anchors (None: all)."""
+    z = F.normalize(_at_least_fp32(z), dim=1)  # unit rows, so z_i . z_j = cos(z_i, z_j)
+    with torch.autocast(z.device.type, enabled=False):  # s in fp32 even under autocast
+        s = z @ z.T / temperature  # (N, N) s_ij = z_i . z_j / tau
+    N = len(z)
+    other = ~torch.eye(N, dtype=torch.bool, device=z.device)  # (N, N) j != i
+    real = ~negative_only  # (N,) may be an anchor or a positive; negative-only never (defect 3)
+    P = other & same & real[:, None] & real[None, :]  # (N, N) P(i): positives (defect 2: bool)
+    # A(i): every other sample, but a negative-only sample with the own-class rule only for
+    # anchors of its class
+    A = other & ~(own_class[None, :] & ~same)  # (N, N)
+    log_w = torch.zeros(N, dtype=z.dtype, device=z.device)  # (N,) log w_a: 0, or log w
+    log_w[negative_only] = math.log(negative_weight) if negative_weight > 0 else -math.inf
+    # log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) ) for every pair: excluded entries are -inf
+    # before the log-sum-exp, so exp() removes them exactly (defect 1)
+    log_prob = s - torch.logsumexp((s + log_w).masked_fill(~A, -math.inf), dim=1, keepdim=True)
+    num_positives = P.sum(1)  # (N,) |P(i)|
+    L = -torch.where(P, log_prob, 0.0).sum(1) / num_positives.clamp(min=1)  # (N,) L_i
+    anchors = real & (num_positives > 0)  # the mean runs over anchors that have a positive
+    if anchor_rows is not None:
+        anchors &= anchor_rows
+    if not anchors.any():
+        return z.sum() * 0.0  # nothing to contrast: 0, and backward() gives zero gradients
+    loss = L[anchors].mean()
+    return loss * (temperature / base_temperature) if base_temperature is not None else loss
 
 
-def _flatten_views(features, labels, negative_only, name="features", device=None,
-                   hard_negatives="all"):
-    """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors.
+# -----------------------------------------------------------------------------
+# ... as a module: a drop-in for the widely copied reference code
 
-    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the
-    negative-only rows that count for anchors of their own label only, from hard_negatives:
-    "same_class", "all" or a per-image bool tensor) and image_id (N,). With views, row v*B + b
-    holds view v of image b (view-major, like the reference code), and the per-image vectors are
-    repeated for every view. The per-row vectors go to `device` (default: the features').
+
+class SupConLoss(nn.Module):
+    """A drop-in for the widely copied SupConLoss of Khosla et al.'s code (the one the thesis
+    edited): the same constructor and call, so that swapping it into a project is one line:
+
+        criterion = SupConLoss(temperature=0.07, contrast_mode="all", base_temperature=0.07)
+        loss = criterion(features, labels)       # features (bsz, n_views, dim); or mask=...
+
+    features:       (bsz, n_views, ...), flattened to (bsz, n_views, dim) as the reference does.
+    labels:         (bsz,) class labels: SupCon. mask: (bsz, bsz), mask[i, j] = 1 when image j
+                    is a positive of image i (it may be asymmetric). Neither: SimCLR (the other
+                    views of the same image). Both: a ValueError, as in the reference.
+    contrast_mode:  "all": every view of every image is an anchor; "one": only the first view
+                    of each image is (every view stays in the contrast set).
+    negative_only:  (bsz,) bool, this project's addition: images that are never anchors and
+                    never positives, only negatives (hard_negatives, negative_weight: as in
+                    supcon_loss; a mask has no classes, so it needs hard_negatives="all").
+
+    A thin layer over this file's math: labels (or SimCLR) with contrast_mode "all" run through
+    supcon_loss's fast exact path; a mask or contrast_mode "one" through the specification.
+    Where it differs from the reference:
+      - the features are L2-normalised here; the reference expects them normalised already
+        (its training script does it), so on those inputs the values agree;
+      - an anchor without a positive is left out of the mean; the reference counts it as 0,
+        which lowers the mean (with two or more views every anchor has its other view);
+      - the defaults are the reference's (tau 0.07, base_temperature 0.07), not those of
+        supcon_loss (tau 0.1, no scaling).
     """
-    # the only two layouts with a meaning: rows of embeddings, or views of images
-    if not torch.is_tensor(features) or features.dim() not in (2, 3):
-        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-        raise ValueError(f"{name} must be a tensor of shape (N, D) or (B, V, D); got {shape}")
-    if features.dim() == 3:
-        B, V, D = features.shape
-        z = features.transpose(0, 1).reshape(V * B, D)  # (V*B, D), view-major
-    else:
-        B, V = features.shape[0], 1  # every row is its own "image" with one view
-        z = features  # (N, D)
-    device = device or features.device
-    image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
 
-    def per_row(x, what):
-        """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
-        if x is None:
-            return None
-        x = _to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
-        if x.dim() != 1 or x.shape[0] != B:
-            raise ValueError(
-                f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
-                f"of {name}: expected length {B}, got shape {tuple(x.shape)}")
-        return x.repeat(V)  # (V*B,): [x, x, ..., x] matches the view-major rows
+    def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07,
+                 hard_negatives="same_class", negative_weight=1.0, chunk_size=None):
+        super().__init__()
+        if contrast_mode not in ("all", "one"):
+            raise ValueError(f"contrast_mode must be 'all' or 'one'; got {contrast_mode!r}")
+        self.contrast_mode = contrast_mode
+        self.settings = dict(temperature=temperature, base_temperature=base_temperature,
+                             hard_negatives=hard_negatives, negative_weight=negative_weight)
+        self.chunk_size = chunk_size  # supcon_loss's blockwise path, for large batches
+        _check_settings(**self.settings, chunk_size=chunk_size, fused=False)
 
-    labels = per_row(labels, "labels")  # (N,) or None
-    negative_only = per_row(negative_only, "negative_only")  # (N,) or None
-    if negative_only is None:  # no negative-only samples: every row may be an anchor
-        negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
-    elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
-        raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
-    if torch.is_tensor(hard_negatives):  # a rule per sample: True = its own class's anchors only
-        own_class = per_row(hard_negatives, "hard_negatives")
-        if own_class.dtype != torch.bool:
-            raise ValueError(f"hard_negatives as a tensor must be bool; got {own_class.dtype}")
-        own_class = own_class & negative_only  # only negative-only samples have a rule
-    else:  # one rule for every negative-only sample
-        own_class = negative_only & (hard_negatives == "same_class")
-    return z, labels, negative_only, own_class, image_id
+    def forward(self, features, labels=None, mask=None, negative_only=None):
+        """The loss of a batch of views; see the class's notes."""
+        if not torch.is_tensor(features) or features.dim() < 3:
+            raise ValueError("features must be (bsz, n_views, ...): at least 3 dimensions")
+        features = features.flatten(2)  # (bsz, n_views, dim)
+        if labels is not None and mask is not None:
+            raise ValueError("cannot define both labels and mask")
+        if mask is None and self.contrast_mode == "all":  # the fast exact path
+            return supcon_loss(features, labels, negative_only, chunk_size=self.chunk_size,
+                               **self.settings)
+        B, V, _ = features.shape
+        z, labels, negative_only, own_class, image_id = _flatten_views(
+            features, labels, negative_only, hard_negatives=self.settings["hard_negatives"])
+        if labels is not None:  # positives: the same label
+            same = labels[:, None] == labels[None, :]
+        elif mask is not None:  # the user's image-level mask, repeated for every view pair
+            mask = torch.as_tensor(mask, device=z.device)
+            if mask.shape != (B, B):
+                raise ValueError(f"mask must be (bsz, bsz) = ({B}, {B}); got {tuple(mask.shape)}")
+            same = mask.bool()[image_id][:, image_id]  # (N, N)
+        else:  # SimCLR: the other views of the same image
+            same = image_id[:, None] == image_id[None, :]
+        if labels is None and own_class.any():  # a mask or SimCLR has no classes
+            raise ValueError("hard_negatives='same_class' needs labels; pass "
+                             "hard_negatives='all' with a mask or without labels")
+        first_view = torch.arange(B * V, device=z.device) < B  # rows v*B + b with v = 0
+        return _eq2(z, same, negative_only, own_class, self.settings["temperature"],
+                    self.settings["base_temperature"], self.settings["negative_weight"],
+                    first_view if self.contrast_mode == "one" else None)
 
 
 # -----------------------------------------------------------------------------
-# 1. The supervised contrastive loss with negative-only samples (extended Eq. 2)
-
-
-def _check_settings(temperature, base_temperature, hard_negatives, negative_weight, chunk_size,
-                    fused):
-    """Every mistake in supcon_loss's settings is a ValueError that says what was expected."""
-    if not torch.is_tensor(hard_negatives) and hard_negatives not in ("same_class", "all"):
-        raise ValueError(f"hard_negatives must be 'same_class', 'all' or a bool tensor with one "
-                         f"entry per image; got {hard_negatives!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    if base_temperature is not None and not base_temperature > 0:
-        raise ValueError(f"base_temperature must be None or > 0; got {base_temperature}")
-    if not negative_weight >= 0:
-        raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
-    if fused not in (False, True) or (fused and chunk_size is not None):
-        raise ValueError(f"fused must be True or False, and True only without chunk_size (two "
-                         f"different paths); got fused={fused!r}, chunk_size={chunk_size!r}")
+# ... fast and exact: what train.py runs
+#
+# Three rewrites of the same Eq. 2, each exact (tested against supcon_loss_spec):
+#   the group-sum numerator  1/|P(i)| sum_{p in P(i)} s_ip = z_i . (S_g - z_i) / (tau |P(i)|),
+#                            S_g the sum of the real embeddings of i's group g: the positive term
+#                            needs O(N D) work and no (N, N) positive mask at all;
+#   the chunked denominator  log sum_{a in A(i)} w_a exp(s_ia) in blocks of anchors, with its
+#                            analytic gradient (_LogDenominatorChunked): O(chunk x N) memory;
+#   the fused denominator    the same log-sum-exp as FlexAttention's (_flex_log_sum_exp): the
+#                            kernel never writes the (M, N) similarities.
 
 
 def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                 base_temperature=None, hard_negatives="same_class", negative_weight=1.0,
                 chunk_size=None, fused=False):
-    """Extended Eq. 2: Khosla et al.'s (2020) L_out^sup with negative-only samples added to A(i).
+    """Extended Eq. 2 (Khosla et al. 2020, with negative-only samples added to A(i)), fast and
+    exact: the value of supcon_loss_spec, computed as the notes above this function derive.
 
     features:        (N, D) embeddings, or (B, V, D) = V views of B images. L2-normalised here.
     labels:          (N,) or (B,) integer class labels; None = SimCLR (positives are the other
@@ -188,14 +237,12 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                      Entries of samples that are not negative-only are ignored.
     negative_weight: w >= 0, the factor on a negative-only sample's exp-term in the denominator.
     chunk_size, fused: which path computes the denominators (M anchors, N samples):
-      plain    (default) the readable specification: one (M, N) matrix, autograd's gradient.
-               For small batches and checks (fp64 too), on any device.
-      chunked  (chunk_size=c) exact, in (c, N) blocks with an analytic gradient: O(c N) memory.
-               Large batches on the CPU, exact fp32 on any device; what train.py uses.
+      plain    (default) one masked (M, N) matrix, autograd's gradient; any device and dtype.
+      chunked  (chunk_size=c) in (c, N) blocks with an analytic gradient: O(c N) memory, for
+               large batches; what train.py uses.
       fused    (fused=True) FlexAttention's log-sum-exp, torch.compile'd on a CUDA GPU: the
                kernel never writes the (M, N) scores. On the CPU it runs the forward only
-               (uncompiled, the scores materialised) and backward() raises. Its GPU speed,
-               memory and precision remain to be measured; until then prefer chunked to train.
+               (uncompiled, the scores materialised) and backward() raises.
 
     Returns a scalar: the mean of L_i over anchors that have at least one positive, or 0 (with
     zero gradients) when no anchor has one. Half-precision input is computed in fp32.
@@ -207,14 +254,7 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     z, labels, negative_only, own_class, image_id = _flatten_views(
         features, labels, negative_only, device=labels.device if torch.is_tensor(labels) else None,
         hard_negatives=hard_negatives)
-    if labels is None:
-        # SimCLR needs at least two views, or no row would have a positive
-        if features.dim() != 3 or features.shape[1] < 2:
-            raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
-                             "views; pass labels for (N, D) features")
-        if own_class.any():
-            raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
-                             "sample's class; pass labels or use hard_negatives='all'")
+    _check_simclr(features, labels, own_class)
     # what positives share: the label (SupCon), or the image (SimCLR: the other views of it).
     # Hard-negative masking compares it too (SimCLR allows only "all", which compares nothing).
     group_label = image_id if labels is None else labels  # (N,)
@@ -489,10 +529,9 @@ def _flex_log_sum_exp(z, anchors, log_weight, temperature, roles):
     On CUDA both FlexAttention functions run through torch.compile, wrapped once per process;
     torch.compile then keeps a kernel per dtype, temperature and shape (by default, once it has
     seen a second batch size, one for any size). The masking settings and weights live in tensors
-    read by the one mask_mod and score_mod, so they add no variants. This CUDA branch is written
-    for the GPU but has not run on one yet: its speed, precision (fp32 follows torch's float32
-    matmul precision; fp64 is untested) and compile count remain to be measured. Elsewhere the
-    functions run uncompiled: the (M, N) scores are materialised, fine for checking the values.
+    read by the one mask_mod and score_mod, so they add no variants. fp32 follows torch's float32
+    matmul precision. Elsewhere the functions run uncompiled: the (M, N) scores are materialised,
+    fine for checking the values.
     """
     from torch.nn.attention import flex_attention as flex  # PyTorch >= 2.5
     N, D = z.shape
@@ -712,6 +751,7 @@ def resnet(name="resnet18", in_channels=3, small_images=True, pretrained=False):
     CIFAR variant), so 32 px images keep a 4x4 final map. pretrained: ImageNet weights from
     torchvision's cache (needs them downloaded beforehand; this raises a clear error otherwise).
     """
+    import torchvision  # here, not at the top: the losses need torch alone
     if name not in RESNETS:
         raise ValueError(f"model must be one of {sorted(RESNETS)}; got {name!r}")
     if not pretrained:
@@ -808,6 +848,110 @@ def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim
     else:
         head = nn.Identity()
     return ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: the inputs of every loss, checked and laid out
+
+
+def _at_least_fp32(x):
+    """Half-precision tensors are upcast to fp32 for the loss math; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _to_device(x, device):
+    """x on `device` without making the host wait. Host -> CUDA copies go from pinned (page-locked)
+    memory with non_blocking=True: from ordinary (pageable) memory the driver may first wait for
+    the GPU to finish all queued work, a hidden synchronisation in every step. Any other copy
+    blocks (a non-blocking copy to the host could be read before it has arrived)."""
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
+        # its copy is done, so the source cannot be overwritten while it is in flight
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _flatten_views(features, labels, negative_only, name="features", device=None,
+                   hard_negatives="all"):
+    """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors.
+
+    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the
+    negative-only rows that count for anchors of their own label only, from hard_negatives:
+    "same_class", "all" or a per-image bool tensor) and image_id (N,). With views, row v*B + b
+    holds view v of image b (view-major, like the reference code), and the per-image vectors are
+    repeated for every view. The per-row vectors go to `device` (default: the features').
+    """
+    # the only two layouts with a meaning: rows of embeddings, or views of images
+    if not torch.is_tensor(features) or features.dim() not in (2, 3):
+        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+        raise ValueError(f"{name} must be a tensor of shape (N, D) or (B, V, D); got {shape}")
+    if features.dim() == 3:
+        B, V, D = features.shape
+        z = features.transpose(0, 1).reshape(V * B, D)  # (V*B, D), view-major
+    else:
+        B, V = features.shape[0], 1  # every row is its own "image" with one view
+        z = features  # (N, D)
+    device = device or features.device
+    image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
+
+    def per_row(x, what):
+        """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
+        if x is None:
+            return None
+        x = _to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
+        if x.dim() != 1 or x.shape[0] != B:
+            raise ValueError(
+                f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
+                f"of {name}: expected length {B}, got shape {tuple(x.shape)}")
+        return x.repeat(V)  # (V*B,): [x, x, ..., x] matches the view-major rows
+
+    labels = per_row(labels, "labels")  # (N,) or None
+    negative_only = per_row(negative_only, "negative_only")  # (N,) or None
+    if negative_only is None:  # no negative-only samples: every row may be an anchor
+        negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
+    elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
+        raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
+    if torch.is_tensor(hard_negatives):  # a rule per sample: True = its own class's anchors only
+        own_class = per_row(hard_negatives, "hard_negatives")
+        if own_class.dtype != torch.bool:
+            raise ValueError(f"hard_negatives as a tensor must be bool; got {own_class.dtype}")
+        own_class = own_class & negative_only  # only negative-only samples have a rule
+    else:  # one rule for every negative-only sample
+        own_class = negative_only & (hard_negatives == "same_class")
+    return z, labels, negative_only, own_class, image_id
+
+
+def _check_settings(temperature, base_temperature, hard_negatives, negative_weight, chunk_size,
+                    fused):
+    """Every mistake in supcon_loss's settings is a ValueError that says what was expected."""
+    if not torch.is_tensor(hard_negatives) and hard_negatives not in ("same_class", "all"):
+        raise ValueError(f"hard_negatives must be 'same_class', 'all' or a bool tensor with one "
+                         f"entry per image; got {hard_negatives!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if base_temperature is not None and not base_temperature > 0:
+        raise ValueError(f"base_temperature must be None or > 0; got {base_temperature}")
+    if not negative_weight >= 0:
+        raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
+    if fused not in (False, True) or (fused and chunk_size is not None):
+        raise ValueError(f"fused must be True or False, and True only without chunk_size (two "
+                         f"different paths); got fused={fused!r}, chunk_size={chunk_size!r}")
+
+
+def _check_simclr(features, labels, own_class):
+    """Without labels (SimCLR) a row's positives are its image's other views, so there must be
+    two views or more, and no negative-only sample can be restricted to 'its class'."""
+    if labels is not None:
+        return
+    if features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
+                         "views; pass labels for (N, D) features")
+    if own_class.any():
+        raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
+                         "sample's class; pass labels or use hard_negatives='all'")
 
 
 def _demo(argv=None):

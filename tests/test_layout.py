@@ -49,3 +49,18 @@ def test_supcon_runs_alone_in_an_empty_folder(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_the_losses_need_torch_alone(tmp_path):
+    # torchvision is imported inside resnet() only: with it missing, supcon.py still imports and
+    # every loss runs (the encoders but ResNet too)
+    with open(os.path.join(ROOT, "supcon.py"), encoding="utf-8") as f:
+        (tmp_path / "supcon.py").write_text(f.read(), encoding="utf-8")
+    code = ("import sys; sys.modules['torchvision'] = None; import torch, supcon; "
+            "z = torch.randn(6, 2, 4); y = torch.tensor([0, 0, 1, 1, 2, 2]); "
+            "print(all(float(v) > 0 for v in (supcon.supcon_loss(z, y), "
+            "supcon.SupConLoss()(z, y), supcon.triplet_loss(z[:, 0], y), "
+            "supcon.cosine_pair_loss(z[:, 0], y))), type(supcon.SmallCNN()).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0 and done.stdout.split() == ["True", "SmallCNN"], done.stderr[-2000:]

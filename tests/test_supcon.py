@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from supcon import supcon_loss
+from supcon import supcon_loss, supcon_loss_spec
+
+
+def loss_by(path, *args, **kwargs):
+    """The loss through one path: "spec" (supcon_loss_spec, the paper's form), None (supcon_loss's
+    plain path) or an int (its chunked path with that chunk size)."""
+    if path == "spec":
+        return supcon_loss_spec(*args, **kwargs)
+    return supcon_loss(*args, chunk_size=path, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -97,19 +105,19 @@ def random_batch(B=12, V=2, D=5, classes=3, neg_fraction=0.3, seed=0, dtype=torc
 @pytest.mark.parametrize("views", [1, 2, 4])
 @pytest.mark.parametrize("hard_negatives", ["same_class", "all"])
 @pytest.mark.parametrize("negative_weight", [1.0, 0.5, 3.0, 0.0])
-@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 1, 5])
 def test_matches_brute_force_with_negatives(views, hard_negatives, negative_weight, chunk_size):
     feats, labels, neg = random_batch(B=11, V=views, seed=views)
     x = feats if views > 1 else feats[:, 0]
     expected = brute_force_supcon(feats, labels, neg, 0.1, None, hard_negatives, negative_weight)
-    got = supcon_loss(x, labels, neg, temperature=0.1, hard_negatives=hard_negatives,
-                      negative_weight=negative_weight, chunk_size=chunk_size)
+    got = loss_by(chunk_size, x, labels, neg, temperature=0.1, hard_negatives=hard_negatives,
+                  negative_weight=negative_weight)
     assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
 @pytest.mark.parametrize("views", [1, 2])
 @pytest.mark.parametrize("negative_weight", [1.0, 0.5])
-@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 1, 4])
 def test_two_kinds_of_negatives_each_keep_their_rule(views, negative_weight, chunk_size):
     # synthetic near-OOD images of a class (their class's anchors only) beside real photographs
     # of no class (every anchor) in one batch: a rule per image
@@ -119,8 +127,8 @@ def test_two_kinds_of_negatives_each_keep_their_rule(views, negative_weight, chu
     assert (neg & own_class).any() and (neg & ~own_class).any()  # both kinds present
     x = feats if views > 1 else feats[:, 0]
     expected = brute_force_supcon(feats, labels, neg, 0.1, None, own_class, negative_weight)
-    got = supcon_loss(x, labels, neg, temperature=0.1, hard_negatives=own_class,
-                      negative_weight=negative_weight, chunk_size=chunk_size)
+    got = loss_by(chunk_size, x, labels, neg, temperature=0.1, hard_negatives=own_class,
+                  negative_weight=negative_weight)
     assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
     # the two kinds really differ from either single rule
     for rule in ("same_class", "all"):
@@ -129,7 +137,7 @@ def test_two_kinds_of_negatives_each_keep_their_rule(views, negative_weight, chu
     # all-True / all-False tensors are the two string rules
     for rule, flags in (("same_class", torch.ones(14, dtype=torch.bool)),
                         ("all", torch.zeros(14, dtype=torch.bool))):
-        assert supcon_loss(x, labels, neg, hard_negatives=flags, chunk_size=chunk_size).item() \
+        assert loss_by(chunk_size, x, labels, neg, hard_negatives=flags).item() \
             == pytest.approx(supcon_loss(x, labels, neg, hard_negatives=rule).item(), rel=1e-12)
 
 
@@ -149,12 +157,12 @@ def test_per_sample_rule_and_base_temperature_are_checked():
 
 @pytest.mark.parametrize("views", [2, 4])
 @pytest.mark.parametrize("with_negatives", [False, True])
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 3])
 def test_simclr_matches_brute_force(views, with_negatives, chunk_size):
     feats, _, neg = random_batch(B=7, V=views, seed=10 + views)
     neg = neg if with_negatives else None
     expected = brute_force_supcon(feats, None, neg, 0.2, None, "all")
-    got = supcon_loss(feats, None, neg, temperature=0.2, hard_negatives="all", chunk_size=chunk_size)
+    got = loss_by(chunk_size, feats, None, neg, temperature=0.2, hard_negatives="all")
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
@@ -162,9 +170,8 @@ def test_simclr_matches_brute_force(views, with_negatives, chunk_size):
 def test_temperatures_match_brute_force(temperature, base):
     feats, labels, neg = random_batch(B=10, V=2, seed=3)
     expected = brute_force_supcon(feats, labels, neg, temperature, base)
-    for chunk in (None, 4):
-        got = supcon_loss(feats, labels, neg, temperature=temperature, base_temperature=base,
-                          chunk_size=chunk)
+    for chunk in ("spec", None, 4):
+        got = loss_by(chunk, feats, labels, neg, temperature=temperature, base_temperature=base)
         assert got.item() == pytest.approx(expected, rel=1e-9)
 
 
@@ -186,13 +193,12 @@ def test_equals_reference_formulation_without_negatives(labelled):
 
 
 @pytest.mark.parametrize("hard_negatives", ["same_class", "all"])
-def test_chunked_equals_plain_in_value_and_gradient(hard_negatives):
+def test_every_fast_path_equals_the_specification_in_value_and_gradient(hard_negatives):
     feats, labels, neg = random_batch(B=40, V=2, D=16, classes=5, seed=7)
     grads, values = [], []
-    for chunk in (None, 1, 7, 64, 1000):
+    for chunk in ("spec", None, 1, 7, 64, 1000):  # the specification first: the reference
         x = feats.clone().requires_grad_()
-        loss = supcon_loss(x, labels, neg, hard_negatives=hard_negatives, negative_weight=0.7,
-                           chunk_size=chunk)
+        loss = loss_by(chunk, x, labels, neg, hard_negatives=hard_negatives, negative_weight=0.7)
         loss.backward()
         values.append(loss.item())
         grads.append(x.grad)
@@ -201,15 +207,15 @@ def test_chunked_equals_plain_in_value_and_gradient(hard_negatives):
         torch.testing.assert_close(g, grads[0], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 3])
 @pytest.mark.parametrize("labelled", [True, False])
 def test_gradcheck(chunk_size, labelled):
     feats, labels, neg = random_batch(B=6, V=2, D=4, classes=2, seed=11)
     x = feats.clone().requires_grad_()
-    kwargs = dict(negative_only=neg, negative_weight=0.5, chunk_size=chunk_size,
+    kwargs = dict(negative_only=neg, negative_weight=0.5,
                   hard_negatives="same_class" if labelled else "all")
     assert torch.autograd.gradcheck(
-        lambda f: supcon_loss(f, labels if labelled else None, **kwargs), (x,))
+        lambda f: loss_by(chunk_size, f, labels if labelled else None, **kwargs), (x,))
 
 
 def test_gradient_matches_brute_force_autograd():
@@ -281,16 +287,16 @@ def test_negative_only_samples_are_never_anchors():
 # Edge cases
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 2])
 def test_no_positives_gives_zero_and_zero_gradients(chunk_size):
     x = torch.randn(5, 8, requires_grad=True)
-    loss = supcon_loss(x, torch.arange(5), chunk_size=chunk_size)  # all labels different
+    loss = loss_by(chunk_size, x, torch.arange(5))  # all labels different
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(x.grad, torch.zeros_like(x))
     # all negative-only: no anchors at all
     y = torch.randn(4, 2, 8, requires_grad=True)
-    loss = supcon_loss(y, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool))
+    loss = loss_by(chunk_size, y, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(y.grad).all() and not y.grad.any()
 
@@ -341,11 +347,11 @@ def test_small_temperature_does_not_overflow(chunk_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 4])
 def test_half_precision_input(dtype, chunk_size):
     feats, labels, neg = random_batch(B=16, V=2, D=32, seed=19, dtype=torch.float32)
     x = feats.to(dtype).requires_grad_()
-    loss = supcon_loss(x, labels, neg, temperature=0.01, chunk_size=chunk_size)
+    loss = loss_by(chunk_size, x, labels, neg, temperature=0.01)
     loss.backward()
     assert torch.isfinite(loss) and x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     expected = brute_force_supcon(x.detach().double(), labels, neg, 0.01)
@@ -412,20 +418,20 @@ def test_chunked_on_both_sides_of_the_fixed_shift(dtype, temperature, hard_negat
     assert torch.allclose(grads[1], grads[0], rtol=tolerance, atol=tolerance * scale)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("chunk_size", ["spec", None, 4])
 def test_autocast_keeps_the_loss_in_fp32(chunk_size):
     """Under torch.autocast (how train.py runs the encoder) the loss's products must stay fp32,
     forward and backward, or the chunked gradient would not match its own forward."""
     feats, labels, neg = random_batch(B=16, V=2, D=32, seed=29, dtype=torch.float32)
     x = feats.clone().requires_grad_()
-    expected = supcon_loss(x, labels, neg, chunk_size=chunk_size)
+    expected = loss_by(chunk_size, x, labels, neg)
     expected.backward()
     expected_grad, x.grad = x.grad.clone(), None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = supcon_loss(x, labels, neg, chunk_size=chunk_size)
-        if chunk_size is not None:
+        loss = loss_by(chunk_size, x, labels, neg)
+        if isinstance(chunk_size, int):
             loss.backward()  # the chunked gradient is ours: fp32 even if backward runs in autocast
-    if chunk_size is None:
+    if not isinstance(chunk_size, int):
         loss.backward()  # autograd's own backward: outside autocast, as PyTorch's docs ask
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
