@@ -44,7 +44,6 @@ Run:  python dafusion.py --out synthetic/digits                     # ddpm on sk
       torchrun --nproc_per_node=4 dafusion.py ...   # 4 processes (GPUs) share the images
 """
 
-import argparse
 import contextlib
 import hashlib  # stable names and seeds (Python's hash() is salted per process)
 import json
@@ -128,7 +127,7 @@ def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
                 # hashing, not a shared stream: an image's seed does not depend on which
                 # images were made before it; shared across strengths, so that a strength
                 # series of one (image, m) differs in strength alone
-                job_seed = int(_digest(f"{seed}/{source}/{kind}/{m}"), 16)  # 32 bits from the hash
+                job_seed = data.derive_seed(seed, source, kind, m)
                 for s in strengths[kind]:
                     path = f"{kind}/{folders[train_set.classes[label]]}/{stem}_s{s:g}_{m}.png"
                     jobs.append(Job(i, label, kind, m, s, job_seed, path, source))
@@ -249,12 +248,11 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        differ = [k for k in meta if saved.get(k) != meta[k]]  # keys whose saved value differs
+            differ = data.changed_settings(json.load(f), meta, meta)
         if differ:  # never reuse a model trained on other data or settings
             raise GenerationError(f"{folder} holds a DDPM trained with other settings ("
-                                  f"{', '.join(differ)} differ); delete that folder or pick "
-                                  f"another --out")
+                                  f"{', '.join(k for k, _, _ in differ)} differ); delete that "
+                                  f"folder or pick another --out")
         print(f"reusing the DDPM in {folder}")
         # low_cpu_mem_usage=False: loads without the accelerate package
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"), low_cpu_mem_usage=False)
@@ -528,7 +526,8 @@ def learn_class_tokens(args, pipe, splits, resolution, out):
             vectors, losses = textual_inversion(
                 pipe, x.float() / 127.5 - 1, f"<ti-{folder.lower()}>",
                 num_vectors=args.num_vectors, init_token=args.init_token, steps=args.ti_steps,
-                lr=args.ti_lr, batch_size=args.ti_batch, template=args.prompt, seed=args.seed + c)
+                lr=args.ti_lr, batch_size=args.ti_batch, template=args.prompt,
+                seed=data.derive_seed(args.seed, "textual inversion", name))
             save_embedding(path, token, vectors)
             print(f"{token}: textual inversion loss {np.mean(losses[:10]):.4f} -> "
                   f"{np.mean(losses[-10:]):.4f}")
@@ -718,13 +717,12 @@ def open_output(args, jobs, sheet):
         os.path.exists(os.path.join(args.out, j.path)) for j in jobs)  # images of the set exist
     if made and os.path.exists(path):  # (a run that failed before its first image binds nothing)
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        changed = [k for k in SETTINGS if k in saved and saved[k] != record[k]]  # new keys: allowed
+            changed = data.changed_settings(json.load(f), record, SETTINGS)
         if changed:
-            k = changed[0]
+            k, old, new = changed[0]
             raise GenerationError(f"--out {args.out}: its images were made with --"
-                                  f"{k.replace('_', '-')} {saved[k]!r}, not {record[k]!r}; "
-                                  f"choose another --out to make a set with other settings")
+                                  f"{k.replace('_', '-')} {old!r}, not {new!r}; choose another "
+                                  f"--out to make a set with other settings")
     data.write_text(path, json.dumps(record, indent=2))  # written before any image
     ours = [os.path.join(args.out, j.path) for j in jobs] + [
         os.path.join(args.out, "manifest.csv"), sheet, os.path.join(args.out, "ddpm")]
@@ -750,8 +748,8 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
     a copy of the random state, so a run draws the same numbers afterwards whether the set was
     generated now or read from the cache."""
     defaults = vars(build_parser().parse_args(["--out", cache_root]))  # dafusion.py's own
-    settings = argparse.Namespace(**{**defaults, **vars(args), "generator": "ddpm",
-                                     "model": None, "mode": "img2img", "kinds": "id,near_ood"})
+    settings = data.settings(defaults, args, {"generator": "ddpm", "model": None,
+                                              "mode": "img2img", "kinds": "id,near_ood"})
     settings = with_generation_defaults(settings)  # the ddpm defaults are part of the key
     key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
     key["strength"] = "alpha-bar of SD v1 img2img"  # sets of the older meaning are not reused
@@ -806,8 +804,9 @@ def build_parser():
     """dafusion.py's command line: data, generation and Stable Diffusion options."""
     p = data.add_data_arguments(data.Parser(__doc__, "dafusion.py"))
     add_generation_arguments(p)
-    p.add_argument("--kinds", default="id,near_ood",  # check_generation parses it
-                   help="which kinds to make: id, near_ood or both")
+    p.add_argument("--kinds", default=None,  # check_generation parses it
+                   help="which kinds to make: id, near_ood or both (default both; --mode "
+                        "txt2img: id)")
     p.add_argument("--gen-device", default="auto", help="auto (cuda, mps, cpu) or a torch device")
     s = p.add_argument_group("stable-diffusion generator")
     s.add_argument("--generator", choices=["ddpm", "stable-diffusion"], default="ddpm",
@@ -843,21 +842,24 @@ def with_generation_defaults(args):
     sd = args.generator == "stable-diffusion"
     defaults = {"guidance": 7.5 if sd else 2.0, "steps": 50 if sd else 20,  # SD's usual values
                 "gen_batch_size": 8 if sd else 256}
-    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
-                                                  if getattr(args, k, None) is None}})
+    return data.settings(args, data.unset_only(args, defaults))
 
 
 def check_generation(args):
     """Refuse settings that cannot work, with one line each; returns the kinds to make."""
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    sd = args.generator == "stable-diffusion"
+    txt2img = sd and args.mode == "txt2img"  # no source image to drift from: ID images only
+    text = args.kinds or ("id" if txt2img else "id,near_ood")  # --kinds' default
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
     if not kinds or any(k not in ("id", "near_ood") for k in kinds):
         raise GenerationError(f"--kinds must name id and/or near_ood; got {args.kinds!r}")
-    sd = args.generator == "stable-diffusion"
+    if txt2img and "near_ood" in kinds:
+        raise GenerationError("--mode txt2img makes ID images only (no source image to drift "
+                              "from): drop near_ood from --kinds, or use --mode img2img")
     if sd and not args.model:
         raise GenerationError("--generator stable-diffusion needs --model (a hub id in your "
                               "cache or a folder)")
-    if args.masks and not os.path.isdir(args.masks):
-        raise GenerationError(f"--masks {args.masks}: no such folder")
+    data.check_named_files(args)  # --masks
     if args.resolution and args.resolution % 8:
         raise GenerationError(f"--resolution {args.resolution} must be a multiple of 8 (the "
                               f"VAE halves the side three times)")
@@ -876,31 +878,26 @@ def check_generation(args):
     except (IndexError, KeyError, ValueError) as error:
         raise GenerationError(f"--prompt {args.prompt!r}: only one {{}} may stand in it "
                               f"({error})") from error
-    if args.mode == "txt2img" and sd and "near_ood" in kinds:
-        print("--mode txt2img makes ID images only (no source image to drift from)")
-        return ("id",)
     return kinds
 
 
-# options the ddpm generator never reads
-SD_ONLY = ("model", "mode", "prompt", "num_vectors", "init_token", "ti_steps", "ti_lr",
-           "ti_batch", "resolution", "dtype", "compile")
+# the options each generator reads: the ddpm's given to Stable Diffusion, or the reverse, refused
+GENERATOR_OPTIONS = {**{k: ("stable-diffusion",) for k in (
+    "model", "mode", "prompt", "num_vectors", "init_token", "ti_steps", "ti_lr", "ti_batch",
+    "resolution", "dtype", "compile")}, "ddpm_steps": ("ddpm",), "ddpm_batch_size": ("ddpm",)}
 
 
 def check_options(args, given):
     """Options typed on the command line that this generator would not use, refused."""
-    sd = args.generator == "stable-diffusion"
-    unused = sorted(given & set(SD_ONLY)) if not sd else \
-        sorted(given & {"ddpm_steps", "ddpm_batch_size"})  # SD never trains a DDPM
-    if unused:
-        raise GenerationError(f"--{unused[0].replace('_', '-')} has no effect with --generator "
-                              f"{args.generator}")
-    if {"strengths", "ood_strength"} <= given:  # both typed
-        raise GenerationError("--strengths and --ood-strength both given; --strengths makes "
-                              "every near-OOD strength of the set: drop --ood-strength")
-    if sd and args.mode == "txt2img" and "kinds" in given and "near_ood" in args.kinds:
-        raise GenerationError("--mode txt2img makes ID images only (no source image to drift "
-                              "from): drop near_ood from --kinds, or use --mode img2img")
+    data.refuse_without_effect(given, GENERATOR_OPTIONS, args.generator,
+                               f"with --generator {args.generator}")
+    refuse_two_strengths(given)
+
+
+def refuse_two_strengths(given):
+    """--strengths replaces --ood-strength (dafusion.py and train.py read both)."""
+    data.refuse_both(given, "strengths", "ood_strength", "--strengths makes every near-OOD "
+                     "strength of the set: drop --ood-strength")
 
 
 def main(argv=None):

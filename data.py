@@ -571,10 +571,7 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
     of test images, and training on them would leak the test set. Such rows are refused, or left
     out (and counted) with drop_leaking."""
     manifest = os.path.join(folder, "manifest.csv")
-    if not os.path.exists(manifest):
-        raise DataError(f"--synthetic {folder}: no manifest.csv there. Generate the images with "
-                        f"`python dafusion.py --out {folder}` or point --synthetic at such a "
-                        f"folder.")
+    require_manifest(folder, "--synthetic")
     rows = manifest_rows(folder)  # (line, row) of every manifest row
     if not rows:
         raise DataError(f"{manifest}: no rows")
@@ -785,16 +782,20 @@ def _refuse_known_images(negatives, splits, folder):
 # Batches: m images per class, and negative-only images on top
 
 
-def stream_seed(seed, index):
-    """The seed of the index-th stream of a run (an epoch's batches, a step's dropout): a
-    function of (seed, index) alone, so a resumed run draws the same numbers without storing
-    them, and two settings of one seed draw the same ones."""
-    return seed * 100003 + index  # one-to-one in index; 100003 (prime) spaces seeds
+def derive_seed(seed, *parts):
+    """The one rule that seeds every random stream of the project from the run's --seed: 32 bits
+    of sha256("seed/part/part/..."). A function of (seed, parts) alone, so a resumed run redraws
+    an epoch's batches or a step's dropout without storing them, an image's noise does not
+    depend on which images were made before it, and two settings of one seed draw the same
+    numbers in every stream they share (e.g. derive_seed(0, "epoch", 3), derive_seed(0,
+    "augment"), derive_seed(0, source, "near_ood", 1) for a synthetic image)."""
+    text = "/".join(str(part) for part in (seed, *parts))  # any name: surrogates as their bytes
+    return int(hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16)
 
 
 def epoch_generator(seed, epoch):
     """The random stream of an epoch's batches."""
-    return torch.Generator().manual_seed(stream_seed(seed, epoch))
+    return torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
 
 
 def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
@@ -1425,6 +1426,63 @@ def add_synthetic_arguments(parser):
                    help="leave out manifest rows that vary images this run does not train on "
                         "(test or held-out images), instead of refusing the set")
     return parser
+
+
+def settings(*layers):
+    """A new Namespace from Namespaces and dicts, a later layer's values winning; the layers stay
+    as they are. The one way every script fills defaults, saved settings and overrides in."""
+    merged = {}
+    for layer in layers:
+        merged.update(vars(layer) if isinstance(layer, argparse.Namespace) else layer)
+    return argparse.Namespace(**merged)
+
+
+def unset_only(args, defaults):
+    """The entries of `defaults` whose option is None in args (a value the user gave wins)."""
+    return {k: v for k, v in defaults.items() if getattr(args, k, None) is None}
+
+
+def refuse_without_effect(given, used_by, value, where, names=None):
+    """An option typed on the command line that this run would not read is refused in one line:
+    used_by maps an option's dest to the values (of --loss, --generator, ...) that read it;
+    value is this run's, `where` says it ("with --loss triplet"); names: display names of dests
+    that are not plain --options."""
+    for dest in sorted(given & set(used_by)):  # sorted: the same first complaint every run
+        if value not in used_by[dest]:
+            name = (names or {}).get(dest, f"--{dest.replace('_', '-')}")
+            raise DataError(f"{name} has no effect {where}; it is for "
+                            f"{' and '.join(used_by[dest])}")
+
+
+def refuse_both(given, first, second, advice):
+    """Two options that say the same thing twice (--epochs, --train-steps): one may be typed."""
+    if {first, second} <= given:
+        raise DataError(f"--{first.replace('_', '-')} and --{second.replace('_', '-')} both "
+                        f"given; {advice}")
+
+
+def changed_settings(saved, current, keys):
+    """[(key, saved value, current value)] for the keys whose saved value differs: what a folder
+    was made with against what a command asks now (a resumed run, a synthetic set, a DDPM).
+    Keys the folder did not save (options added since) do not count."""
+    return [(k, saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]]
+
+
+def check_named_files(args):
+    """The folders and files the data and synthetic options name, before any data loads."""
+    if args.masks and not os.path.isdir(args.masks):
+        raise DataError(f"--masks {args.masks}: no such folder")
+    if getattr(args, "synthetic", None):
+        require_manifest(args.synthetic, "--synthetic")
+    if getattr(args, "negative_data", None) and not os.path.isdir(args.negative_data):
+        raise DataError(f"--negative-data {args.negative_data}: no such folder")
+
+
+def require_manifest(folder, option):
+    """A synthetic set's folder must hold manifest.csv (made by dafusion.py)."""
+    if not os.path.isfile(os.path.join(folder, "manifest.csv")):
+        raise DataError(f"{option} {folder}: no manifest.csv there; make the set with `python "
+                        f"dafusion.py --out {folder}` (with this run's data options)")
 
 
 def given_options(parser, argv):

@@ -532,7 +532,7 @@ def run_settings(run_dir, overrides=None):
         saved = json.load(f)
     parser = data.add_synthetic_arguments(data.add_data_arguments(argparse.ArgumentParser()))
     # later wins: today's defaults < the saved config < the overrides
-    return argparse.Namespace(**{**vars(parser.parse_args([])), **saved, **(overrides or {})})
+    return data.settings(parser.parse_args([]), saved, overrides or {})
 
 
 def load_run(run_dir, device, overrides=None, splits=None):
@@ -721,6 +721,11 @@ def build_parser():
     return p
 
 
+# the options of evaluate.py's two modes: re-evaluating a run folder, or the nearness meter
+MODE_OPTIONS = {"reference_run": ("--nearness",), "reference_epochs": ("--nearness",),
+                **{k: ("a run folder",) for k in ("run", "ood_data", "episodes", "no_pictures")}}
+
+
 def main(argv=None):
     """Re-evaluate a run folder (optionally on other data), or run the nearness meter."""
     parser = build_parser()
@@ -730,18 +735,11 @@ def main(argv=None):
     data_options = set(vars(data.add_data_arguments(argparse.ArgumentParser()).parse_args([])))
     overrides = {k: getattr(a, k) for k in given & data_options}  # typed data options
     # options of one mode that the other would not read
-    meter_only = {"reference_run": "--run", "reference_epochs": "--reference-epochs"}
-    run_only = {"run": "a run folder", "ood_data": "--ood-data", "episodes": "--episodes",
-                "no_pictures": "--no-pictures"}
-    unused = sorted(given & set(run_only if a.nearness else meter_only))  # the other mode's options
-    if unused:
-        name = {**meter_only, **run_only}[unused[0]]  # the first, by dest
-        raise data.DataError(f"{name} has no effect {'with' if a.nearness else 'without'} "
-                             f"--nearness")
-    if a.nearness and not os.path.isfile(os.path.join(a.nearness, "manifest.csv")):
-        raise data.DataError(f"--nearness {a.nearness}: no manifest.csv there; give a folder "
-                             f"made by dafusion.py")
+    mode = "--nearness" if a.nearness else "a run folder"
+    data.refuse_without_effect(given, MODE_OPTIONS, mode, "with --nearness" if a.nearness else
+                               "without --nearness", {"reference_run": "--run", "run": "a run folder"})
     if a.nearness:
+        data.require_manifest(a.nearness, "--nearness")
         result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs)
         print(nearness_table(result))
         print(f"wrote {os.path.join(a.nearness, 'nearness.json')}")

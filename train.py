@@ -32,7 +32,6 @@ gathers all shards' embeddings *with* their gradients before the loss, so every 
 the whole global batch and the gradients equal one process's on that batch. Rank 0 alone writes.
 """
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -195,33 +194,21 @@ def check_args(args, given):
          round(args.batch_size * args.negatives_per_batch) == 0,
          f"--negatives-per-batch {args.negatives_per_batch} x --batch-size {args.batch_size} "
          f"rounds to no negative per batch; raise it (0.25 is the default)"),
-        (args.strengths and "ood_strength" in given, "--strengths and --ood-strength both "
-         "given; --strengths makes every near-OOD strength of the set: drop --ood-strength"),
         (args.outlier_exposure and (args.loss == "ce" or not (args.synthetic or uses_synthetic
                                                               or args.negative_data)),
          "--outlier-exposure trains the linear probe of a contrastive run on outliers: it needs "
          "--negative-data PATH or --synthetic DIR (or --positives id), and a contrastive --loss"),
-        ("epochs" in given and "train_steps" in given, "--epochs and --train-steps both given: "
-         "--train-steps sets the run's length; drop one"),
-        ("warmup_epochs" in given and "warmup_steps" in given, "--warmup-epochs and "
-         "--warmup-steps both given; drop one"),
         # files named on the command line: checked now, not after the data has loaded
-        (args.synthetic and not os.path.isfile(os.path.join(args.synthetic, "manifest.csv")),
-         f"--synthetic {args.synthetic}: no manifest.csv there; make the set with dafusion.py "
-         f"--out {args.synthetic}"),
-        (args.masks and not os.path.isdir(args.masks), f"--masks {args.masks}: no such folder"),
-        (args.negative_data and not os.path.isdir(args.negative_data),
-         f"--negative-data {args.negative_data}: no such folder"),
         (args.init_from and not os.path.isfile(os.path.join(args.init_from, "model.pt")),
          f"--init-from {args.init_from}: no model.pt there; pass a finished run folder"),
     ]
-    for option in sorted(given & set(LOSS_OPTIONS)):  # sorted: the same first complaint every run
-        refuse.append((args.loss not in LOSS_OPTIONS[option], f"--{option.replace('_', '-')} "
-                       f"has no effect with --loss {args.loss}; it is for "
-                       f"{' and '.join(LOSS_OPTIONS[option])}"))
     for wrong, message in refuse:  # the first failing check wins: one line, not a list
         if wrong:
             raise data.DataError(message)
+    data.refuse_without_effect(given, LOSS_OPTIONS, args.loss, f"with --loss {args.loss}")
+    data.refuse_both(given, "warmup_epochs", "warmup_steps", "drop one")
+    dafusion.refuse_two_strengths(given)
+    data.check_named_files(args)  # --masks, --synthetic, --negative-data
 
 
 def with_defaults(args):
@@ -230,9 +217,7 @@ def with_defaults(args):
                 "lr": 1e-3 if args.optimizer == "adamw" else 0.05,
                 # SimCLR has no classes to match negative-only images to
                 "hard_negatives": "all" if args.loss == "simclr" else "same_class"}
-    # only None values are filled: a value the user gave wins
-    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
-                                                  if getattr(args, k) is None}})
+    return data.settings(args, data.unset_only(args, defaults))
 
 
 def open_run(parser, args, argv):
@@ -240,6 +225,8 @@ def open_run(parser, args, argv):
     (claim_run_folder; rank 0 claims, the other ranks take its name). --resume keeps the run's
     saved settings; options typed beside it must be ones a resumed run can honour."""
     given = data.given_options(parser, argv)  # what was typed, as opposed to argparse's defaults
+    data.refuse_both(given, "epochs", "train_steps", "--train-steps sets the run's length; drop "
+                     "one")
     if not args.resume:
         check_args(args, given)
         rank, world = data.distributed()
@@ -260,21 +247,20 @@ def open_run(parser, args, argv):
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         saved = json.load(f)
     defaults = vars(parser.parse_args([]))  # options added after the run started
-    for key in sorted(given - RESUME_MAY_CHANGE - {"resume"}):  # options that would change the run
-        if getattr(args, key) != saved.get(key, defaults[key]):  # equal to the saved value: allowed
-            raise data.DataError(f"--resume continues the run as it was set up: --"
-                                 f"{key.replace('_', '-')} cannot change (the run has "
-                                 f"{saved.get(key, defaults[key])!r}); start a new run to change "
-                                 f"it")
-    if "epochs" in given and "train_steps" in given:
-        raise data.DataError("--resume: --epochs and --train-steps both given; drop one")
+    # options typed beside --resume that would change the run (equal to the saved value: fine)
+    changed = data.changed_settings({**defaults, **saved}, vars(args),
+                                    sorted(given - RESUME_MAY_CHANGE - {"resume"}))
+    if changed:
+        key, old, new = changed[0]
+        raise data.DataError(f"--resume continues the run as it was set up: --"
+                             f"{key.replace('_', '-')} cannot change (the run has {old!r}, not "
+                             f"{new!r}); start a new run to change it")
     if "epochs" in given and saved.get("train_steps"):  # --epochs is ignored under train_steps
         raise data.DataError("--resume: the run's length is --train-steps "
                              f"{saved['train_steps']}; extend it with --train-steps")
     # later wins: defaults < the saved config < the overrides allowed
-    settings = {**defaults, **saved, **{k: getattr(args, k) for k in given & RESUME_MAY_CHANGE},
-                "resume": run_dir}
-    return argparse.Namespace(**settings), run_dir, True
+    return data.settings(defaults, saved, {k: getattr(args, k) for k in given & RESUME_MAY_CHANGE},
+                         {"resume": run_dir}), run_dir, True
 
 
 def claim_run_folder(args):
@@ -320,8 +306,7 @@ def load_training_data(args, device):
         (args.outlier_exposure and not args.negative_data)
     if wants and not args.synthetic:
         folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
-        # a new Namespace, not args.synthetic = ...: the caller's args stay as given
-        args = argparse.Namespace(**{**vars(args), "synthetic": folder})
+        args = data.settings(args, {"synthetic": folder})  # a copy: the caller's args stay
     train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
     if args.loss == "simclr" and (train_set.negative_only & ~train_set.every_anchor &
                                   (train_set.kind == data.KIND_NEGATIVE)).any():
@@ -446,9 +431,10 @@ class Generators:
     numbers: the labelled images' views, the negative-only images' views, triplet mining."""
 
     def __init__(self, seed, device):
-        self.augment = torch.Generator(device=device).manual_seed(seed)  # views drawn on the device
-        self.mining = torch.Generator(device=device).manual_seed(seed + 1)  # seed + k: 3 streams
-        self.negatives = torch.Generator(device=device).manual_seed(seed + 2)
+        stream = lambda name: torch.Generator(device=device).manual_seed(  # noqa: E731
+            data.derive_seed(seed, name))  # drawn on the device
+        self.augment, self.mining, self.negatives = (stream(name) for name in
+                                                     ("augment", "mining", "negatives"))
 
 
 def make_views(images, n_labelled, how, n_views, gens, mean, std):
@@ -477,42 +463,73 @@ def gather_rows(z, sizes):
     return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
 
 
-def compute_loss(args, model, classifier, views, labels, negative_only, every_anchor, generator,
-                 sizes=None):
-    """One batch's loss. views: (b, V, C, H, W) views of this process's rows; labels,
-    negative_only and every_anchor (the negatives meant for every anchor, not only their class's):
-    (B,) for the whole batch, best on the CPU (SupCon then does its row
-    bookkeeping there and the GPU never waits for it). sizes: each process's rows under
-    torchrun (None in one process). Dataset-scope triplets: views (3T, 1, ...) of the a, p, n
-    images in turn (labels and negative_only are then unused).
+def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes=None,
+               updating=contextlib.nullcontext()):
+    """One optimiser step, as the algorithm reads: forward, loss, backward, update. views: (b, V,
+    C, H, W) views of this process's rows; roles: the whole batch's (labels, negative_only,
+    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss. The forward
+    runs under bf16 autocast on CUDA, backward outside it (as autocast's documentation asks),
+    the update inside `updating`. Returns the whole batch's loss as a device scalar, unread
+    (reading it would wait for the device)."""
+    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
+        out = forward(args, model, classifier, views, sizes)  # embeddings (or ce's logits)
+        loss = loss_of(out, *roles, sizes)  # a scalar
+    value = loss.detach().clone()  # a copy: all_reduce below works in place
+    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
+    loss.backward()  # under DDP: gradients averaged over the ranks during backward
+    with updating:  # the parameters change now: a checkpoint must not see half of it
+        opt.step()
+        sched.step()
+    if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
+        torch.distributed.all_reduce(value)  # SUM over the ranks
+        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
+    return value
 
-    Under torchrun every rank returns a loss whose gradient, after DDP's average over ranks,
-    equals one process's on the whole batch. Contrastive losses gather all embeddings, so every
-    rank computes the same loss on all B rows and backward sums the W ranks' gradients (DDP's
-    average divides them out). Means over this rank's rows (cross-entropy, dataset-scope
-    triplets) are scaled by b W / B, so that their average over ranks is the whole batch's."""
-    rank, world = data.distributed() if sizes else (0, 1)  # (0, 1): one process, nothing gathered
-    share = sizes[rank] * world / sum(sizes) if sizes else 1.0  # b W / B
+
+def forward(args, model, classifier, views, sizes=None):
+    """The step's forward pass. views (b, V, C, H, W) of this process's rows -> ce: logits
+    (b V, K) of them; dataset-scope triplets: (T, 3, D), each triplet's anchor, positive and
+    negative (views are (3T, 1, ...)); the other losses: embeddings (B, V, D) of the whole batch,
+    under torchrun gathered from every rank with their gradients (gather_rows)."""
     b, V = views.shape[:2]  # b rows of this rank, V views each
-    x = views.flatten(0, 1)  # (b*V, C, H, W), image-major
+    x = views.flatten(0, 1)  # (b V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
-        start = sum(sizes[:rank]) if sizes else 0  # this rank's first row in the global batch
-        # (b*V,) labels, image-major like x
-        local = data.to_device(labels[start:start + b].repeat_interleave(V), x.device)
-        # a mean over this rank's b*V rows, scaled by share = b W / B
-        return F.cross_entropy(classifier(model(x)), local) * share
-    if args.mining_scope == "dataset":  # (T, 3, D): each triplet's anchor, positive, negative
-        z = model(x).float().view(-1, 3, args.embedding_dim)  # the model runs even on 0 rows,
-        if not len(z):  # so that DDP's gradient hooks fire: no triplet in this share
-            return z.sum() * 0.0
-        # anchor, positive, negative: (T, D) each
-        return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                     distance=args.distance) * share
+        return classifier(model(x))
+    if args.mining_scope == "dataset":  # the model runs even on 0 rows, so that DDP's
+        return model(x).float().view(-1, 3, args.embedding_dim)  # gradient hooks fire
     z = model(x).float().view(b, V, -1)  # (b, V, D)
-    if sizes:
-        z = gather_rows(z, sizes)  # (B, V, D): the whole batch, with gradients
-    if args.loss in ("supcon", "simclr"):  # Eq. 2 of Khosla et al.; SimCLR: labels=None
-        # z (B, V, D); labels, negative_only (B,) on the CPU
+    return gather_rows(z, sizes) if sizes else z  # (B, V, D): the whole batch, with gradients
+
+
+def make_loss(args, generator):
+    """The run's loss, chosen once from --loss: loss_of(out, labels, negative_only, every_anchor,
+    sizes) -> scalar, with `out` as forward() returns it and the roles of the whole batch (best
+    on the CPU: SupCon then does its row bookkeeping there and the GPU never waits for it).
+
+    Under torchrun every rank's loss has a gradient that, after DDP's average over ranks, equals
+    one process's on the whole batch. Contrastive losses see all B rows (gathered), so every rank
+    computes the same loss and backward sums the W ranks' gradients (DDP's average divides them
+    out). Means over this rank's rows (cross-entropy, dataset-scope triplets) are scaled by
+    b W / B, so that their average over ranks is the whole batch's."""
+    def share(sizes):  # (this rank's first row, its rows b, the scale b W / B)
+        rank, world = data.distributed() if sizes else (0, 1)
+        return (sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)) if sizes \
+            else (0, None, 1.0)
+
+    def cross_entropy(logits, labels, negative_only, every_anchor, sizes):
+        start, b, scale = share(sizes)
+        b = b or len(labels)
+        local = labels[start:start + b].repeat_interleave(len(logits) // max(1, b))  # (b V,)
+        return F.cross_entropy(logits, data.to_device(local, logits.device)) * scale
+
+    def dataset_triplets(z, labels, negative_only, every_anchor, sizes):  # z (T, 3, D)
+        if not len(z):  # no triplet in this rank's share
+            return z.sum() * 0.0
+        return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
+                                     distance=args.distance) * share(sizes)[2]
+
+    def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
         return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
                                   temperature=args.temperature,
                                   base_temperature=args.base_temperature,
@@ -520,36 +537,23 @@ def compute_loss(args, model, classifier, views, labels, negative_only, every_an
                                   hard_negatives="all" if args.hard_negatives == "all"
                                   else ~every_anchor,
                                   negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)  # 0 -> None: the plain path
-    # triplet / cosine: every view is a sample of its image's class
-    z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B*V, D), (B*V,)
-    negative_only = negative_only.repeat_interleave(V)  # (B*V,): every view keeps its image's role
-    if args.loss == "triplet":
-        return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,  # mined per batch
-                                   mining=args.mining, distance=args.distance, generator=generator)
-    return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)  # every row pair
+                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
 
+    def pairs_or_triplets(z, labels, negative_only, every_anchor, sizes):
+        V = z.shape[1]  # every view is a sample of its image's class, with its image's role
+        z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B V, D), (B V,)
+        negative_only = negative_only.repeat_interleave(V)
+        if args.loss == "triplet":  # mined in the batch
+            return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,
+                                       mining=args.mining, distance=args.distance,
+                                       generator=generator)
+        return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
 
-def train_step(args, model, classifier, opt, sched, views, labels, negative_only, every_anchor,
-               generator, sizes=None, updating=contextlib.nullcontext()):
-    """One optimiser step: forward under bf16 autocast on CUDA, backward outside it (as
-    autocast's documentation asks), then the update inside `updating`. Returns the whole
-    batch's loss as a device scalar, unread (reading it would wait for the device)."""
-    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda)
-    with autocast:
-        loss = compute_loss(args, model, classifier, views, labels, negative_only, every_anchor,
-                            generator, sizes)
-    value = loss.detach().clone()  # a copy: all_reduce below works in place
-    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
-    loss.backward()  # under DDP: gradients averaged over the ranks during backward
-    with updating:  # the parameters change now: a checkpoint must not see half of it
-        opt.step()
-        sched.step()
-    if sizes:  # the whole batch's loss from the ranks' (compute_loss's scaling)
-        torch.distributed.all_reduce(value)  # SUM over the ranks
-        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
-    return value
+    if args.loss == "ce":
+        return cross_entropy
+    if args.mining_scope == "dataset":
+        return dataset_triplets
+    return contrastive if args.loss in ("supcon", "simclr") else pairs_or_triplets
 
 
 # -----------------------------------------------------------------------------
@@ -944,13 +948,14 @@ def run(args, run_dir, device, resumed=False):
         data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
     log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
     step_model, step_classifier = step_modules(args, model, classifier, device, world)
+    loss_of = make_loss(args, gens.mining)  # the loss, chosen once
     data_on = data_placement(args, train_set.images, device)
     images = train_set.images.to(device) if data_on == "device" else train_set.images
     # two views for the contrastive losses; ce and dataset-scope triplets use one
     n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
     probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
                                    splits.test, mean, std, device)
-    # ---- the loop: make views -> loss -> backward -> optimiser step -> log
+    # ---- the loop: make views -> train_step (forward, loss, backward, update) -> log
     model.train()  # dropout on, batch norm on batch statistics
     with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
         for epoch in range(epoch0, math.ceil(total / per_epoch)):  # the last epoch may be cut short
@@ -972,14 +977,15 @@ def run(args, run_dir, device, resumed=False):
                     continue
                 # dropout draws from the global generator, re-seeded each step: the labelled
                 # rows (first in the batch) get the same masks with or without negatives
-                torch.manual_seed(data.stream_seed(args.seed, epoch * per_epoch + step))
+                torch.manual_seed(data.derive_seed(args.seed, "step", epoch * per_epoch + step))
                 n_labelled = rows.numel() if args.mining_scope == "dataset" else \
                     int((~train_set.negative_only[rows]).sum())  # labelled rows come first
                 views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)
                 sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
-                loss = train_step(args, step_model, step_classifier, opt, sched, views,
-                                  train_set.labels[batch], train_set.negative_only[batch],
-                                  train_set.every_anchor[batch], gens.mining, sizes, checkpoint.updating())
+                roles = (train_set.labels[batch], train_set.negative_only[batch],
+                         train_set.every_anchor[batch])  # (B,) each, on the CPU
+                loss = train_step(args, step_model, step_classifier, loss_of, opt, sched, views,
+                                  roles, sizes, checkpoint.updating())
                 log.step(loss, epoch, step)  # read a step later (EpochLog)
                 checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
             steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch

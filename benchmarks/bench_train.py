@@ -131,6 +131,7 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
     settings = train.with_defaults(train.build_parser().parse_args(
         ["--loss", "supcon", "--temperature", "0.1", "--chunk-size", "1024"]))
     gens = train.Generators(0, device)
+    loss_of = train.make_loss(settings, gens.mining)  # as train.py: chosen once
     images = s.images.to(device) if data_on == "device" else s.images  # decoded once
     mean, std = mean.to(device), std.to(device)
     no_negatives = torch.zeros(args.batch_size, dtype=torch.bool)
@@ -152,8 +153,8 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
                 images[data.to_device(batch, device)]  # (B, C, H, W) uint8, as train.py
             views = train.make_views(local, len(local), "simclr", 2, gens, mean, std)
             # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits
-            train.train_step(settings, forward, None, opt, sched, views, s.labels[batch],
-                             no_negatives, no_negatives, gens.mining)
+            train.train_step(settings, forward, None, loss_of, opt, sched, views,
+                             (s.labels[batch], no_negatives, no_negatives))
     return timed(run_steps, args.warmup, args.steps, device)
 
 

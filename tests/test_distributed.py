@@ -50,16 +50,17 @@ def ddp_gradients_match(rank, loss, flags):
     # reference: one process, the whole global batch
     ref_model, ref_classifier = copy.deepcopy(model), copy.deepcopy(classifier)
     ref_params = list(ref_model.parameters()) + (list(ref_classifier.parameters()) if loss == "ce" else [])
-    ref_loss = train.compute_loss(args, ref_model, ref_classifier, views, labels, negative_only,
-                                  torch.zeros(B, dtype=torch.bool), torch.Generator().manual_seed(0))
+    roles = (labels, negative_only, torch.zeros(B, dtype=torch.bool))
+    ref_loss = train.make_loss(args, torch.Generator().manual_seed(0))(
+        train.forward(args, ref_model, ref_classifier, views), *roles, None)
     ref_grads = torch.autograd.grad(ref_loss, ref_params)
     # DDP: this rank embeds its shard only; DDP averages the gradients over the ranks
     net = DistributedDataParallel(model)
     head = DistributedDataParallel(classifier) if loss == "ce" else classifier
     sizes = [len(part) for part in torch.arange(B).tensor_split(WORLD)]
     start = sum(sizes[:rank])
-    value = train.compute_loss(args, net, head, views[start:start + sizes[rank]], labels, negative_only,
-                               torch.zeros(B, dtype=torch.bool), torch.Generator().manual_seed(0), sizes)
+    value = train.make_loss(args, torch.Generator().manual_seed(0))(
+        train.forward(args, net, head, views[start:start + sizes[rank]], sizes), *roles, sizes)
     value.backward()
     params = list(model.parameters()) + (list(classifier.parameters()) if loss == "ce" else [])
     whole = value.detach().clone()

@@ -401,17 +401,17 @@ def test_the_log_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeyp
     train.main(args + ["--name", "straight"])
     # a stop in the middle of epoch 2 (Ctrl-C), then a kill between epoch 3's metrics line and
     # its checkpoint (the process dies: no handler runs)
-    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 9)
+    real_loss = stop_at_call(monkeypatch, train, "forward", 9)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
-    monkeypatch.setattr(train, "compute_loss", real_loss)
+    monkeypatch.setattr(train, "forward", real_loss)
     real_write = data.atomic_write
 
-    def die_writing_epoch_3s_checkpoint(path, write):
+    def die_writing_epoch_3s_checkpoint(path, write, size=None):
         if path.endswith("checkpoint.pt") and len(open(tmp_path / "cut" / "metrics.jsonl")
                                                   .read().splitlines()) == 3:
             raise SystemExit("killed")
-        real_write(path, write)
+        real_write(path, write, size)
 
     monkeypatch.setattr(data, "atomic_write", die_writing_epoch_3s_checkpoint)
     with pytest.raises(SystemExit):

@@ -15,6 +15,13 @@ TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--
         "--device", "cpu"]
 
 
+def step_loss(args, model, classifier, views, labels, negative_only, every_anchor):
+    """What train_step computes before backward: forward, then the run's loss."""
+    loss_of = train.make_loss(args, torch.Generator().manual_seed(0))
+    return loss_of(train.forward(args, model, classifier, views), labels, negative_only,
+                   every_anchor, None)
+
+
 @pytest.mark.parametrize("loss", ["supcon", "simclr", "triplet", "cosine", "ce"])
 def test_each_loss_falls_on_a_fixed_batch(loss):
     args = train.with_defaults(train.build_parser().parse_args(
@@ -32,8 +39,7 @@ def test_each_loss_falls_on_a_fixed_batch(loss):
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(25):
-        value = train.compute_loss(args, model, classifier, views, s.train.labels, neg, neg,
-                                   torch.Generator().manual_seed(0))
+        value = step_loss(args, model, classifier, views, s.train.labels, neg, neg)
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -59,11 +65,9 @@ def test_every_loss_under_bf16_autocast_matches_fp32(loss):
     if loss != "ce":  # a quarter of the images as negatives, half of them meant for every anchor
         neg[::4] = True
     every = neg & (torch.arange(len(x)) % 8 == 0)
-    full = train.compute_loss(args, model, classifier, views, s.train.labels, neg, every,
-                              torch.Generator().manual_seed(0))
+    full = step_loss(args, model, classifier, views, s.train.labels, neg, every)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = train.compute_loss(args, model, classifier, views, s.train.labels, neg, every,
-                                  torch.Generator().manual_seed(0))
+        half = step_loss(args, model, classifier, views, s.train.labels, neg, every)
     assert half.dtype == torch.float32 and torch.isfinite(half)
     assert half.item() == pytest.approx(full.item(), rel=0.03), (loss, half.item(), full.item())
     half.backward()
@@ -95,12 +99,12 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(tmp_path, monkeypa
     args = TINY + ["--epochs", "3", "--batch-size", "16", "--data-on", data_on, "--out", str(tmp_path)]
     train.main(args + ["--name", "straight"])
 
-    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 9)  # step 2 of the 2nd epoch
+    real_loss = stop_at_call(monkeypatch, train, "forward", 9)  # step 2 of the 2nd epoch
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)  # 1 epoch + 2 steps done
-    monkeypatch.setattr(train, "compute_loss", real_loss)
+    monkeypatch.setattr(train, "forward", real_loss)
     train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
     assert_same_weights(tmp_path / "straight", tmp_path / "cut", ("model", "classifier"))
 
@@ -129,14 +133,14 @@ LOOPS = [([], 6), (["--loss", "triplet", "--mining-scope", "dataset"], 20)]
 @pytest.mark.parametrize("extra,per_epoch", LOOPS)
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, extra,
                                                              per_epoch):
-    real_loss, calls = train.compute_loss, {"n": 0}
+    real_loss, calls = train.forward, {"n": 0}
 
     def nan_at_epoch_2_step_1(*a, **k):
         calls["n"] += 1
         value = real_loss(*a, **k)
         return value * float("nan") if calls["n"] == per_epoch + 2 else value
 
-    monkeypatch.setattr(train, "compute_loss", nan_at_epoch_2_step_1)
+    monkeypatch.setattr(train, "forward", nan_at_epoch_2_step_1)
     with pytest.raises(train.Diverged, match="epoch 2, step 1.*last good checkpoint"):
         train.main(TINY + extra + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
@@ -144,8 +148,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 
 
 def test_nan_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):
-    real_loss = train.compute_loss
-    monkeypatch.setattr(train, "compute_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    real_loss = train.forward
+    monkeypatch.setattr(train, "forward", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     with pytest.raises(train.Diverged, match="epoch 1, step 0.*no checkpoint was written yet"):
         train.main(TINY + ["--batch-size", "16", "--out", str(tmp_path), "--name", "nan"])
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
@@ -160,12 +164,12 @@ def test_dataset_triplets_resume_after_ctrl_c_like_the_uninterrupted_run(tmp_pat
                                  "--out", str(tmp_path)]
     train.main(args + ["--name", "straight"])
     # step 2 of the second epoch (20 triplet batches an epoch)
-    real_loss = stop_at_call(monkeypatch, train, "compute_loss", 23)
+    real_loss = stop_at_call(monkeypatch, train, "forward", 23)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--name", "cut"])
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)
-    monkeypatch.setattr(train, "compute_loss", real_loss)
+    monkeypatch.setattr(train, "forward", real_loss)
     train.main(["--resume", str(tmp_path / "cut"), "--device", "cpu"])
     assert_same_weights(tmp_path / "straight", tmp_path / "cut")
 
