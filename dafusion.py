@@ -69,9 +69,71 @@ class GenerationError(data.DataError):
 
 
 # -----------------------------------------------------------------------------
+# Generating a set
+def generate(args, splits=None, device=None):
+    """Make the synthetic set for the training split the data arguments describe; returns how
+    many images were made now (0 when everything was already on disk). Under torchrun the ranks
+    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest.
+    Before any data loads, OUT must be writable; while the set is made, OUT is locked: a second
+    process filling the same OUT (or train.py's same cache folder) waits, then reuses or
+    refuses what the first made -- never mixed, never overwritten."""
+    args = with_generation_defaults(args)  # guidance, steps, batch by generator
+    kinds = check_generation(args)  # refuses bad settings first
+    rank, _ = data.distributed()
+    if rank == 0:
+        data.writable_folder(args.out, "--out")  # now, not after minutes of loading
+    with data.folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
+        return make_set(args, kinds, splits, device)
+
+
+def make_set(args, kinds, splits=None, device=None):
+    """generate() inside OUT's lock: plan the jobs, reuse what OUT holds, make the rest."""
+    splits = splits or data.splits_from_args(args)  # the same split train.py will use
+    train_set = splits.train  # the real images the variations are made from
+    device = device or data.pick_device(args.gen_device)  # train.py passes its own
+    rank, _ = data.distributed()
+    sources = [splits.source_id(n) for n in train_set.names]  # manifest ids of the sources
+    jobs = plan_jobs(train_set, sources, args.per_image, args.id_strength,
+                     args.strengths or [args.ood_strength], args.seed, kinds)  # --strengths wins
+    if args.generator == "stable-diffusion" and args.mode == "txt2img":
+        for j in jobs:  # no source image and no strength: a txt2img row carries neither
+            j.source, j.strength = "", None
+    # the manifest's generator column: a set is reused only by the same generator
+    name = "ddpm" if args.generator == "ddpm" else f"stable-diffusion:{args.model}"
+    sheet = os.path.join(args.out, "contact_sheet.png")
+    if rank == 0:
+        open_output(args, jobs, sheet)  # settings checked, stale temporaries removed
+    data.barrier()  # the folder is ready for every rank
+    t0 = time.time()
+    if len(finished_jobs(args.out, jobs, train_set.classes, name)) == len(jobs):  # a complete set
+        if rank == 0 and not os.path.exists(sheet):  # a cache hit: nothing to load or train
+            contact_sheet(args.out, jobs, train_set, sheet)
+        print(f"all {len(jobs)} images are already in {args.out}")
+        return 0
+    # rank 0 trains the DDPM (or learns the tokens) and saves it while the other ranks wait at
+    # this barrier; they pass it once rank 0 reaches the one below, then load what it saved
+    if rank > 0:
+        data.barrier()
+    if args.generator == "ddpm":
+        make_images = ddpm_generator(args, train_set, device)
+    else:
+        make_images = sd_generator(args, splits, device)
+    if rank == 0:
+        data.barrier()  # releases the other ranks
+    made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
+    data.barrier()  # every rank's images are on disk: rank 0 lists them all
+    if rank == 0:
+        on_disk = [j for j in jobs if is_valid_image(os.path.join(args.out, j.path))]
+        write_manifest(args.out, on_disk, train_set.classes, name)  # all ranks' images
+        contact_sheet(args.out, jobs, train_set, sheet)
+    data.barrier()  # nobody reads the manifest before it is complete
+    print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} "
+          f"s; manifest {os.path.join(args.out, 'manifest.csv')}; contact sheet {sheet}")
+    return made
+
+
+# -----------------------------------------------------------------------------
 # The plan: which images to make, where they go, with which seed
-
-
 @dataclass
 class Job:
     """One image to generate."""
@@ -142,78 +204,8 @@ def manifest_row(job, classes, generator):
             "seed": str(job.seed), "generator": generator}  # strings: rows compare as csv text
 
 
-def is_valid_image(path):
-    """True if the file exists and decodes completely."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode all: a truncated file fails here
-        return True
-    except Exception:  # any decoder error: not valid
-        return False
-
-
-def write_manifest(out, jobs, classes, generator):
-    """manifest.csv listing exactly `jobs` (atomically: a reader never sees half of it)."""
-    data.write_manifest(out, [manifest_row(j, classes, generator) for j in jobs])
-
-
-def finished_jobs(out, jobs, classes, generator):
-    """The jobs whose image a previous run finished: listed in OUT/manifest.csv with this job's
-    row, and decodable. OUT holding another set -- a row that differs from its job (another
-    seed, source, strength or generator), or rows this plan does not make (other --strengths,
-    --kinds, --per-image or split) -- is refused, never overwritten or dropped."""
-    previous = {row["path"]: row for _, row in data.manifest_rows(out)}  # path -> row
-    planned = {job.path: job for job in jobs}  # path -> job
-    other = [p for p, row in previous.items()
-             if p not in planned or dict(row) != manifest_row(planned[p], classes, generator)]
-    if other:
-        raise GenerationError(f"--out {out}: holds {len(other)} image(s) of another set (seed, "
-                              f"data split, strengths, kinds, variations or generator differ), "
-                              f"e.g. {other[0]}; choose another --out, or delete that folder")
-    return [job for job in jobs if job.path in previous  # listed, and the file decodes
-            and is_valid_image(os.path.join(out, job.path))]
-
-
-def run_jobs(out, jobs, classes, generator, make_images, batch_size):
-    """Make the jobs no earlier run finished, batch by batch (one strength per batch); save each
-    image atomically and rewrite the manifest after every batch. Returns how many images were
-    missing (this rank made its share of them)."""
-    done = finished_jobs(out, jobs, classes, generator)
-    finished = {j.path for j in done}
-    todo = [j for j in jobs if j.path not in finished]  # what this run still makes
-    if done:
-        print(f"resuming: {len(done)} of {len(jobs)} images already in {out}")
-    # under torchrun every rank takes every world-th missing image; rank 0 alone writes the
-    # manifest (its own images and the earlier ones; generate() lists the others at the end)
-    rank, world = data.distributed()
-    data.barrier()  # every rank has read the old manifest before rank 0 rewrites it
-    mine = todo[rank::world]  # rank r: todo[r], todo[r + W], ...
-
-    def update_manifest():
-        if rank == 0:
-            write_manifest(out, [j for j in jobs if j.path in finished], classes, generator)
-
-    try:
-        with tqdm(total=len(mine), desc="generate", dynamic_ncols=True,
-                  disable=None if rank == 0 else True) as bar:  # None: off when not a tty
-            for strength in sorted({j.strength or 0.0 for j in mine}):  # None (txt2img) -> 0.0
-                same = [j for j in mine if (j.strength or 0.0) == strength]
-                for start in range(0, len(same), batch_size):
-                    batch = same[start:start + batch_size]
-                    for job, image in zip(batch, make_images(batch)):  # make_images keeps job order
-                        data.atomic_write(os.path.join(out, job.path), image.save)  # PNG, by name
-                        finished.add(job.path)
-                    update_manifest()  # a stop now loses at most the batch being made
-                    bar.update(len(batch))
-    finally:  # also on Ctrl-C or an error: the manifest lists the finished images
-        update_manifest()
-    return len(todo)  # missing at the start, all ranks together
-
-
 # -----------------------------------------------------------------------------
 # Generator 1: a small class-conditional DDPM, trained here (offline default)
-
-
 def build_ddpm_unet(channels, image_size, num_classes):
     """UNet2DModel with class embeddings; class id num_classes is the null class (CFG)."""
     from diffusers import UNet2DModel
@@ -367,8 +359,6 @@ def ddpm_generator(args, train_set, device):
 
 # -----------------------------------------------------------------------------
 # Generator 2: Stable Diffusion (DA-Fusion proper)
-
-
 def load_sd_pipeline(model, device, dtype):
     """StableDiffusionImg2ImgPipeline from a local folder or the local Hugging Face cache only.
     Never downloads: a model that is not here fails at once with what to do."""
@@ -589,8 +579,6 @@ def sd_generator(args, splits, device):
 
 # -----------------------------------------------------------------------------
 # The contact sheet: real | ID variations | near-OOD variations at each strength
-
-
 def contact_sheet(out, jobs, train_set, path, per_class=2, per_group=2):
     """A picture a person can check: for a few images per class, the real image, then up to
     `per_group` of its variations of each (kind, strength), left to right."""
@@ -634,69 +622,73 @@ def contact_sheet(out, jobs, train_set, path, per_class=2, per_group=2):
 
 
 # -----------------------------------------------------------------------------
-# Generating a set
+# Plumbing: resuming a set, its output folder, train.py's cache
+def is_valid_image(path):
+    """True if the file exists and decodes completely."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode all: a truncated file fails here
+        return True
+    except Exception:  # any decoder error: not valid
+        return False
 
 
-def generate(args, splits=None, device=None):
-    """Make the synthetic set for the training split the data arguments describe; returns how
-    many images were made now (0 when everything was already on disk). Under torchrun the ranks
-    share the images; rank 0 trains the DDPM / learns the tokens first and writes the manifest.
-    Before any data loads, OUT must be writable; while the set is made, OUT is locked: a second
-    process filling the same OUT (or train.py's same cache folder) waits, then reuses or
-    refuses what the first made -- never mixed, never overwritten."""
-    args = with_generation_defaults(args)  # guidance, steps, batch by generator
-    kinds = check_generation(args)  # refuses bad settings first
-    rank, _ = data.distributed()
-    if rank == 0:
-        data.writable_folder(args.out, "--out")  # now, not after minutes of loading
-    with data.folder_lock(args.out) if rank == 0 else contextlib.nullcontext():
-        return make_set(args, kinds, splits, device)
+def write_manifest(out, jobs, classes, generator):
+    """manifest.csv listing exactly `jobs` (atomically: a reader never sees half of it)."""
+    data.write_manifest(out, [manifest_row(j, classes, generator) for j in jobs])
 
 
-def make_set(args, kinds, splits=None, device=None):
-    """generate() inside OUT's lock: plan the jobs, reuse what OUT holds, make the rest."""
-    splits = splits or data.splits_from_args(args)  # the same split train.py will use
-    train_set = splits.train  # the real images the variations are made from
-    device = device or data.pick_device(args.gen_device)  # train.py passes its own
-    rank, _ = data.distributed()
-    sources = [splits.source_id(n) for n in train_set.names]  # manifest ids of the sources
-    jobs = plan_jobs(train_set, sources, args.per_image, args.id_strength,
-                     args.strengths or [args.ood_strength], args.seed, kinds)  # --strengths wins
-    if args.generator == "stable-diffusion" and args.mode == "txt2img":
-        for j in jobs:  # no source image and no strength: a txt2img row carries neither
-            j.source, j.strength = "", None
-    # the manifest's generator column: a set is reused only by the same generator
-    name = "ddpm" if args.generator == "ddpm" else f"stable-diffusion:{args.model}"
-    sheet = os.path.join(args.out, "contact_sheet.png")
-    if rank == 0:
-        open_output(args, jobs, sheet)  # settings checked, stale temporaries removed
-    data.barrier()  # the folder is ready for every rank
-    t0 = time.time()
-    if len(finished_jobs(args.out, jobs, train_set.classes, name)) == len(jobs):  # a complete set
-        if rank == 0 and not os.path.exists(sheet):  # a cache hit: nothing to load or train
-            contact_sheet(args.out, jobs, train_set, sheet)
-        print(f"all {len(jobs)} images are already in {args.out}")
-        return 0
-    # rank 0 trains the DDPM (or learns the tokens) and saves it while the other ranks wait at
-    # this barrier; they pass it once rank 0 reaches the one below, then load what it saved
-    if rank > 0:
-        data.barrier()
-    if args.generator == "ddpm":
-        make_images = ddpm_generator(args, train_set, device)
-    else:
-        make_images = sd_generator(args, splits, device)
-    if rank == 0:
-        data.barrier()  # releases the other ranks
-    made = run_jobs(args.out, jobs, train_set.classes, name, make_images, args.gen_batch_size)
-    data.barrier()  # every rank's images are on disk: rank 0 lists them all
-    if rank == 0:
-        on_disk = [j for j in jobs if is_valid_image(os.path.join(args.out, j.path))]
-        write_manifest(args.out, on_disk, train_set.classes, name)  # all ranks' images
-        contact_sheet(args.out, jobs, train_set, sheet)
-    data.barrier()  # nobody reads the manifest before it is complete
-    print(f"{len(jobs)} images ({', '.join(kinds)}) in {args.out} after {time.time() - t0:.0f} "
-          f"s; manifest {os.path.join(args.out, 'manifest.csv')}; contact sheet {sheet}")
-    return made
+def finished_jobs(out, jobs, classes, generator):
+    """The jobs whose image a previous run finished: listed in OUT/manifest.csv with this job's
+    row, and decodable. OUT holding another set -- a row that differs from its job (another
+    seed, source, strength or generator), or rows this plan does not make (other --strengths,
+    --kinds, --per-image or split) -- is refused, never overwritten or dropped."""
+    previous = {row["path"]: row for _, row in data.manifest_rows(out)}  # path -> row
+    planned = {job.path: job for job in jobs}  # path -> job
+    other = [p for p, row in previous.items()
+             if p not in planned or dict(row) != manifest_row(planned[p], classes, generator)]
+    if other:
+        raise GenerationError(f"--out {out}: holds {len(other)} image(s) of another set (seed, "
+                              f"data split, strengths, kinds, variations or generator differ), "
+                              f"e.g. {other[0]}; choose another --out, or delete that folder")
+    return [job for job in jobs if job.path in previous  # listed, and the file decodes
+            and is_valid_image(os.path.join(out, job.path))]
+
+
+def run_jobs(out, jobs, classes, generator, make_images, batch_size):
+    """Make the jobs no earlier run finished, batch by batch (one strength per batch); save each
+    image atomically and rewrite the manifest after every batch. Returns how many images were
+    missing (this rank made its share of them)."""
+    done = finished_jobs(out, jobs, classes, generator)
+    finished = {j.path for j in done}
+    todo = [j for j in jobs if j.path not in finished]  # what this run still makes
+    if done:
+        print(f"resuming: {len(done)} of {len(jobs)} images already in {out}")
+    # under torchrun every rank takes every world-th missing image; rank 0 alone writes the
+    # manifest (its own images and the earlier ones; generate() lists the others at the end)
+    rank, world = data.distributed()
+    data.barrier()  # every rank has read the old manifest before rank 0 rewrites it
+    mine = todo[rank::world]  # rank r: todo[r], todo[r + W], ...
+
+    def update_manifest():
+        if rank == 0:
+            write_manifest(out, [j for j in jobs if j.path in finished], classes, generator)
+
+    try:
+        with tqdm(total=len(mine), desc="generate", dynamic_ncols=True,
+                  disable=None if rank == 0 else True) as bar:  # None: off when not a tty
+            for strength in sorted({j.strength or 0.0 for j in mine}):  # None (txt2img) -> 0.0
+                same = [j for j in mine if (j.strength or 0.0) == strength]
+                for start in range(0, len(same), batch_size):
+                    batch = same[start:start + batch_size]
+                    for job, image in zip(batch, make_images(batch)):  # make_images keeps job order
+                        data.atomic_write(os.path.join(out, job.path), image.save)  # PNG, by name
+                        finished.add(job.path)
+                    update_manifest()  # a stop now loses at most the batch being made
+                    bar.update(len(batch))
+    finally:  # also on Ctrl-C or an error: the manifest lists the finished images
+        update_manifest()
+    return len(todo)  # missing at the start, all ranks together
 
 
 # what makes an image besides its manifest row; OUT/generation.json keeps them
@@ -770,8 +762,6 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
 
 # -----------------------------------------------------------------------------
 # Command line
-
-
 def add_generation_arguments(p):
     """The SDEdit and ddpm options (shared with train.py, which generates with the ddpm)."""
     strength = data.float_in(0, 1, low_open=True)  # (0, 1]: strength 0 would copy the source

@@ -1015,7 +1015,7 @@ def channel_stats(images):
 
 
 # -----------------------------------------------------------------------------
-# Files: written whole or not at all, read safely
+# Plumbing every script shares -- files: written whole or not at all, read safely
 
 
 def to_device(x, device):

@@ -41,10 +41,144 @@ PICTURES = {"t-SNE": "tsne.png", "OOD ROC and PR": "ood_curves.png",  # a report
             "classification ROC and PR": "classification_curves.png",
             "confusion matrix": "confusion.png", "Grad-CAM": "grad_cam.png"}
 
+
+# -----------------------------------------------------------------------------
+# The whole evaluation
+def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthetic=None,
+             external_ood=None, episodes=200, pictures=True, seed=0):
+    """Every metric (and, with run_dir and pictures, every picture and report.md) of a model.
+    The reference set of the k-NN and Mahalanobis scores is splits.train, the real training
+    images; synthetic: the run's synthetic ImageSet (t-SNE only); external_ood: OOD images."""
+    mean, std = mean.to(device), std.to(device)
+    feats = lambda images: extract_features(model, images, mean, std, device)  # noqa: E731
+    logits_of = lambda f: classifier(f.to(device)).float().cpu()  # noqa: E731
+    train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
+    with torch.no_grad():
+        test_logits = logits_of(test_f)  # (N_test, K)
+    train_labels, K = splits.train.labels, len(splits.classes)
+    linear = classification_metrics(splits.test.labels, test_logits.softmax(1))  # the linear head
+    knn = classification_metrics(splits.test.labels,  # k-NN on the real training embeddings
+                                 knn_probabilities(train_f, train_labels, test_f, K))
+    # the headline numbers first; everything else nested (metrics.json is read by people)
+    out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
+           "classification": {"linear": linear, "knn": knn}, "ood": {},
+           "ood_convention": "in-distribution is the positive class; higher score = more ID",
+           "reference_set": f"the {len(splits.train)} real training images"}
+    ood_sets = {}  # name -> ImageSet of OOD test images
+    held_name = f"held-out classes {','.join(splits.ood_classes)}"
+    if splits.ood_test is not None:
+        ood_sets[held_name] = splits.ood_test
+    if external_ood is not None:  # --ood-data
+        ood_sets["external"] = external_ood
+    curves, ood_feats = {}, {}  # for the pictures and the few-shot episodes
+    in_scores = ood_scores(train_f, train_labels, test_f, test_logits)  # {score: (N_test,)}
+    for name, images in ood_sets.items():
+        f = feats(images.images)  # (N_ood, F)
+        ood_feats[name] = (f, images.labels)  # kept for few-shot and t-SNE
+        with torch.no_grad():
+            out_scores = ood_scores(train_f, train_labels, f, logits_of(f))
+        out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
+        curves[name] = {s: (in_scores[s].numpy(), out_scores[s].numpy()) for s in in_scores}
+    if splits.ood_test is not None:  # the thesis's OOD numbers, at the top level too
+        held = out["ood"][held_name]
+        out.update(ood_auroc_knn=held["k-NN"]["auroc"], ood_auroc_knn1=held["k-NN (k=1)"]["auroc"],
+                   ood_auroc_msp=held["MSP"]["auroc"], ood_fpr95_knn=held["k-NN"]["fpr95"])
+        f, labels = ood_feats[held_name]  # few-shot on the unseen classes
+        out["few_shot"] = {f"{n}-shot": few_shot_accuracy(f, labels, n, episodes, seed)
+                           for n in (1, 5)}  # 1-shot and 5-shot, the usual pair
+    if run_dir is None or not pictures:
+        return out
+    groups = {"test (ID)": (test_f, splits.test.labels),
+              "training (real)": (train_f, train_labels)}
+    if synthetic is not None and len(synthetic):
+        syn_f = feats(synthetic.images)  # where the synthetic images land
+        for kind, name in ((data.KIND_ID, "synthetic ID"),
+                           (data.KIND_NEAR_OOD, "synthetic near-OOD")):
+            this = synthetic.kind == kind
+            if this.any():
+                groups[name] = (syn_f[this], synthetic.labels[this])
+    for name, (f, _) in ood_feats.items():
+        groups[f"OOD test: {name}"] = (f, None)  # no class colours: never trained
+    write_report(out, pictures_of(model, classifier, splits, mean, std, device, run_dir, groups,
+                                  curves, test_logits, linear, seed), run_dir)
+    return out
+
+
+def pictures_of(model, classifier, splits, mean, std, device, run_dir, groups, curves,
+                test_logits, linear, seed):
+    """Every picture of the report, in report order: {title: file name}."""
+    at = lambda title: os.path.join(run_dir, PICTURES[title])  # noqa: E731
+    files = {"t-SNE": plot_tsne(groups, splits.classes, at("t-SNE"), seed)}
+    if curves:  # no OOD set: no OOD curves
+        files["OOD ROC and PR"] = plot_ood_curves(curves, at("OOD ROC and PR"))
+    files["classification ROC and PR"] = plot_classification_curves(
+        splits.test.labels.numpy(), test_logits.softmax(1).numpy(), splits.classes,
+        at("classification ROC and PR"))
+    files["confusion matrix"] = plot_confusion(linear["confusion"], splits.classes,
+                                               at("confusion matrix"),
+                                               "Confusion matrix of the linear head (test set)")
+    files["Grad-CAM"] = plot_grad_cam(model, classifier, splits.test, splits.classes, mean, std,
+                                      device, at("Grad-CAM"))
+    return files
+
+
+def write_report(metrics, files, run_dir):
+    """report.md: the numbers as tables, then the pictures."""
+    lines = ["# Evaluation report", "", f"Run folder: `{run_dir}`", "",
+             "## Classification (test set)", "",
+             "| classifier | accuracy | precision | recall | F1 | ROC-AUC (OvR) |",
+             "|---|---|---|---|---|---|"]
+    for name, m in metrics["classification"].items():
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['f1']:.4f} | {m['roc_auc']:.4f} |")
+    if metrics["ood"]:
+        lines += ["", "## OOD detection", "",
+                  f"Convention: {metrics['ood_convention']}. Reference set of the k-NN and "
+                  f"Mahalanobis scores: {metrics['reference_set']}. FPR@95: share of OOD images "
+                  f"accepted at the threshold that keeps 95% of ID test images.", "",
+                  "| OOD set | score | AUROC | AUPR-In | AUPR-Out | FPR@95 |",
+                  "|---|---|---|---|---|---|"]
+        for set_name, scores in metrics["ood"].items():
+            for score, m in scores.items():
+                lines.append(f"| {set_name} | {score} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | "
+                             f"{m['aupr_out']:.4f} | {m['fpr95']:.4f} |")
+    if metrics.get("few_shot"):
+        lines += ["", "## Few-shot on the held-out classes", "",
+                  "| episodes | ways | nearest prototype | nearest neighbour |",
+                  "|---|---|---|---|"]
+        for name, m in metrics["few_shot"].items():
+            if m:  # None: too few held-out classes
+                p, n = m["prototype"], m["nearest_neighbour"]
+                lines.append(f"| {name}, {m['episodes']} | {m['ways']} | {p['mean']:.4f} ± "
+                             f"{p['ci95']:.4f} | {n['mean']:.4f} ± {n['ci95']:.4f} |")
+        lines += ["", "(mean ± 95% confidence interval over episodes)"]
+    lines += ["", "## Pictures", ""]
+    for title, name in files.items():
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]  # path relative to report.md
+    data.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
+
+
+def load_ood_folder(path, channels, size, resize):
+    """Every image under `path` (any layout; hidden files left out) as an OOD ImageSet."""
+    if not os.path.isdir(path):
+        raise data.DataError(f"--ood-data {path}: no such folder")
+    files = sorted(os.path.join(d, f) for d, subfolders, fs in os.walk(path)
+                   for f in fs if data.visible(f) and f.lower().endswith(data.IMAGE_EXTENSIONS))
+    if not files:
+        raise data.DataError(f"--ood-data {path}: no images found "
+                             f"({', '.join(data.IMAGE_EXTENSIONS)})")
+    images = []
+    for f in files:
+        try:
+            images.append(data.open_image(f, channels, size, resize))  # the run's channels, size
+        except data.DataError as error:
+            raise data.DataError(f"--ood-data: {error}. Replace or delete that file.") from error
+    return data.ImageSet(torch.stack(images), torch.zeros(len(files), dtype=torch.long), ["ood"],
+                         names=files)  # one class "ood", labels all 0
+
+
 # -----------------------------------------------------------------------------
 # Features
-
-
 @torch.no_grad()
 def extract_features(model, images, mean, std, device, batch_size=512, head=False):
     """(N, F) encoder features of uint8 images (N, C, H, W), no augmentation, in eval mode;
@@ -62,8 +196,6 @@ def extract_features(model, images, mean, std, device, batch_size=512, head=Fals
 
 # -----------------------------------------------------------------------------
 # OOD scores: higher = more in-distribution
-
-
 def knn_score(train_features, test_features, k=50, batch_size=2048):
     """Sun et al. 2022: minus the distance from each normalised test embedding to its k-th
     nearest normalised training embedding. (N_test,)"""
@@ -107,8 +239,6 @@ def ood_scores(train_f, train_labels, features, logits):
 
 # -----------------------------------------------------------------------------
 # Metrics
-
-
 def ood_metrics(score_in, score_out):
     """AUROC, AUPR-In, AUPR-Out and FPR at 95% TPR, in-distribution = positive class.
 
@@ -160,8 +290,6 @@ def knn_probabilities(train_features, train_labels, test_features, num_classes, 
 
 # -----------------------------------------------------------------------------
 # Few-shot on unseen classes (the metric-learning project)
-
-
 def few_shot_episodes(labels, n_shot, episodes=200, n_query=15, seed=0):
     """N-way K-shot episodes over every class in `labels` (N = number of classes): for each
     episode and class, n_shot support and up to n_query query indices, disjoint, drawn without
@@ -211,9 +339,118 @@ def few_shot_accuracy(features, labels, n_shot, episodes=200, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# The nearness meter: are the "near-OOD" images near, and OOD?
+def fit_reference(train_set, mean, std, device, epochs=30, seed=0):
+    """The meter's reference classifier when no run is given: the fruit project's small CNN
+    trained end to end with cross-entropy on the real training images (Adam 1e-3, batch 64,
+    the project's rotation / SimCLR views). Returns (model, classifier)."""
+    torch.manual_seed(seed)  # the CNN's initial weights
+    _, C, H, _ = train_set.images.shape
+    model, classifier = supcon.build_model("cnn", "ce", C, H, len(train_set.classes))  # ce: no head
+    model, classifier = model.to(device).train(), classifier.to(device)
+    opt = torch.optim.Adam([*model.parameters(), *classifier.parameters()], lr=1e-3)
+    g, augment = torch.Generator().manual_seed(seed), "rotation" if C == 1 else "simclr"
+    images, labels = train_set.images.to(device), train_set.labels.to(device)  # all on the device
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=g).to(device).split(64):
+            views = data.augment(images[idx], augment, g, mean.to(device), std.to(device))
+            loss = F.cross_entropy(classifier(model.encode(views)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval(), classifier.eval()  # eval mode for the meter
+
+
+def nearness_rows(train_f, test_scores_of, groups):
+    """The meter's table from features. train_f: (N, F) real training features (the k-NN
+    reference); test_scores_of(f, logits) -> {"k-NN", "MSP"} scores; groups: [(kind, strength,
+    features, logits, source labels)]. For each group: the share classified as its source
+    class, and the OOD AUROC against the ID test images (ID positive; k-NN score, k = 50)."""
+    id_scores = test_scores_of(None, None)  # None: the ID test images' own scores
+    rows = []
+    for kind, strength, f, logits, labels in groups:
+        scores = test_scores_of(f, logits)
+        row = {"kind": kind, "strength": strength, "images": len(f)}
+        if labels is not None:  # held-out classes have no source class
+            row["source_accuracy"] = float((logits.argmax(1) == labels).float().mean())
+        row["ood_auroc"] = ood_metrics(id_scores["k-NN"], scores["k-NN"])["auroc"]
+        row["ood_auroc_msp"] = ood_metrics(id_scores["MSP"], scores["MSP"])["auroc"]
+        rows.append(row)
+    return rows
+
+
+def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
+    """evaluate.py --nearness DIR: the meter on DIR's synthetic set; writes DIR/nearness.json.
+    The reference is run RUN's encoder and head (its data settings, but for `overrides`), or a
+    small CNN fitted here to the real training images of the data options in `args`."""
+    dev = data.pick_device(device)
+    if run:
+        args, splits, model, classifier, mean, std = load_run(run, dev, overrides)
+        reference = f"run {run}"
+    else:
+        splits = data.splits_from_args(args)
+        mean, std = data.channel_stats(splits.train.images)  # the real training images' statistics
+        model, classifier = fit_reference(splits.train, mean, std, dev, epochs, args.seed)
+        reference = (f"small CNN trained with cross-entropy on the {len(splits.train)} real "
+                     f"training images, {epochs} epochs")
+    _, C, H, _ = splits.train.images.shape
+    try:
+        syn = data.read_manifest(folder, splits, H, C, args.resize)  # at the real images' size
+    except data.LeakError as error:  # a set made for another split, seed or data
+        raise data.DataError(f"--nearness {folder}: it was made with other data options than "
+                             f"these ({str(error).split('(')[1].split(')')[0]}); give "
+                             f"--nearness the data options that made it") from error
+    feats = lambda images: extract_features(model, images, mean, std, dev)  # noqa: E731
+    logits_of = lambda f: classifier(f.to(dev)).float().cpu()  # noqa: E731
+    with torch.no_grad():
+        train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
+        test_logits = logits_of(test_f)  # (N_test, K)
+        scores = lambda f, logits: {  # noqa: E731
+            "k-NN": knn_score(train_f, test_f if f is None else f, 50),  # None: the ID test set
+            "MSP": msp_score(test_logits if logits is None else logits)}
+        groups = []  # (kind, strength, features, logits, labels)
+        for kind in (data.KIND_ID, data.KIND_NEAR_OOD):
+            for s in torch.unique(syn.strength[syn.kind == kind]).tolist():  # exact values
+                part = syn.subset((syn.kind == kind) & (syn.strength == s))  # one kind + strength
+                f = feats(part.images)
+                groups.append(("id" if kind == data.KIND_ID else "near_ood", round(s, 6), f,
+                               logits_of(f), part.labels))  # labels: each source's class
+        if splits.ood_test is not None:
+            f = feats(splits.ood_test.images)
+            groups.append(("held_out", None, f, logits_of(f), None))  # the real OOD, for scale
+    rows = nearness_rows(train_f, scores, groups)
+    result = {"reference": reference, "id_test_images": len(splits.test),
+              "test_accuracy": float((test_logits.argmax(1) == splits.test.labels).float().mean()),
+              "rows": [r for r in rows if r["kind"] != "held_out"]}  # held_out: reported apart
+    if splits.ood_test is not None:
+        held = rows[-1]  # appended last above
+        result["held_out"] = {"classes": splits.ood_classes, "images": held["images"],
+                              "ood_auroc": held["ood_auroc"],
+                              "ood_auroc_msp": held["ood_auroc_msp"]}
+    data.write_text(os.path.join(folder, "nearness.json"), json.dumps(result, indent=2))
+    return result
+
+
+def nearness_table(result):
+    """The meter's result as a markdown table."""
+    lines = [f"Reference: {result['reference']} (test accuracy {result['test_accuracy']:.4f}); "
+             f"OOD AUROC against the {result['id_test_images']} real ID test images, ID positive, "
+             f"k-NN score (k = 50) on the real training images; 0.5 = indistinguishable.", "",
+             "| images | strength | count | source accuracy | OOD AUROC (k-NN) | OOD AUROC (MSP) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {'ID' if r['kind'] == 'id' else 'near-OOD'} | {r['strength']:g} | "
+                     f"{r['images']} | {r['source_accuracy']:.4f} | {r['ood_auroc']:.4f} | "
+                     f"{r['ood_auroc_msp']:.4f} |")
+    if "held_out" in result:
+        h = result["held_out"]
+        lines.append(f"| held-out classes {','.join(h['classes'])} (real) | - | "
+                     f"{h['images']} | - | {h['ood_auroc']:.4f} | {h['ood_auroc_msp']:.4f} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Pictures
-
-
 def plot_tsne(groups, classes, path, seed=0, max_points=1500):
     """t-SNE of embeddings. groups: {name: (features, labels or None)}; groups with labels are
     coloured by class, the others (OOD test sets) drawn black."""
@@ -382,146 +619,7 @@ def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per
 
 
 # -----------------------------------------------------------------------------
-# The whole evaluation
-
-
-def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthetic=None,
-             external_ood=None, episodes=200, pictures=True, seed=0):
-    """Every metric (and, with run_dir and pictures, every picture and report.md) of a model.
-    The reference set of the k-NN and Mahalanobis scores is splits.train, the real training
-    images; synthetic: the run's synthetic ImageSet (t-SNE only); external_ood: OOD images."""
-    mean, std = mean.to(device), std.to(device)
-    feats = lambda images: extract_features(model, images, mean, std, device)  # noqa: E731
-    logits_of = lambda f: classifier(f.to(device)).float().cpu()  # noqa: E731
-    train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
-    with torch.no_grad():
-        test_logits = logits_of(test_f)  # (N_test, K)
-    train_labels, K = splits.train.labels, len(splits.classes)
-    linear = classification_metrics(splits.test.labels, test_logits.softmax(1))  # the linear head
-    knn = classification_metrics(splits.test.labels,  # k-NN on the real training embeddings
-                                 knn_probabilities(train_f, train_labels, test_f, K))
-    # the headline numbers first; everything else nested (metrics.json is read by people)
-    out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
-           "classification": {"linear": linear, "knn": knn}, "ood": {},
-           "ood_convention": "in-distribution is the positive class; higher score = more ID",
-           "reference_set": f"the {len(splits.train)} real training images"}
-    ood_sets = {}  # name -> ImageSet of OOD test images
-    held_name = f"held-out classes {','.join(splits.ood_classes)}"
-    if splits.ood_test is not None:
-        ood_sets[held_name] = splits.ood_test
-    if external_ood is not None:  # --ood-data
-        ood_sets["external"] = external_ood
-    curves, ood_feats = {}, {}  # for the pictures and the few-shot episodes
-    in_scores = ood_scores(train_f, train_labels, test_f, test_logits)  # {score: (N_test,)}
-    for name, images in ood_sets.items():
-        f = feats(images.images)  # (N_ood, F)
-        ood_feats[name] = (f, images.labels)  # kept for few-shot and t-SNE
-        with torch.no_grad():
-            out_scores = ood_scores(train_f, train_labels, f, logits_of(f))
-        out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
-        curves[name] = {s: (in_scores[s].numpy(), out_scores[s].numpy()) for s in in_scores}
-    if splits.ood_test is not None:  # the thesis's OOD numbers, at the top level too
-        held = out["ood"][held_name]
-        out.update(ood_auroc_knn=held["k-NN"]["auroc"], ood_auroc_knn1=held["k-NN (k=1)"]["auroc"],
-                   ood_auroc_msp=held["MSP"]["auroc"], ood_fpr95_knn=held["k-NN"]["fpr95"])
-        f, labels = ood_feats[held_name]  # few-shot on the unseen classes
-        out["few_shot"] = {f"{n}-shot": few_shot_accuracy(f, labels, n, episodes, seed)
-                           for n in (1, 5)}  # 1-shot and 5-shot, the usual pair
-    if run_dir is None or not pictures:
-        return out
-    groups = {"test (ID)": (test_f, splits.test.labels),
-              "training (real)": (train_f, train_labels)}
-    if synthetic is not None and len(synthetic):
-        syn_f = feats(synthetic.images)  # where the synthetic images land
-        for kind, name in ((data.KIND_ID, "synthetic ID"),
-                           (data.KIND_NEAR_OOD, "synthetic near-OOD")):
-            this = synthetic.kind == kind
-            if this.any():
-                groups[name] = (syn_f[this], synthetic.labels[this])
-    for name, (f, _) in ood_feats.items():
-        groups[f"OOD test: {name}"] = (f, None)  # no class colours: never trained
-    write_report(out, pictures_of(model, classifier, splits, mean, std, device, run_dir, groups,
-                                  curves, test_logits, linear, seed), run_dir)
-    return out
-
-
-def pictures_of(model, classifier, splits, mean, std, device, run_dir, groups, curves,
-                test_logits, linear, seed):
-    """Every picture of the report, in report order: {title: file name}."""
-    at = lambda title: os.path.join(run_dir, PICTURES[title])  # noqa: E731
-    files = {"t-SNE": plot_tsne(groups, splits.classes, at("t-SNE"), seed)}
-    if curves:  # no OOD set: no OOD curves
-        files["OOD ROC and PR"] = plot_ood_curves(curves, at("OOD ROC and PR"))
-    files["classification ROC and PR"] = plot_classification_curves(
-        splits.test.labels.numpy(), test_logits.softmax(1).numpy(), splits.classes,
-        at("classification ROC and PR"))
-    files["confusion matrix"] = plot_confusion(linear["confusion"], splits.classes,
-                                               at("confusion matrix"),
-                                               "Confusion matrix of the linear head (test set)")
-    files["Grad-CAM"] = plot_grad_cam(model, classifier, splits.test, splits.classes, mean, std,
-                                      device, at("Grad-CAM"))
-    return files
-
-
-def write_report(metrics, files, run_dir):
-    """report.md: the numbers as tables, then the pictures."""
-    lines = ["# Evaluation report", "", f"Run folder: `{run_dir}`", "",
-             "## Classification (test set)", "",
-             "| classifier | accuracy | precision | recall | F1 | ROC-AUC (OvR) |",
-             "|---|---|---|---|---|---|"]
-    for name, m in metrics["classification"].items():
-        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
-                     f"{m['recall']:.4f} | {m['f1']:.4f} | {m['roc_auc']:.4f} |")
-    if metrics["ood"]:
-        lines += ["", "## OOD detection", "",
-                  f"Convention: {metrics['ood_convention']}. Reference set of the k-NN and "
-                  f"Mahalanobis scores: {metrics['reference_set']}. FPR@95: share of OOD images "
-                  f"accepted at the threshold that keeps 95% of ID test images.", "",
-                  "| OOD set | score | AUROC | AUPR-In | AUPR-Out | FPR@95 |",
-                  "|---|---|---|---|---|---|"]
-        for set_name, scores in metrics["ood"].items():
-            for score, m in scores.items():
-                lines.append(f"| {set_name} | {score} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | "
-                             f"{m['aupr_out']:.4f} | {m['fpr95']:.4f} |")
-    if metrics.get("few_shot"):
-        lines += ["", "## Few-shot on the held-out classes", "",
-                  "| episodes | ways | nearest prototype | nearest neighbour |",
-                  "|---|---|---|---|"]
-        for name, m in metrics["few_shot"].items():
-            if m:  # None: too few held-out classes
-                p, n = m["prototype"], m["nearest_neighbour"]
-                lines.append(f"| {name}, {m['episodes']} | {m['ways']} | {p['mean']:.4f} ± "
-                             f"{p['ci95']:.4f} | {n['mean']:.4f} ± {n['ci95']:.4f} |")
-        lines += ["", "(mean ± 95% confidence interval over episodes)"]
-    lines += ["", "## Pictures", ""]
-    for title, name in files.items():
-        lines += [f"### {title}", "", f"![{title}]({name})", ""]  # path relative to report.md
-    data.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
-
-
-def load_ood_folder(path, channels, size, resize):
-    """Every image under `path` (any layout; hidden files left out) as an OOD ImageSet."""
-    if not os.path.isdir(path):
-        raise data.DataError(f"--ood-data {path}: no such folder")
-    files = sorted(os.path.join(d, f) for d, subfolders, fs in os.walk(path)
-                   for f in fs if data.visible(f) and f.lower().endswith(data.IMAGE_EXTENSIONS))
-    if not files:
-        raise data.DataError(f"--ood-data {path}: no images found "
-                             f"({', '.join(data.IMAGE_EXTENSIONS)})")
-    images = []
-    for f in files:
-        try:
-            images.append(data.open_image(f, channels, size, resize))  # the run's channels, size
-        except data.DataError as error:
-            raise data.DataError(f"--ood-data: {error}. Replace or delete that file.") from error
-    return data.ImageSet(torch.stack(images), torch.zeros(len(files), dtype=torch.long), ["ood"],
-                         names=files)  # one class "ood", labels all 0
-
-
-# -----------------------------------------------------------------------------
-# A run folder
-
-
+# Plumbing: a run folder, and the command line
 def run_settings(run_dir, overrides=None):
     """The data and synthetic settings of runs/<name>/config.json, with the defaults of options
     added after the run was made (an older run folder evaluates as it resumes)."""
@@ -586,119 +684,6 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes
     metrics = {**{k: previous[k] for k in kept if k in previous}, **metrics}  # new ones win
     data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
-
-
-# -----------------------------------------------------------------------------
-# The nearness meter: are the "near-OOD" images near, and OOD?
-
-
-def fit_reference(train_set, mean, std, device, epochs=30, seed=0):
-    """The meter's reference classifier when no run is given: the fruit project's small CNN
-    trained end to end with cross-entropy on the real training images (Adam 1e-3, batch 64,
-    the project's rotation / SimCLR views). Returns (model, classifier)."""
-    torch.manual_seed(seed)  # the CNN's initial weights
-    _, C, H, _ = train_set.images.shape
-    model, classifier = supcon.build_model("cnn", "ce", C, H, len(train_set.classes))  # ce: no head
-    model, classifier = model.to(device).train(), classifier.to(device)
-    opt = torch.optim.Adam([*model.parameters(), *classifier.parameters()], lr=1e-3)
-    g, augment = torch.Generator().manual_seed(seed), "rotation" if C == 1 else "simclr"
-    images, labels = train_set.images.to(device), train_set.labels.to(device)  # all on the device
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=g).to(device).split(64):
-            views = data.augment(images[idx], augment, g, mean.to(device), std.to(device))
-            loss = F.cross_entropy(classifier(model.encode(views)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval(), classifier.eval()  # eval mode for the meter
-
-
-def nearness_rows(train_f, test_scores_of, groups):
-    """The meter's table from features. train_f: (N, F) real training features (the k-NN
-    reference); test_scores_of(f, logits) -> {"k-NN", "MSP"} scores; groups: [(kind, strength,
-    features, logits, source labels)]. For each group: the share classified as its source
-    class, and the OOD AUROC against the ID test images (ID positive; k-NN score, k = 50)."""
-    id_scores = test_scores_of(None, None)  # None: the ID test images' own scores
-    rows = []
-    for kind, strength, f, logits, labels in groups:
-        scores = test_scores_of(f, logits)
-        row = {"kind": kind, "strength": strength, "images": len(f)}
-        if labels is not None:  # held-out classes have no source class
-            row["source_accuracy"] = float((logits.argmax(1) == labels).float().mean())
-        row["ood_auroc"] = ood_metrics(id_scores["k-NN"], scores["k-NN"])["auroc"]
-        row["ood_auroc_msp"] = ood_metrics(id_scores["MSP"], scores["MSP"])["auroc"]
-        rows.append(row)
-    return rows
-
-
-def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
-    """evaluate.py --nearness DIR: the meter on DIR's synthetic set; writes DIR/nearness.json.
-    The reference is run RUN's encoder and head (its data settings, but for `overrides`), or a
-    small CNN fitted here to the real training images of the data options in `args`."""
-    dev = data.pick_device(device)
-    if run:
-        args, splits, model, classifier, mean, std = load_run(run, dev, overrides)
-        reference = f"run {run}"
-    else:
-        splits = data.splits_from_args(args)
-        mean, std = data.channel_stats(splits.train.images)  # the real training images' statistics
-        model, classifier = fit_reference(splits.train, mean, std, dev, epochs, args.seed)
-        reference = (f"small CNN trained with cross-entropy on the {len(splits.train)} real "
-                     f"training images, {epochs} epochs")
-    _, C, H, _ = splits.train.images.shape
-    try:
-        syn = data.read_manifest(folder, splits, H, C, args.resize)  # at the real images' size
-    except data.LeakError as error:  # a set made for another split, seed or data
-        raise data.DataError(f"--nearness {folder}: it was made with other data options than "
-                             f"these ({str(error).split('(')[1].split(')')[0]}); give "
-                             f"--nearness the data options that made it") from error
-    feats = lambda images: extract_features(model, images, mean, std, dev)  # noqa: E731
-    logits_of = lambda f: classifier(f.to(dev)).float().cpu()  # noqa: E731
-    with torch.no_grad():
-        train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
-        test_logits = logits_of(test_f)  # (N_test, K)
-        scores = lambda f, logits: {  # noqa: E731
-            "k-NN": knn_score(train_f, test_f if f is None else f, 50),  # None: the ID test set
-            "MSP": msp_score(test_logits if logits is None else logits)}
-        groups = []  # (kind, strength, features, logits, labels)
-        for kind in (data.KIND_ID, data.KIND_NEAR_OOD):
-            for s in torch.unique(syn.strength[syn.kind == kind]).tolist():  # exact values
-                part = syn.subset((syn.kind == kind) & (syn.strength == s))  # one kind + strength
-                f = feats(part.images)
-                groups.append(("id" if kind == data.KIND_ID else "near_ood", round(s, 6), f,
-                               logits_of(f), part.labels))  # labels: each source's class
-        if splits.ood_test is not None:
-            f = feats(splits.ood_test.images)
-            groups.append(("held_out", None, f, logits_of(f), None))  # the real OOD, for scale
-    rows = nearness_rows(train_f, scores, groups)
-    result = {"reference": reference, "id_test_images": len(splits.test),
-              "test_accuracy": float((test_logits.argmax(1) == splits.test.labels).float().mean()),
-              "rows": [r for r in rows if r["kind"] != "held_out"]}  # held_out: reported apart
-    if splits.ood_test is not None:
-        held = rows[-1]  # appended last above
-        result["held_out"] = {"classes": splits.ood_classes, "images": held["images"],
-                              "ood_auroc": held["ood_auroc"],
-                              "ood_auroc_msp": held["ood_auroc_msp"]}
-    data.write_text(os.path.join(folder, "nearness.json"), json.dumps(result, indent=2))
-    return result
-
-
-def nearness_table(result):
-    """The meter's result as a markdown table."""
-    lines = [f"Reference: {result['reference']} (test accuracy {result['test_accuracy']:.4f}); "
-             f"OOD AUROC against the {result['id_test_images']} real ID test images, ID positive, "
-             f"k-NN score (k = 50) on the real training images; 0.5 = indistinguishable.", "",
-             "| images | strength | count | source accuracy | OOD AUROC (k-NN) | OOD AUROC (MSP) |",
-             "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {'ID' if r['kind'] == 'id' else 'near-OOD'} | {r['strength']:g} | "
-                     f"{r['images']} | {r['source_accuracy']:.4f} | {r['ood_auroc']:.4f} | "
-                     f"{r['ood_auroc_msp']:.4f} |")
-    if "held_out" in result:
-        h = result["held_out"]
-        lines.append(f"| held-out classes {','.join(h['classes'])} (real) | - | "
-                     f"{h['images']} | - | {h['ood_auroc']:.4f} | {h['ood_auroc_msp']:.4f} |")
-    return "\n".join(lines)
 
 
 def build_parser():

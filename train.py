@@ -68,6 +68,499 @@ RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "ev
                      "epochs", "train_steps"}
 
 
+# -----------------------------------------------------------------------------
+# The run
+def main(argv=None):
+    """Parse the arguments, open the run folder (new, or --resume's) and train."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # under torchrun: join the process group (rank 0 alone prints from here on)
+    device = data.init_distributed(data.pick_device(args.device))
+    try:
+        args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
+        lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
+        # while the run goes on, a --resume of it started elsewhere is refused
+        busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
+        try:
+            with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
+                return run(args, run_dir, device, resumed)
+        except data.DiskFull as error:  # what to do once space is freed
+            if os.path.exists(os.path.join(run_dir, "config.json")):
+                error.then = f"continue with: python train.py --resume {run_dir}"
+            raise
+        finally:  # a new run that stopped before writing anything leaves no folder
+            if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
+                os.rmdir(run_dir)
+    finally:
+        if data.distributed()[1] > 1:  # leave the group even after an error (NCCL warns otherwise)
+            torch.distributed.destroy_process_group()
+
+
+def run(args, run_dir, device, resumed=False):
+    """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
+    rank, world = data.distributed()
+    # ---- data: real training images (+ synthetic ID positives, + negative-only images)
+    args, splits, train_set, near_ood = load_training_data(args, device)
+    _, C, H, _ = train_set.images.shape  # channels and side of every training image
+    K = len(splits.classes)  # training classes (held-out OOD classes excluded)
+    augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
+    mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
+    count = lambda kind: int((train_set.kind == kind).sum())  # noqa: E731
+    n_real, n_neg = count(data.KIND_REAL), count(data.KIND_NEGATIVE)  # n_real 0 with --no-real
+    n_syn = count(data.KIND_ID) + count(data.KIND_NEAR_OOD)
+    negative_data = "" if not n_neg else (
+        f"{n_neg} real negatives from {args.negative_data} "
+        f"({int(train_set.every_anchor.sum())} of every anchor, "
+        f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
+    print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
+          f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
+          f"negative-only), {negative_data}{len(splits.test)} test, {K} classes; held out as OOD: "
+          f"{splits.ood_classes or 'none'}; device {device}")
+    # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
+    # whether the synthetic set was generated in this run or read from the cache
+    torch.manual_seed(args.seed)  # the initial weights (and ce's classifier)
+    model, classifier, opt = build_training(args, C, H, K, device, world)
+    per_epoch = count_batches(args, train_set)  # optimiser steps per epoch
+    total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
+    warmup = args.warmup_steps if args.warmup_steps is not None else \
+        int(args.warmup_epochs * per_epoch)  # warm-up epochs -> steps
+    # the learning rate at step s: args.lr * lr_factor(s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    gens = Generators(args.seed, device)
+    checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
+    # a run stopped before its first checkpoint resumes from its first step
+    restored = resumed and os.path.exists(checkpoint.path)
+    epoch0, step0, log_state = checkpoint.restore() if restored else (0, 0, {})  # 0-based epoch
+    done = epoch0 * per_epoch + step0  # optimiser steps already taken
+    if resumed:
+        check_resumable(run_dir, done, total)
+        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
+              + ("" if restored else " (it stopped before its first checkpoint)"))
+    if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
+        if resumed:  # the temporaries a stop may have left are never a finished file
+            data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
+        data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
+    log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
+    step_model, step_classifier = step_modules(args, model, classifier, device, world)
+    loss_of = make_loss(args, gens.mining)  # the loss, chosen once
+    data_on = data_placement(args, train_set.images, device)
+    images = train_set.images.to(device) if data_on == "device" else train_set.images
+    # two views for the contrastive losses; ce and dataset-scope triplets use one
+    n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
+    probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
+                                   splits.test, mean, std, device)
+    # ---- the loop: make views -> train_step (forward, loss, backward, update) -> log
+    model.train()  # dropout on, batch norm on batch statistics
+    with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
+        for epoch in range(epoch0, math.ceil(total / per_epoch)):  # the last epoch may be cut short
+            first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
+            if first == 0:  # (a resumed epoch's loss keeps the steps before the stop)
+                log.new_epoch()
+            checkpoint.mark(epoch, first)  # where a checkpoint taken from now on restarts
+            batches = checkpoint.epoch_batches(epoch) or epoch_batches(args, train_set, epoch, (
+                evaluate.extract_features(model, train_set.images, mean, std, device, head=True)
+                if args.mining_scope == "dataset" else None))  # the set's embeddings, to mine
+            batches = checkpoint.keep_batches(epoch, batches[:total - epoch * per_epoch], args)
+            for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
+                                                         args.workers):
+                ctrl_c.check()  # a Ctrl-C stops here, between steps
+                if not len(batch):  # a dataset-scope batch without a triplet: no loss, so no
+                    sched.step()  # update (AdamW's decay and momentum would move the weights)
+                    log.progress.update(1)
+                    checkpoint.mark(epoch, step + 1)
+                    continue
+                # dropout draws from the global generator, re-seeded each step: the labelled
+                # rows (first in the batch) get the same masks with or without negatives
+                torch.manual_seed(data.derive_seed(args.seed, "step", epoch * per_epoch + step))
+                n_labelled = rows.numel() if args.mining_scope == "dataset" else \
+                    int((~train_set.negative_only[rows]).sum())  # labelled rows come first
+                views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)
+                sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
+                roles = (train_set.labels[batch], train_set.negative_only[batch],
+                         train_set.every_anchor[batch])  # (B,) each, on the CPU
+                loss = train_step(args, step_model, step_classifier, loss_of, opt, sched, views,
+                                  roles, sizes, checkpoint.updating())
+                log.step(loss, epoch, step)  # read a step later (EpochLog)
+                checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
+            steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch
+            due = args.eval_every and (epoch + 1) % args.eval_every == 0  # a probe ends this epoch
+            log.end_epoch(epoch, steps_done, sched.get_last_lr()[0], probe if due else None)
+            # a full epoch restarts at the next one; a last epoch cut by --train-steps where it
+            # stopped, so that a longer --train-steps goes on with the same epoch's batches
+            position = (epoch + 1, 0) if len(batches) == per_epoch else (epoch, len(batches))
+            checkpoint.save(*position, checkpoint.rng_states(), log.state())
+    log.progress.close()
+    if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
+        return {}
+    return finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std,
+                  device, log.minutes(), total)
+
+
+def check_resumable(run_dir, steps_done, total):
+    """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))  # finish() writes it last
+    if steps_done > total:
+        raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
+                             f"more than the {total} asked for; it cannot be shortened")
+    if steps_done == total and finished:  # steps done and metrics written: nothing left to do
+        raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
+                             f"steps); pass a larger --epochs or --train-steps to train on")
+
+
+# -----------------------------------------------------------------------------
+# The training step
+class Generators:
+    """The run's own random streams, stored in every checkpoint so --resume draws the same
+    numbers: the labelled images' views, the negative-only images' views, triplet mining."""
+
+    def __init__(self, seed, device):
+        stream = lambda name: torch.Generator(device=device).manual_seed(  # noqa: E731
+            data.derive_seed(seed, name))  # drawn on the device
+        self.augment, self.mining, self.negatives = (stream(name) for name in
+                                                     ("augment", "mining", "negatives"))
+
+
+def make_views(images, n_labelled, how, n_views, gens, mean, std):
+    """(b, C, H, W) uint8 -> (b, V, C, H, W) augmented float views. The labelled rows (first)
+    draw from gens.augment, the negative-only rows after them from gens.negatives, so in one
+    process labelled images get the same views whether or not negatives ride on their batch.
+    (Under torchrun each rank draws the same stream for its own shard.)"""
+    # [(labelled rows, their stream), (negative-only rows, theirs)]
+    parts = [(images[:n_labelled], gens.augment), (images[n_labelled:], gens.negatives)]
+    views = [torch.cat([data.augment(x, how, g, mean, std) for x, g in parts])
+             for _ in range(n_views)]  # V of (b, C, H, W); b may be 0 (an empty triplet batch)
+    layout = torch.channels_last if images.is_cuda else torch.contiguous_format  # NHWC on CUDA
+    return torch.stack([v.contiguous(memory_format=layout) for v in views], 1)  # (b, V, C, H, W)
+
+
+def gather_rows(z, sizes):
+    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
+
+    z: (sizes[rank], ...) this rank's rows -> (sum(sizes), ...) in rank order. A plain
+    all_gather returns tensors without gradients; torch.distributed.nn's version sends each
+    rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
+    Shards may differ in size by one: padded to the largest and cut back after."""
+    pad = max(sizes) - z.shape[0]  # rows this rank lacks of the largest shard (0 or 1)
+    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
+    # W tensors (max(sizes), ...); gradients flow back through it
+    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
+
+
+def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes=None,
+               updating=contextlib.nullcontext()):
+    """One optimiser step, as the algorithm reads: forward, loss, backward, update. views: (b, V,
+    C, H, W) views of this process's rows; roles: the whole batch's (labels, negative_only,
+    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss. The forward
+    runs under bf16 autocast on CUDA, backward outside it (as autocast's documentation asks),
+    the update inside `updating`. Returns the whole batch's loss as a device scalar, unread
+    (reading it would wait for the device)."""
+    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
+        out = forward(args, model, classifier, views, sizes)  # embeddings (or ce's logits)
+        loss = loss_of(out, *roles, sizes)  # a scalar
+    value = loss.detach().clone()  # a copy: all_reduce below works in place
+    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
+    loss.backward()  # under DDP: gradients averaged over the ranks during backward
+    with updating:  # the parameters change now: a checkpoint must not see half of it
+        opt.step()
+        sched.step()
+    if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
+        torch.distributed.all_reduce(value)  # SUM over the ranks
+        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
+    return value
+
+
+def forward(args, model, classifier, views, sizes=None):
+    """The step's forward pass. views (b, V, C, H, W) of this process's rows -> ce: logits
+    (b V, K) of them; dataset-scope triplets: (T, 3, D), each triplet's anchor, positive and
+    negative (views are (3T, 1, ...)); the other losses: embeddings (B, V, D) of the whole batch,
+    under torchrun gathered from every rank with their gradients (gather_rows)."""
+    b, V = views.shape[:2]  # b rows of this rank, V views each
+    x = views.flatten(0, 1)  # (b V, C, H, W), image-major
+    if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
+        return classifier(model(x))
+    if args.mining_scope == "dataset":  # the model runs even on 0 rows, so that DDP's
+        return model(x).float().view(-1, 3, args.embedding_dim)  # gradient hooks fire
+    z = model(x).float().view(b, V, -1)  # (b, V, D)
+    return gather_rows(z, sizes) if sizes else z  # (B, V, D): the whole batch, with gradients
+
+
+def make_loss(args, generator):
+    """The run's loss, chosen once from --loss: loss_of(out, labels, negative_only, every_anchor,
+    sizes) -> scalar, with `out` as forward() returns it and the roles of the whole batch (best
+    on the CPU: SupCon then does its row bookkeeping there and the GPU never waits for it).
+
+    Under torchrun every rank's loss has a gradient that, after DDP's average over ranks, equals
+    one process's on the whole batch. Contrastive losses see all B rows (gathered), so every rank
+    computes the same loss and backward sums the W ranks' gradients (DDP's average divides them
+    out). Means over this rank's rows (cross-entropy, dataset-scope triplets) are scaled by
+    b W / B, so that their average over ranks is the whole batch's."""
+    def share(sizes):  # (this rank's first row, its rows b, the scale b W / B)
+        rank, world = data.distributed() if sizes else (0, 1)
+        return (sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)) if sizes \
+            else (0, None, 1.0)
+
+    def cross_entropy(logits, labels, negative_only, every_anchor, sizes):
+        start, b, scale = share(sizes)
+        b = b or len(labels)
+        local = labels[start:start + b].repeat_interleave(len(logits) // max(1, b))  # (b V,)
+        return F.cross_entropy(logits, data.to_device(local, logits.device)) * scale
+
+    def dataset_triplets(z, labels, negative_only, every_anchor, sizes):  # z (T, 3, D)
+        if not len(z):  # no triplet in this rank's share
+            return z.sum() * 0.0
+        return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
+                                     distance=args.distance) * share(sizes)[2]
+
+    def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
+        return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
+                                  temperature=args.temperature,
+                                  base_temperature=args.base_temperature,
+                                  # a rule per image: its class's anchors, or every anchor
+                                  hard_negatives="all" if args.hard_negatives == "all"
+                                  else ~every_anchor,
+                                  negative_weight=args.negative_weight,
+                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
+
+    def pairs_or_triplets(z, labels, negative_only, every_anchor, sizes):
+        V = z.shape[1]  # every view is a sample of its image's class, with its image's role
+        z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B V, D), (B V,)
+        negative_only = negative_only.repeat_interleave(V)
+        if args.loss == "triplet":  # mined in the batch
+            return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,
+                                       mining=args.mining, distance=args.distance,
+                                       generator=generator)
+        return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
+
+    if args.loss == "ce":
+        return cross_entropy
+    if args.mining_scope == "dataset":
+        return dataset_triplets
+    return contrastive if args.loss in ("supcon", "simclr") else pairs_or_triplets
+
+
+# -----------------------------------------------------------------------------
+# Data, model, schedule
+def load_training_data(args, device):
+    """(settings, splits, training set, outliers): the real splits plus the synthetic images the
+    flags ask for, generated into the cache first on a miss (settings then name the cache
+    folder, so config.json says which set the run used), and --negative-data's images; the
+    outliers are what --outlier-exposure reads (data.training_set)."""
+    splits = data.splits_from_args(args)  # train / test / held-out OOD test
+    if not len(splits.test):
+        raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
+                             "fraction above 0 or a PATH/test folder")
+    # a synthetic role (--outlier-exposure reads the near-OOD images unless --negative-data is given)
+    wants = args.positives != "none" or args.negatives != "none" or \
+        (args.outlier_exposure and not args.negative_data)
+    if wants and not args.synthetic:
+        folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
+        args = data.settings(args, {"synthetic": folder})  # a copy: the caller's args stay
+    train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
+    if args.loss == "simclr" and (train_set.negative_only & ~train_set.every_anchor &
+                                  (train_set.kind == data.KIND_NEGATIVE)).any():
+        raise data.DataError(f"--negative-data {args.negative_data}: --loss simclr has no classes "
+                             f"for its class sub-folders; put every negative in the folder itself")
+    return args, splits, train_set, near_ood
+
+
+def lr_factor(step, total_steps, warmup_steps):
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:  # large-batch SGD is unstable in its first steps (Goyal et al. 2017)
+        return (step + 1) / warmup_steps  # 1/w, 2/w, ..., 1: step 0 already moves the weights
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    # cosine annealing (Loshchilov & Hutter 2017, SGDR), without restarts
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_training(args, channels, size, num_classes, device, world):
+    """The model (encoder + the loss's head), the linear classifier and the optimiser."""
+    # classifier: nn.Linear(F, K) on the encoder features
+    model, classifier = supcon.build_model(args.model, args.loss, channels, size, num_classes,
+                                           args.embedding_dim, args.pretrained)
+    if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
+        path = os.path.join(args.init_from, "model.pt")
+        init = data.load_torch_file(path, "--init-from")
+        data.load_weights(model, init, "model", path, "--init-from")
+        data.load_weights(classifier, init, "classifier", path, "--init-from")
+    model, classifier = model.to(device), classifier.to(device)
+    if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and args.sync_bn:  # batch statistics over all ranks' shards
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # contrastive losses train the encoder only; their linear probe trains after
+    params = [*model.parameters(), *(classifier.parameters() if args.loss == "ce" else [])]
+    if args.optimizer == "adamw":
+        # AdamW: decoupled weight decay (Loshchilov & Hutter 2019)
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return model, classifier, opt
+
+
+def step_modules(args, model, classifier, device, world):
+    """What the step calls: DDP wrappers under torchrun (they average the gradients over the
+    ranks) and torch.compile on request; `model` and `classifier` stay the plain modules saved."""
+    step_model, step_classifier = model, classifier
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
+        step_model = DistributedDataParallel(model, device_ids=ids)
+        if args.loss == "ce":  # only ce trains its classifier inside the loop
+            step_classifier = DistributedDataParallel(classifier, device_ids=ids)
+    if args.compile:
+        step_model = torch.compile(step_model)  # compiles on the first step's shapes
+    return step_model, step_classifier
+
+
+def count_batches(args, train_set):
+    """Batches per epoch; a function of the set's sizes alone (not of the draws or a model)."""
+    if args.loss == "ce":
+        return math.ceil(len(train_set) / args.batch_size)  # shuffled batches, the last one shorter
+    if args.mining_scope == "dataset":  # triplets of batch_size // 3, about batch_size images
+        labelled = int((~train_set.negative_only).sum())  # negative-only rows are never anchors
+        return max(1, math.ceil(labelled / max(1, args.batch_size // 3)))
+    # groups of m per class, dealt round-robin into the batches
+    return data.count_contrastive_batches(train_set.labels, train_set.negative_only,
+                                          args.batch_size, args.m_per_class)
+
+
+def epoch_batches(args, train_set, epoch, embeddings=None):
+    """The index batches of one epoch, drawn from the epoch's own stream (data.epoch_generator).
+    Dataset-scope triplet mining returns (T, 3) triplet batches mined on `embeddings` (N, D)."""
+    g = data.epoch_generator(args.seed, epoch)  # own stream: a resumed epoch redraws them
+    if args.mining_scope == "dataset":
+        # a, p, n: (T,) indices into train_set
+        a, p, n = supcon.mine_triplets(embeddings, train_set.labels, train_set.negative_only,
+                                       margin=args.margin, mining=args.mining,
+                                       distance=args.distance, generator=g)
+        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3)
+        return list(triplets.tensor_split(count_batches(args, train_set)))  # (t, 3) triplets each
+    if args.loss == "ce":  # plain shuffled batches
+        return list(torch.randperm(len(train_set), generator=g).split(args.batch_size))
+    # (b,) index tensors, labelled rows first, negative-only rows after them
+    return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
+                                    args.m_per_class, args.negatives_per_batch, g,
+                                    train_set.every_anchor)
+
+
+def data_placement(args, images, device):
+    """--data-on auto: the training set goes to the GPU when it takes less than half of the free
+    memory (the rest is for the model and the activations), else it stays in host memory."""
+    if args.data_on != "auto":
+        return args.data_on
+    if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one
+        return "device"
+    free_bytes, _ = torch.cuda.mem_get_info(device)  # cudaMemGetInfo: (free, total) bytes
+    return "device" if images.nbytes < free_bytes / 2 else "host"  # uint8: N C H W bytes
+
+
+def batch_stream(images, batches, first, data_on, device, workers):
+    """(step, batch, this rank's rows, their uint8 images on the device) for batches[first:].
+    data_on "host": DataLoader workers gather the images into pinned memory a few batches ahead
+    and the copy overlaps the previous step; "device": indexed on the device."""
+    rank, world = data.distributed()
+    # an iterator of each batch's (b_rank, C, H, W) uint8 images, or None
+    fetched = data.host_batches(images, batches, first, rank, world, workers,
+                                pin_memory=device.type == "cuda") if data_on == "host" else None
+    for step in range(first, len(batches)):
+        rows = batches[step].tensor_split(world)[rank]  # this rank's shard (all of it alone)
+        if fetched is not None:  # gathered by a worker, pinned: the copy does not wait
+            local = next(fetched)
+        else:
+            local = images[data.to_device(rows.flatten(), device)]  # indexed on the device, no copy
+        yield step, batches[step], rows, data.to_device(local, device)  # host: pinned, non-blocking
+
+
+# -----------------------------------------------------------------------------
+# After training: the linear probe and the evaluation
+def train_linear(args, features, labels, num_classes, device, seed, outliers=None):
+    """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded.
+    outliers (M, F): with --outlier-exposure lambda, each step also adds lambda times the
+    cross-entropy of a batch of outliers to the uniform distribution (Hendrycks et al. 2019)."""
+    g = torch.Generator().manual_seed(seed)  # the batch order of the probe
+    torch.manual_seed(seed)  # its initial weights
+    classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)
+    # standardised features (the statistics are folded into the layer at the end)
+    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # clamp: a dead feature
+    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,) on the device
+    oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0  # lambda, or 0
+    x_out = ((outliers - mu) / sigma).to(device) if oe else None  # (M, F)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex
+    steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # no warm-up
+    for _ in range(args.linear_epochs):
+        # the order is drawn on the CPU (the same on every device), moved over once an epoch
+        for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
+            loss = F.cross_entropy(classifier(x[idx]), y[idx])  # batch mean of -log p(y | x)
+            if oe:  # -mean log-softmax = cross-entropy to the uniform distribution
+                # as many outliers as ID rows, drawn with replacement
+                pick = torch.randint(len(x_out), (len(idx),), generator=g).to(device)
+                loss = loss - oe * classifier(x_out[pick]).log_softmax(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():  # fold the standardisation in: W (x - mu) / sigma + b
+        w = classifier.weight / sigma.to(device)  # (K, F)
+        classifier.bias -= (w * mu.to(device)).sum(1)  # b' = b - W mu / sigma
+        classifier.weight.copy_(w)  # W' = W / sigma: the same logits on raw features
+    return classifier
+
+
+def fit_probe(args, model, classifier, train_set, near_ood, mean, std, device, num_classes):
+    """The classifier evaluated: a fresh linear probe on the frozen encoder's features of the
+    probe set (real + ID images, never near-OOD ones), or ce's own head."""
+    if args.loss == "ce":
+        return classifier
+    probe_set = train_set.probe_set()
+    features = evaluate.extract_features(model, probe_set.images, mean, std, device)  # (N, F)
+    outliers = None
+    if args.outlier_exposure and near_ood is not None:
+        outliers = evaluate.extract_features(model, near_ood.images, mean, std, device)  # (M, F)
+    return train_linear(args, features, probe_set.labels, num_classes, device, args.seed, outliers)
+
+
+def probe_accuracy(args, model, classifier, train_set, near_ood, test, mean, std, device):
+    """Test accuracy of the probe on the current encoder, for --eval-every. It runs on a copy
+    of the random state, so training draws the same numbers afterwards (resume stays exact)."""
+    # saves and restores the CPU generator (and the GPU's on CUDA) around the probe
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
+                          len(test.classes))
+        test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
+        with torch.no_grad():
+            predicted = probe(test_f.to(device)).argmax(1).cpu()  # (N_test,) class ids on the CPU
+    return (predicted == test.labels).float().mean().item()
+
+
+def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std, device,
+           minutes, steps):
+    """Linear probe, model.pt, the evaluation of evaluate.py, metrics.json; the results."""
+    classifier = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
+                           len(splits.classes))
+    arch = {k: getattr(args, k) for k in ("model", "loss", "embedding_dim")}  # to rebuild it
+    state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
+             "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
+    # what evaluate.py's load_run reads back
+    data.save_torch(os.path.join(run_dir, "model.pt"), state)
+    # epochs: fractional when --train-steps cuts the last one
+    results = {"train_minutes": minutes, "epochs": steps / count_batches(args, train_set),
+               "optimizer_steps": steps,
+               **evaluate.evaluate(model, classifier, splits, mean, std, device, run_dir,
+                                   train_set.synthetic(), pictures=not args.no_report,
+                                   seed=args.seed)}
+    data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(results, indent=2))
+    line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
+    if "ood_auroc_knn" in results:
+        line += (f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN "
+                 f"{results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}")
+    report = "" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"
+    print(f"{line}; {steps} steps, {minutes:.2f} min of training; results in {run_dir}{report}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Plumbing: the command line and the run folder
 def build_parser():
     """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
     p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__, "train.py")))
@@ -289,277 +782,7 @@ def claim_run_folder(args):
 
 
 # -----------------------------------------------------------------------------
-# Data, model, schedule
-
-
-def load_training_data(args, device):
-    """(settings, splits, training set, outliers): the real splits plus the synthetic images the
-    flags ask for, generated into the cache first on a miss (settings then name the cache
-    folder, so config.json says which set the run used), and --negative-data's images; the
-    outliers are what --outlier-exposure reads (data.training_set)."""
-    splits = data.splits_from_args(args)  # train / test / held-out OOD test
-    if not len(splits.test):
-        raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
-                             "fraction above 0 or a PATH/test folder")
-    # a synthetic role (--outlier-exposure reads the near-OOD images unless --negative-data is given)
-    wants = args.positives != "none" or args.negatives != "none" or \
-        (args.outlier_exposure and not args.negative_data)
-    if wants and not args.synthetic:
-        folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
-        args = data.settings(args, {"synthetic": folder})  # a copy: the caller's args stay
-    train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
-    if args.loss == "simclr" and (train_set.negative_only & ~train_set.every_anchor &
-                                  (train_set.kind == data.KIND_NEGATIVE)).any():
-        raise data.DataError(f"--negative-data {args.negative_data}: --loss simclr has no classes "
-                             f"for its class sub-folders; put every negative in the folder itself")
-    return args, splits, train_set, near_ood
-
-
-def lr_factor(step, total_steps, warmup_steps):
-    """Linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup_steps:  # large-batch SGD is unstable in its first steps (Goyal et al. 2017)
-        return (step + 1) / warmup_steps  # 1/w, 2/w, ..., 1: step 0 already moves the weights
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
-    # cosine annealing (Loshchilov & Hutter 2017, SGDR), without restarts
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_training(args, channels, size, num_classes, device, world):
-    """The model (encoder + the loss's head), the linear classifier and the optimiser."""
-    # classifier: nn.Linear(F, K) on the encoder features
-    model, classifier = supcon.build_model(args.model, args.loss, channels, size, num_classes,
-                                           args.embedding_dim, args.pretrained)
-    if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
-        path = os.path.join(args.init_from, "model.pt")
-        init = data.load_torch_file(path, "--init-from")
-        data.load_weights(model, init, "model", path, "--init-from")
-        data.load_weights(classifier, init, "classifier", path, "--init-from")
-    model, classifier = model.to(device), classifier.to(device)
-    if device.type == "cuda":  # NHWC: the layout tensor cores convolve fastest in
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1 and args.sync_bn:  # batch statistics over all ranks' shards
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # contrastive losses train the encoder only; their linear probe trains after
-    params = [*model.parameters(), *(classifier.parameters() if args.loss == "ce" else [])]
-    if args.optimizer == "adamw":
-        # AdamW: decoupled weight decay (Loshchilov & Hutter 2019)
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    return model, classifier, opt
-
-
-def step_modules(args, model, classifier, device, world):
-    """What the step calls: DDP wrappers under torchrun (they average the gradients over the
-    ranks) and torch.compile on request; `model` and `classifier` stay the plain modules saved."""
-    step_model, step_classifier = model, classifier
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
-        step_model = DistributedDataParallel(model, device_ids=ids)
-        if args.loss == "ce":  # only ce trains its classifier inside the loop
-            step_classifier = DistributedDataParallel(classifier, device_ids=ids)
-    if args.compile:
-        step_model = torch.compile(step_model)  # compiles on the first step's shapes
-    return step_model, step_classifier
-
-
-def count_batches(args, train_set):
-    """Batches per epoch; a function of the set's sizes alone (not of the draws or a model)."""
-    if args.loss == "ce":
-        return math.ceil(len(train_set) / args.batch_size)  # shuffled batches, the last one shorter
-    if args.mining_scope == "dataset":  # triplets of batch_size // 3, about batch_size images
-        labelled = int((~train_set.negative_only).sum())  # negative-only rows are never anchors
-        return max(1, math.ceil(labelled / max(1, args.batch_size // 3)))
-    # groups of m per class, dealt round-robin into the batches
-    return data.count_contrastive_batches(train_set.labels, train_set.negative_only,
-                                          args.batch_size, args.m_per_class)
-
-
-def epoch_batches(args, train_set, epoch, embeddings=None):
-    """The index batches of one epoch, drawn from the epoch's own stream (data.epoch_generator).
-    Dataset-scope triplet mining returns (T, 3) triplet batches mined on `embeddings` (N, D)."""
-    g = data.epoch_generator(args.seed, epoch)  # own stream: a resumed epoch redraws them
-    if args.mining_scope == "dataset":
-        # a, p, n: (T,) indices into train_set
-        a, p, n = supcon.mine_triplets(embeddings, train_set.labels, train_set.negative_only,
-                                       margin=args.margin, mining=args.mining,
-                                       distance=args.distance, generator=g)
-        triplets = torch.stack([a, p, n], 1)[torch.randperm(len(a), generator=g)]  # (T, 3)
-        return list(triplets.tensor_split(count_batches(args, train_set)))  # (t, 3) triplets each
-    if args.loss == "ce":  # plain shuffled batches
-        return list(torch.randperm(len(train_set), generator=g).split(args.batch_size))
-    # (b,) index tensors, labelled rows first, negative-only rows after them
-    return data.contrastive_batches(train_set.labels, train_set.negative_only, args.batch_size,
-                                    args.m_per_class, args.negatives_per_batch, g,
-                                    train_set.every_anchor)
-
-
-def data_placement(args, images, device):
-    """--data-on auto: the training set goes to the GPU when it takes less than half of the free
-    memory (the rest is for the model and the activations), else it stays in host memory."""
-    if args.data_on != "auto":
-        return args.data_on
-    if device.type != "cuda":  # CPU (and Apple's unified memory): host and device are one
-        return "device"
-    free_bytes, _ = torch.cuda.mem_get_info(device)  # cudaMemGetInfo: (free, total) bytes
-    return "device" if images.nbytes < free_bytes / 2 else "host"  # uint8: N C H W bytes
-
-
-def batch_stream(images, batches, first, data_on, device, workers):
-    """(step, batch, this rank's rows, their uint8 images on the device) for batches[first:].
-    data_on "host": DataLoader workers gather the images into pinned memory a few batches ahead
-    and the copy overlaps the previous step; "device": indexed on the device."""
-    rank, world = data.distributed()
-    # an iterator of each batch's (b_rank, C, H, W) uint8 images, or None
-    fetched = data.host_batches(images, batches, first, rank, world, workers,
-                                pin_memory=device.type == "cuda") if data_on == "host" else None
-    for step in range(first, len(batches)):
-        rows = batches[step].tensor_split(world)[rank]  # this rank's shard (all of it alone)
-        if fetched is not None:  # gathered by a worker, pinned: the copy does not wait
-            local = next(fetched)
-        else:
-            local = images[data.to_device(rows.flatten(), device)]  # indexed on the device, no copy
-        yield step, batches[step], rows, data.to_device(local, device)  # host: pinned, non-blocking
-
-
-# -----------------------------------------------------------------------------
-# The training step
-
-
-class Generators:
-    """The run's own random streams, stored in every checkpoint so --resume draws the same
-    numbers: the labelled images' views, the negative-only images' views, triplet mining."""
-
-    def __init__(self, seed, device):
-        stream = lambda name: torch.Generator(device=device).manual_seed(  # noqa: E731
-            data.derive_seed(seed, name))  # drawn on the device
-        self.augment, self.mining, self.negatives = (stream(name) for name in
-                                                     ("augment", "mining", "negatives"))
-
-
-def make_views(images, n_labelled, how, n_views, gens, mean, std):
-    """(b, C, H, W) uint8 -> (b, V, C, H, W) augmented float views. The labelled rows (first)
-    draw from gens.augment, the negative-only rows after them from gens.negatives, so in one
-    process labelled images get the same views whether or not negatives ride on their batch.
-    (Under torchrun each rank draws the same stream for its own shard.)"""
-    # [(labelled rows, their stream), (negative-only rows, theirs)]
-    parts = [(images[:n_labelled], gens.augment), (images[n_labelled:], gens.negatives)]
-    views = [torch.cat([data.augment(x, how, g, mean, std) for x, g in parts])
-             for _ in range(n_views)]  # V of (b, C, H, W); b may be 0 (an empty triplet batch)
-    layout = torch.channels_last if images.is_cuda else torch.contiguous_format  # NHWC on CUDA
-    return torch.stack([v.contiguous(memory_format=layout) for v in views], 1)  # (b, V, C, H, W)
-
-
-def gather_rows(z, sizes):
-    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
-
-    z: (sizes[rank], ...) this rank's rows -> (sum(sizes), ...) in rank order. A plain
-    all_gather returns tensors without gradients; torch.distributed.nn's version sends each
-    rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
-    Shards may differ in size by one: padded to the largest and cut back after."""
-    pad = max(sizes) - z.shape[0]  # rows this rank lacks of the largest shard (0 or 1)
-    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
-    # W tensors (max(sizes), ...); gradients flow back through it
-    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
-
-
-def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes=None,
-               updating=contextlib.nullcontext()):
-    """One optimiser step, as the algorithm reads: forward, loss, backward, update. views: (b, V,
-    C, H, W) views of this process's rows; roles: the whole batch's (labels, negative_only,
-    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss. The forward
-    runs under bf16 autocast on CUDA, backward outside it (as autocast's documentation asks),
-    the update inside `updating`. Returns the whole batch's loss as a device scalar, unread
-    (reading it would wait for the device)."""
-    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
-        out = forward(args, model, classifier, views, sizes)  # embeddings (or ce's logits)
-        loss = loss_of(out, *roles, sizes)  # a scalar
-    value = loss.detach().clone()  # a copy: all_reduce below works in place
-    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
-    loss.backward()  # under DDP: gradients averaged over the ranks during backward
-    with updating:  # the parameters change now: a checkpoint must not see half of it
-        opt.step()
-        sched.step()
-    if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
-        torch.distributed.all_reduce(value)  # SUM over the ranks
-        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
-    return value
-
-
-def forward(args, model, classifier, views, sizes=None):
-    """The step's forward pass. views (b, V, C, H, W) of this process's rows -> ce: logits
-    (b V, K) of them; dataset-scope triplets: (T, 3, D), each triplet's anchor, positive and
-    negative (views are (3T, 1, ...)); the other losses: embeddings (B, V, D) of the whole batch,
-    under torchrun gathered from every rank with their gradients (gather_rows)."""
-    b, V = views.shape[:2]  # b rows of this rank, V views each
-    x = views.flatten(0, 1)  # (b V, C, H, W), image-major
-    if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
-        return classifier(model(x))
-    if args.mining_scope == "dataset":  # the model runs even on 0 rows, so that DDP's
-        return model(x).float().view(-1, 3, args.embedding_dim)  # gradient hooks fire
-    z = model(x).float().view(b, V, -1)  # (b, V, D)
-    return gather_rows(z, sizes) if sizes else z  # (B, V, D): the whole batch, with gradients
-
-
-def make_loss(args, generator):
-    """The run's loss, chosen once from --loss: loss_of(out, labels, negative_only, every_anchor,
-    sizes) -> scalar, with `out` as forward() returns it and the roles of the whole batch (best
-    on the CPU: SupCon then does its row bookkeeping there and the GPU never waits for it).
-
-    Under torchrun every rank's loss has a gradient that, after DDP's average over ranks, equals
-    one process's on the whole batch. Contrastive losses see all B rows (gathered), so every rank
-    computes the same loss and backward sums the W ranks' gradients (DDP's average divides them
-    out). Means over this rank's rows (cross-entropy, dataset-scope triplets) are scaled by
-    b W / B, so that their average over ranks is the whole batch's."""
-    def share(sizes):  # (this rank's first row, its rows b, the scale b W / B)
-        rank, world = data.distributed() if sizes else (0, 1)
-        return (sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)) if sizes \
-            else (0, None, 1.0)
-
-    def cross_entropy(logits, labels, negative_only, every_anchor, sizes):
-        start, b, scale = share(sizes)
-        b = b or len(labels)
-        local = labels[start:start + b].repeat_interleave(len(logits) // max(1, b))  # (b V,)
-        return F.cross_entropy(logits, data.to_device(local, logits.device)) * scale
-
-    def dataset_triplets(z, labels, negative_only, every_anchor, sizes):  # z (T, 3, D)
-        if not len(z):  # no triplet in this rank's share
-            return z.sum() * 0.0
-        return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                     distance=args.distance) * share(sizes)[2]
-
-    def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
-        return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
-                                  temperature=args.temperature,
-                                  base_temperature=args.base_temperature,
-                                  # a rule per image: its class's anchors, or every anchor
-                                  hard_negatives="all" if args.hard_negatives == "all"
-                                  else ~every_anchor,
-                                  negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
-
-    def pairs_or_triplets(z, labels, negative_only, every_anchor, sizes):
-        V = z.shape[1]  # every view is a sample of its image's class, with its image's role
-        z, labels = z.flatten(0, 1), labels.repeat_interleave(V)  # (B V, D), (B V,)
-        negative_only = negative_only.repeat_interleave(V)
-        if args.loss == "triplet":  # mined in the batch
-            return supcon.triplet_loss(z, labels, negative_only, margin=args.margin,
-                                       mining=args.mining, distance=args.distance,
-                                       generator=generator)
-        return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
-
-    if args.loss == "ce":
-        return cross_entropy
-    if args.mining_scope == "dataset":
-        return dataset_triplets
-    return contrastive if args.loss in ("supcon", "simclr") else pairs_or_triplets
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints, Ctrl-C and the log: what makes a stopped run continue exactly
-
-
 class Checkpoint:
     """checkpoint.pt: everything --resume needs to continue at (epoch, step) as if never
     stopped -- weights, optimiser, schedule, every random state, the epoch's log so far."""
@@ -780,237 +1003,6 @@ class EpochLog:
         """An epoch starts: its mean loss starts from nothing. (Not at the end of the last one:
         a stop right after it restarts by closing that epoch again, with its losses.)"""
         self.loss_sum, self.loss_steps = 0.0, 0
-
-
-# -----------------------------------------------------------------------------
-# After training: the linear probe and the evaluation
-
-
-def train_linear(args, features, labels, num_classes, device, seed, outliers=None):
-    """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded.
-    outliers (M, F): with --outlier-exposure lambda, each step also adds lambda times the
-    cross-entropy of a batch of outliers to the uniform distribution (Hendrycks et al. 2019)."""
-    g = torch.Generator().manual_seed(seed)  # the batch order of the probe
-    torch.manual_seed(seed)  # its initial weights
-    classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)
-    # standardised features (the statistics are folded into the layer at the end)
-    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # clamp: a dead feature
-    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,) on the device
-    oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0  # lambda, or 0
-    x_out = ((outliers - mu) / sigma).to(device) if oe else None  # (M, F)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex
-    steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # no warm-up
-    for _ in range(args.linear_epochs):
-        # the order is drawn on the CPU (the same on every device), moved over once an epoch
-        for idx in torch.split(torch.randperm(len(x), generator=g).to(device), 256):
-            loss = F.cross_entropy(classifier(x[idx]), y[idx])  # batch mean of -log p(y | x)
-            if oe:  # -mean log-softmax = cross-entropy to the uniform distribution
-                # as many outliers as ID rows, drawn with replacement
-                pick = torch.randint(len(x_out), (len(idx),), generator=g).to(device)
-                loss = loss - oe * classifier(x_out[pick]).log_softmax(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():  # fold the standardisation in: W (x - mu) / sigma + b
-        w = classifier.weight / sigma.to(device)  # (K, F)
-        classifier.bias -= (w * mu.to(device)).sum(1)  # b' = b - W mu / sigma
-        classifier.weight.copy_(w)  # W' = W / sigma: the same logits on raw features
-    return classifier
-
-
-def fit_probe(args, model, classifier, train_set, near_ood, mean, std, device, num_classes):
-    """The classifier evaluated: a fresh linear probe on the frozen encoder's features of the
-    probe set (real + ID images, never near-OOD ones), or ce's own head."""
-    if args.loss == "ce":
-        return classifier
-    probe_set = train_set.probe_set()
-    features = evaluate.extract_features(model, probe_set.images, mean, std, device)  # (N, F)
-    outliers = None
-    if args.outlier_exposure and near_ood is not None:
-        outliers = evaluate.extract_features(model, near_ood.images, mean, std, device)  # (M, F)
-    return train_linear(args, features, probe_set.labels, num_classes, device, args.seed, outliers)
-
-
-def probe_accuracy(args, model, classifier, train_set, near_ood, test, mean, std, device):
-    """Test accuracy of the probe on the current encoder, for --eval-every. It runs on a copy
-    of the random state, so training draws the same numbers afterwards (resume stays exact)."""
-    # saves and restores the CPU generator (and the GPU's on CUDA) around the probe
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probe = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
-                          len(test.classes))
-        test_f = evaluate.extract_features(model, test.images, mean, std, device)  # (N_test, F)
-        with torch.no_grad():
-            predicted = probe(test_f.to(device)).argmax(1).cpu()  # (N_test,) class ids on the CPU
-    return (predicted == test.labels).float().mean().item()
-
-
-def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std, device,
-           minutes, steps):
-    """Linear probe, model.pt, the evaluation of evaluate.py, metrics.json; the results."""
-    classifier = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
-                           len(splits.classes))
-    arch = {k: getattr(args, k) for k in ("model", "loss", "embedding_dim")}  # to rebuild it
-    state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
-             "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
-    # what evaluate.py's load_run reads back
-    data.save_torch(os.path.join(run_dir, "model.pt"), state)
-    # epochs: fractional when --train-steps cuts the last one
-    results = {"train_minutes": minutes, "epochs": steps / count_batches(args, train_set),
-               "optimizer_steps": steps,
-               **evaluate.evaluate(model, classifier, splits, mean, std, device, run_dir,
-                                   train_set.synthetic(), pictures=not args.no_report,
-                                   seed=args.seed)}
-    data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(results, indent=2))
-    line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
-    if "ood_auroc_knn" in results:
-        line += (f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN "
-                 f"{results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}")
-    report = "" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"
-    print(f"{line}; {steps} steps, {minutes:.2f} min of training; results in {run_dir}{report}")
-    return results
-
-
-# -----------------------------------------------------------------------------
-# The run
-
-
-def main(argv=None):
-    """Parse the arguments, open the run folder (new, or --resume's) and train."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # under torchrun: join the process group (rank 0 alone prints from here on)
-    device = data.init_distributed(data.pick_device(args.device))
-    try:
-        args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
-        lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
-        # while the run goes on, a --resume of it started elsewhere is refused
-        busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
-        try:
-            with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
-                return run(args, run_dir, device, resumed)
-        except data.DiskFull as error:  # what to do once space is freed
-            if os.path.exists(os.path.join(run_dir, "config.json")):
-                error.then = f"continue with: python train.py --resume {run_dir}"
-            raise
-        finally:  # a new run that stopped before writing anything leaves no folder
-            if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
-                os.rmdir(run_dir)
-    finally:
-        if data.distributed()[1] > 1:  # leave the group even after an error (NCCL warns otherwise)
-            torch.distributed.destroy_process_group()
-
-
-def run(args, run_dir, device, resumed=False):
-    """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
-    rank, world = data.distributed()
-    # ---- data: real training images (+ synthetic ID positives, + negative-only images)
-    args, splits, train_set, near_ood = load_training_data(args, device)
-    _, C, H, _ = train_set.images.shape  # channels and side of every training image
-    K = len(splits.classes)  # training classes (held-out OOD classes excluded)
-    augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
-    mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
-    count = lambda kind: int((train_set.kind == kind).sum())  # noqa: E731
-    n_real, n_neg = count(data.KIND_REAL), count(data.KIND_NEGATIVE)  # n_real 0 with --no-real
-    n_syn = count(data.KIND_ID) + count(data.KIND_NEAR_OOD)
-    negative_data = "" if not n_neg else (
-        f"{n_neg} real negatives from {args.negative_data} "
-        f"({int(train_set.every_anchor.sum())} of every anchor, "
-        f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
-    print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
-          f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
-          f"negative-only), {negative_data}{len(splits.test)} test, {K} classes; held out as OOD: "
-          f"{splits.ood_classes or 'none'}; device {device}")
-    # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
-    # whether the synthetic set was generated in this run or read from the cache
-    torch.manual_seed(args.seed)  # the initial weights (and ce's classifier)
-    model, classifier, opt = build_training(args, C, H, K, device, world)
-    per_epoch = count_batches(args, train_set)  # optimiser steps per epoch
-    total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
-    warmup = args.warmup_steps if args.warmup_steps is not None else \
-        int(args.warmup_epochs * per_epoch)  # warm-up epochs -> steps
-    # the learning rate at step s: args.lr * lr_factor(s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-    gens = Generators(args.seed, device)
-    checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
-    # a run stopped before its first checkpoint resumes from its first step
-    restored = resumed and os.path.exists(checkpoint.path)
-    epoch0, step0, log_state = checkpoint.restore() if restored else (0, 0, {})  # 0-based epoch
-    done = epoch0 * per_epoch + step0  # optimiser steps already taken
-    if resumed:
-        check_resumable(run_dir, done, total)
-        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
-              + ("" if restored else " (it stopped before its first checkpoint)"))
-    if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
-        if resumed:  # the temporaries a stop may have left are never a finished file
-            data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
-        data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
-    log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
-    step_model, step_classifier = step_modules(args, model, classifier, device, world)
-    loss_of = make_loss(args, gens.mining)  # the loss, chosen once
-    data_on = data_placement(args, train_set.images, device)
-    images = train_set.images.to(device) if data_on == "device" else train_set.images
-    # two views for the contrastive losses; ce and dataset-scope triplets use one
-    n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
-    probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
-                                   splits.test, mean, std, device)
-    # ---- the loop: make views -> train_step (forward, loss, backward, update) -> log
-    model.train()  # dropout on, batch norm on batch statistics
-    with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
-        for epoch in range(epoch0, math.ceil(total / per_epoch)):  # the last epoch may be cut short
-            first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
-            if first == 0:  # (a resumed epoch's loss keeps the steps before the stop)
-                log.new_epoch()
-            checkpoint.mark(epoch, first)  # where a checkpoint taken from now on restarts
-            batches = checkpoint.epoch_batches(epoch) or epoch_batches(args, train_set, epoch, (
-                evaluate.extract_features(model, train_set.images, mean, std, device, head=True)
-                if args.mining_scope == "dataset" else None))  # the set's embeddings, to mine
-            batches = checkpoint.keep_batches(epoch, batches[:total - epoch * per_epoch], args)
-            for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
-                                                         args.workers):
-                ctrl_c.check()  # a Ctrl-C stops here, between steps
-                if not len(batch):  # a dataset-scope batch without a triplet: no loss, so no
-                    sched.step()  # update (AdamW's decay and momentum would move the weights)
-                    log.progress.update(1)
-                    checkpoint.mark(epoch, step + 1)
-                    continue
-                # dropout draws from the global generator, re-seeded each step: the labelled
-                # rows (first in the batch) get the same masks with or without negatives
-                torch.manual_seed(data.derive_seed(args.seed, "step", epoch * per_epoch + step))
-                n_labelled = rows.numel() if args.mining_scope == "dataset" else \
-                    int((~train_set.negative_only[rows]).sum())  # labelled rows come first
-                views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)
-                sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
-                roles = (train_set.labels[batch], train_set.negative_only[batch],
-                         train_set.every_anchor[batch])  # (B,) each, on the CPU
-                loss = train_step(args, step_model, step_classifier, loss_of, opt, sched, views,
-                                  roles, sizes, checkpoint.updating())
-                log.step(loss, epoch, step)  # read a step later (EpochLog)
-                checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
-            steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch
-            due = args.eval_every and (epoch + 1) % args.eval_every == 0  # a probe ends this epoch
-            log.end_epoch(epoch, steps_done, sched.get_last_lr()[0], probe if due else None)
-            # a full epoch restarts at the next one; a last epoch cut by --train-steps where it
-            # stopped, so that a longer --train-steps goes on with the same epoch's batches
-            position = (epoch + 1, 0) if len(batches) == per_epoch else (epoch, len(batches))
-            checkpoint.save(*position, checkpoint.rng_states(), log.state())
-    log.progress.close()
-    if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
-        return {}
-    return finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std,
-                  device, log.minutes(), total)
-
-
-def check_resumable(run_dir, steps_done, total):
-    """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))  # finish() writes it last
-    if steps_done > total:
-        raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
-                             f"more than the {total} asked for; it cannot be shortened")
-    if steps_done == total and finished:  # steps done and metrics written: nothing left to do
-        raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
-                             f"steps); pass a larger --epochs or --train-steps to train on")
 
 
 if __name__ == "__main__":
