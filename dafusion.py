@@ -147,12 +147,6 @@ class Job:
     source: str  # the source image as the manifest names it (data.Splits.source_id); "" txt2img
 
 
-def _digest(text, n=8):
-    """A short, stable hash of a string (sha256, hex)."""
-    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes (os.fsencode's)
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]  # 32 bits
-
-
 def class_folders(classes):
     """Class name -> the folder (and token) name of its images, one-to-one: plain ASCII names
     ([A-Za-z0-9._-]) as they are; any other name, and names equal but for case (one folder on
@@ -166,8 +160,8 @@ def class_folders(classes):
         if plain[name] and lower[name.lower()] == 1:  # kept as it is
             folders[name] = name
         else:
-            ascii_part = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "class"
-            folders[name] = f"{ascii_part}~{_digest(name)}"
+            ascii_part = data.ascii_name(name, 40).strip(".") or "class"
+            folders[name] = f"{ascii_part}~{data.digest(name)}"
     return folders
 
 
@@ -182,8 +176,8 @@ def plan_jobs(train_set, sources, per_image, id_strength, ood_strengths, seed,
     jobs = []
     for i, source in enumerate(sources):
         label = int(train_set.labels[i])  # a variation keeps its source's class
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(source))[0])
-        stem = f"{stem[:40]}-{_digest(source, 6)}"  # the hash: two sources never share a name
+        stem = data.ascii_name(os.path.splitext(os.path.basename(source))[0], 40)
+        stem = f"{stem}-{data.digest(source, 6)}"  # the hash: two sources never share a name
         for kind in kinds:
             for m in range(per_image):
                 # hashing, not a shared stream: an image's seed does not depend on which
@@ -240,7 +234,7 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
-            differ = data.changed_settings(json.load(f), meta, meta)
+            differ = data.changed_settings(json.load(f), meta, meta, strict=True)
         if differ:  # never reuse a model trained on other data or settings
             raise GenerationError(f"{folder} holds a DDPM trained with other settings ("
                                   f"{', '.join(k for k, _, _ in differ)} differ); delete that "
@@ -731,7 +725,10 @@ GENERATION_KEYS = ("id_strength", "ood_strength", "strengths", "per_image", "gui
                    "ddpm_steps", "ddpm_batch_size")
 
 
-def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache", "dafusion")):
+CACHE_ROOT = os.path.join(".cache", "dafusion")  # train.py's synthetic sets, by key
+
+
+def cached_synthetic_set(args, splits, device, cache_root=CACHE_ROOT):
     """For train.py's --positives / --negatives without --synthetic: generate both kinds with the
     ddpm generator into a cache folder keyed by the data, split, few-shot subset and generator
     settings, or reuse it when it is already there. Returns the folder.
@@ -745,8 +742,8 @@ def cached_synthetic_set(args, splits, device, cache_root=os.path.join(".cache",
     settings = with_generation_defaults(settings)  # the ddpm defaults are part of the key
     key = {k: getattr(settings, k) for k in DATA_KEYS + GENERATION_KEYS}
     key["strength"] = "alpha-bar of SD v1 img2img"  # sets of the older meaning are not reused
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
-    digest = _digest(json.dumps(key, sort_keys=True), 12)  # 12 hex digits: 48 bits
+    folder = data.ascii_name(os.path.basename(str(args.data).rstrip("/\\")))
+    digest = data.digest(json.dumps(key, sort_keys=True), 12)  # 12 hex digits: 48 bits
     settings.out = os.path.join(cache_root, f"{folder}-{digest}")  # .cache/dafusion/digits-<hex>
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -36,6 +36,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -162,7 +163,7 @@ class ImageSet:
 
     def synthetic(self):
         """The synthetic images (ID and near-OOD), in any role."""
-        return self.subset(self.kind != KIND_REAL)
+        return self.subset((self.kind == KIND_ID) | (self.kind == KIND_NEAR_OOD))
 
     @staticmethod
     def concat(sets):
@@ -313,22 +314,35 @@ def list_class_folders(root):
                         f"{root}/<class name>/<image files>.")
     items, other = [], collections.Counter()  # (path, class index); skipped extensions
     for index, name in enumerate(classes):
-        found = []
-        for folder, subfolders, files in os.walk(os.path.join(root, name)):  # sub-folders included
-            subfolders[:] = [d for d in subfolders if visible(d)]  # prune hidden folders
-            for f in filter(visible, files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):  # .JPG as .jpg
-                    found.append(os.path.join(folder, f))
-                else:
-                    other[os.path.splitext(f)[1].lower() or f] += 1  # by extension, or by name
+        found = image_files(os.path.join(root, name), other)  # sub-folders included
         if not found:
             raise DataError(f"{os.path.join(root, name)}: class folder has no images "
                             f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder.")
-        items += [(path, index) for path in sorted(found)]  # sorted: the same on any file system
-    if other:  # said once, so that a folder of .heic photos is not left out without a word
+        items += [(path, index) for path in found]
+    say_left_out(root, other)
+    return classes, items
+
+
+def image_files(folder, other):
+    """Every image file under `folder`, sub-folders included, sorted (the same order on any file
+    system); what file managers hide is passed over, other files are counted in `other` (a
+    Counter, by extension) so that a folder of .heic photos is never left out without a word."""
+    found = []
+    for parent, subfolders, files in os.walk(folder):
+        subfolders[:] = [d for d in subfolders if visible(d)]  # prune hidden folders
+        for f in filter(visible, files):
+            if f.lower().endswith(IMAGE_EXTENSIONS):  # .JPG as .jpg
+                found.append(os.path.join(parent, f))
+            else:
+                other[os.path.splitext(f)[1].lower() or f] += 1  # by extension, or by name
+    return sorted(found)
+
+
+def say_left_out(root, other):
+    """One line for the files image_files passed over, if any."""
+    if other:
         print(f"{root}: left out {sum(other.values())} file(s) that are not images of a known "
               f"type ({', '.join(f'{k}: {v}' for k, v in sorted(other.items()))})")
-    return classes, items
 
 
 def guess_channels(paths):
@@ -741,13 +755,12 @@ def read_negative_data(folder, splits, resize="crop", skip_bad=False):
     if not os.path.isdir(folder):
         raise DataError(f"--negative-data {folder}: no such folder")
     _, C, H, _ = splits.train.images.shape
+    other = collections.Counter()
     items = []  # (path, class index or -1 for every anchor)
-    for parent, subfolders, files in os.walk(folder):
-        subfolders[:] = sorted(d for d in subfolders if visible(d))  # hidden folders pruned
-        top = os.path.relpath(parent, folder).replace(os.sep, "/").split("/")[0]
-        label = splits.classes.index(top) if top in splits.classes else -1  # -1: every anchor
-        items += [(os.path.join(parent, f), label) for f in sorted(files)
-                  if visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    for path in image_files(folder, other):
+        top = os.path.relpath(path, folder).replace(os.sep, "/").split("/")[0]  # its sub-folder
+        items.append((path, splits.classes.index(top) if top in splits.classes else -1))
+    say_left_out(folder, other)
     if not items:
         raise DataError(f"--negative-data {folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
     # labels must index a class: an every-anchor image carries 0, which nothing reads
@@ -782,6 +795,18 @@ def _refuse_known_images(negatives, splits, folder):
 # Batches: m images per class, and negative-only images on top
 
 
+def digest(text, n=8):
+    """A short, stable hash of a string: n hex digits of sha256 (Python's hash() is salted per
+    process). A name that is not UTF-8 hashes as its own bytes (os.fsencode's)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]
+
+
+def ascii_name(text, keep=80):
+    """The plain-ASCII part of a name ([A-Za-z0-9._-], other runs of characters as one "-"), for
+    folder and file names made from the user's names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:keep]
+
+
 def derive_seed(seed, *parts):
     """The one rule that seeds every random stream of the project from the run's --seed: 32 bits
     of sha256("seed/part/part/..."). A function of (seed, parts) alone, so a resumed run redraws
@@ -789,8 +814,7 @@ def derive_seed(seed, *parts):
     depend on which images were made before it, and two settings of one seed draw the same
     numbers in every stream they share (e.g. derive_seed(0, "epoch", 3), derive_seed(0,
     "augment"), derive_seed(0, source, "near_ood", 1) for a synthetic image)."""
-    text = "/".join(str(part) for part in (seed, *parts))  # any name: surrogates as their bytes
-    return int(hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16)
+    return int(digest("/".join(str(part) for part in (seed, *parts))), 16)  # 8 hex digits
 
 
 def epoch_generator(seed, epoch):
@@ -1141,7 +1165,8 @@ def folder_lock(folder, busy=None):
     """Hold `folder` for this process while the block runs: an exclusive flock on the folder
     itself, which the kernel releases when the process ends, even killed (no stale lock file to
     delete). Another process that asks for it waits (and says so once), or, given `busy`, is
-    refused with that one line. Without fcntl (Windows) nothing is locked."""
+    refused with that one line. Without fcntl (Windows), or on a file system that refuses
+    flock on a folder (some NFS mounts), nothing is locked, and the second case says so."""
     if fcntl is None:
         yield
         return
@@ -1155,21 +1180,24 @@ def folder_lock(folder, busy=None):
             print(f"{folder}: another process is writing there; waiting until it is done",
                   flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder ends
+        except OSError as error:  # ENOLCK, EOPNOTSUPP, EBADF (NFS): go on without the lock
+            print(f"{folder}: cannot be locked here ({error.strerror}); two processes writing "
+                  f"there at once would not wait for each other", flush=True)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def writable_folder(folder, what):
+def writable_folder(folder, what, advice=None):
     """Make `folder` (with its parents) if needed and check that a file can be written there,
-    before any data loads; refused in one line that names the option otherwise."""
+    before any data loads; refused in one line that names the option (`what`) otherwise."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # a file really created there, then removed
             pass
     except OSError as error:
         raise DataError(f"{what} {folder}: cannot write there ({error.strerror or error}); "
-                        f"choose another {what}") from error
+                        f"{advice or 'choose another ' + what}") from error
 
 
 def load_torch_file(path, what):
@@ -1461,11 +1489,13 @@ def refuse_both(given, first, second, advice):
                         f"given; {advice}")
 
 
-def changed_settings(saved, current, keys):
+def changed_settings(saved, current, keys, strict=False):
     """[(key, saved value, current value)] for the keys whose saved value differs: what a folder
     was made with against what a command asks now (a resumed run, a synthetic set, a DDPM).
-    Keys the folder did not save (options added since) do not count."""
-    return [(k, saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]]
+    Keys the folder did not save (options added since) do not count, unless strict (then a
+    missing key differs: a DDPM whose data fingerprint is unknown is never reused)."""
+    return [(k, saved.get(k), current[k]) for k in keys
+            if (k in saved or strict) and saved.get(k) != current[k]]
 
 
 def check_named_files(args):
@@ -1504,10 +1534,11 @@ def splits_from_args(args):
 def run_command(main, argv=None):
     """Run a script's main(argv) as a command: bad input (DataError) is one line on stderr and
     exit status 1, Ctrl-C exit status 130 after the script's own one-line message. File names
-    that are not UTF-8 (any bytes are a legal name on Linux) are printed with \\x escapes."""
+    that are not UTF-8 (any bytes are a legal name on Linux) are printed as their own bytes, as
+    ls prints them."""
     for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):  # a real text stream (not a test's capture)
-            stream.reconfigure(errors="backslashreplace")
+        if hasattr(stream, "reconfigure"):  # a text stream: the name's own bytes go out
+            stream.reconfigure(errors="surrogateescape")
     try:
         return main(argv)
     except (DataError, RunError) as error:

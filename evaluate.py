@@ -25,6 +25,7 @@ Run:  python evaluate.py runs/<name>  [--ood-data PATH]
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -162,8 +163,9 @@ def load_ood_folder(path, channels, size, resize):
     """Every image under `path` (any layout; hidden files left out) as an OOD ImageSet."""
     if not os.path.isdir(path):
         raise data.DataError(f"--ood-data {path}: no such folder")
-    files = sorted(os.path.join(d, f) for d, subfolders, fs in os.walk(path)
-                   for f in fs if data.visible(f) and f.lower().endswith(data.IMAGE_EXTENSIONS))
+    other = collections.Counter()
+    files = data.image_files(path, other)  # any layout
+    data.say_left_out(path, other)
     if not files:
         raise data.DataError(f"--ood-data {path}: no images found "
                              f"({', '.join(data.IMAGE_EXTENSIONS)})")
@@ -668,7 +670,9 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes
         raise data.DataError("the data has no test images; lower --val-fraction's 0")
     synthetic = None  # the run's synthetic images, for the t-SNE picture only
     try:
-        synthetic = data.training_set(args, splits)[0].synthetic() if args.synthetic else None
+        if args.synthetic:  # the synthetic images in the roles the run gave them
+            used = [part for part in data.synthetic_roles(args, splits)[:2] if part is not None]
+            synthetic = data.ImageSet.concat(used) if used else None
     except data.DataError as error:  # the set is gone, or does not fit this data any more
         print(f"the run's synthetic set is not read ({str(error)[:120]}...): the t-SNE shows "
               f"real images only")

@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -63,6 +62,9 @@ LOSS_OPTIONS = {"temperature": ("supcon", "simclr"), "base_temperature": ("supco
 # what a run folder holds (written atomically; --resume removes the temporaries of a stop)
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "model.pt",
              "report.md", *evaluate.PICTURES.values())
+# how the run's random streams derive from --seed (data.derive_seed); a checkpoint of another
+# rule would resume with other batches and masks, so --resume refuses it
+SEED_RULE = "derive_seed/sha256"
 # what --resume may change: where and how fast the run computes, and how long it goes on
 RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "eval_every",
                      "epochs", "train_steps"}
@@ -136,7 +138,7 @@ def run(args, run_dir, device, resumed=False):
         check_resumable(run_dir, done, total)
         print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
               + ("" if restored else " (it stopped before its first checkpoint)"))
-    if rank == 0:  # the run folder appears now, with its settings (after the data loaded)
+    if rank == 0:  # the run's settings, in the folder claimed before the data loaded
         if resumed:  # the temporaries a stop may have left are never a finished file
             data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
         data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
@@ -295,14 +297,14 @@ def make_loss(args, generator):
     computes the same loss and backward sums the W ranks' gradients (DDP's average divides them
     out). Means over this rank's rows (cross-entropy, dataset-scope triplets) are scaled by
     b W / B, so that their average over ranks is the whole batch's."""
-    def share(sizes):  # (this rank's first row, its rows b, the scale b W / B)
-        rank, world = data.distributed() if sizes else (0, 1)
-        return (sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)) if sizes \
-            else (0, None, 1.0)
+    def share(sizes, rows):  # (this rank's first row, its rows b, the scale b W / B)
+        if not sizes:  # one process: all `rows` rows, unscaled
+            return 0, rows, 1.0
+        rank, world = data.distributed()
+        return sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)
 
     def cross_entropy(logits, labels, negative_only, every_anchor, sizes):
-        start, b, scale = share(sizes)
-        b = b or len(labels)
+        start, b, scale = share(sizes, len(labels))
         local = labels[start:start + b].repeat_interleave(len(logits) // max(1, b))  # (b V,)
         return F.cross_entropy(logits, data.to_device(local, logits.device)) * scale
 
@@ -310,7 +312,7 @@ def make_loss(args, generator):
         if not len(z):  # no triplet in this rank's share
             return z.sum() * 0.0
         return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                     distance=args.distance) * share(sizes)[2]
+                                     distance=args.distance) * share(sizes, len(z))[2]
 
     def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
         return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
@@ -350,18 +352,28 @@ def load_training_data(args, device):
     if not len(splits.test):
         raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
                              "fraction above 0 or a PATH/test folder")
-    # a synthetic role (--outlier-exposure reads the near-OOD images unless --negative-data is given)
-    wants = args.positives != "none" or args.negatives != "none" or \
-        (args.outlier_exposure and not args.negative_data)
-    if wants and not args.synthetic:
+    if generates_synthetic(args):
         folder = dafusion.cached_synthetic_set(args, splits, device)  # ddpm; keyed by the settings
         args = data.settings(args, {"synthetic": folder})  # a copy: the caller's args stay
     train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
-    if args.loss == "simclr" and (train_set.negative_only & ~train_set.every_anchor &
-                                  (train_set.kind == data.KIND_NEGATIVE)).any():
-        raise data.DataError(f"--negative-data {args.negative_data}: --loss simclr has no classes "
-                             f"for its class sub-folders; put every negative in the folder itself")
+    # class sub-folders of --negative-data: negatives of their class's anchors only, a rule that
+    # only SupCon's per-anchor denominators have (triplets and pairs use every negative-only
+    # image for every anchor; SimCLR has no classes)
+    if (args.loss != "supcon" or args.hard_negatives == "all") and bool(
+            (~train_set.every_anchor & (train_set.kind == data.KIND_NEGATIVE)).any()):
+        why = "--hard-negatives all" if args.loss == "supcon" else f"--loss {args.loss}"
+        raise data.DataError(f"--negative-data {args.negative_data}: {why} sends every negative "
+                             f"to every anchor, so its class sub-folders would have no effect; "
+                             f"put every negative in the folder itself, or use --loss supcon")
     return args, splits, train_set, near_ood
+
+
+def generates_synthetic(args):
+    """True if the run needs the ddpm's synthetic set from the cache: a synthetic role without
+    --synthetic (--outlier-exposure reads its near-OOD images unless --negative-data is given)."""
+    wants = args.positives != "none" or args.negatives != "none" or \
+        (args.outlier_exposure and not args.negative_data)
+    return bool(wants and not args.synthetic)
 
 
 def lr_factor(step, total_steps, warmup_steps):
@@ -702,6 +714,10 @@ def check_args(args, given):
     data.refuse_both(given, "warmup_epochs", "warmup_steps", "drop one")
     dafusion.refuse_two_strengths(given)
     data.check_named_files(args)  # --masks, --synthetic, --negative-data
+    if generates_synthetic(args):  # the cache it generates into, before the data loads
+        data.writable_folder(dafusion.CACHE_ROOT, "the synthetic cache", "run train.py where it "
+                             "can write, or make a set with dafusion.py --out DIR and pass "
+                             "--synthetic DIR")
 
 
 def with_defaults(args):
@@ -760,7 +776,7 @@ def claim_run_folder(args):
     """A new run's folder, made with one exclusive os.mkdir (it fails if the folder exists), so
     that runs started in the same second -- a shell loop over seeds -- never share one. A taken
     --name is refused; the default name (loss-data-time) takes the next free -2, -3, ..."""
-    data_name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(str(args.data).rstrip("/\\")))
+    data_name = data.ascii_name(os.path.basename(str(args.data).rstrip("/\\")))
     name = args.name or f"{args.loss}-{data_name or 'data'}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -832,7 +848,8 @@ class Checkpoint:
             return
         state = {"model": self.model.state_dict(), "classifier": self.classifier.state_dict(),
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "epoch": epoch, "step": step, "log": log_state, **rng}
+                 "epoch": epoch, "step": step, "log": log_state, **rng,
+                 "seed_rule": SEED_RULE}  # what --resume must redraw the same streams with
         if self.mined and self.mined[0] == epoch:  # mid-epoch: the epoch's mined triplets
             state["mined"] = torch.cat(self.mined[1])  # (T, 3), cut back by mined_sizes
             # (n_batches,) lengths, to split the concatenation back
@@ -845,6 +862,8 @@ class Checkpoint:
         for key, module in (("model", self.model), ("classifier", self.classifier)):
             data.load_weights(module, state, key, self.path, "--resume checkpoint")
         try:
+            if state.get("seed_rule") != SEED_RULE:  # older streams: not the same batches
+                raise ValueError("its random streams were seeded by an older rule")
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             on = "cpu" if self.device.type == "cpu" else self.device  # a CPU generator's state
@@ -987,7 +1006,8 @@ class EpochLog:
         self.flush()
         record = {"epoch": epoch + 1, "optimizer_steps": steps_done,  # 1-based in the file
                   # max(1, ...): an epoch resumed at its very end may have no new step
-                  "loss": self.loss_sum / max(1, self.loss_steps), "lr": lr,
+                  # None: an epoch of dataset-scope batches without a triplet had no loss
+                  "loss": self.loss_sum / self.loss_steps if self.loss_steps else None, "lr": lr,
                   "minutes": self.minutes()}
         if probe is not None and self.rank == 0:
             t = time.time()  # the probe's time is taken out of "minutes"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from supcon import supcon_loss  # noqa: E402
+from supcon import supcon_loss, supcon_loss_spec  # noqa: E402
 
 
 def baseline_supcon(features, labels, negative_only, temperature=0.1):
@@ -132,7 +132,8 @@ def main():
     feats, labels, neg = make_batch(args.n, args.dim, dev)
     runs = {
         "baseline (reference-style, float masks)": lambda: baseline_supcon(feats, labels, neg),
-        "supcon_loss (plain path)": lambda: supcon_loss(feats, labels, neg),
+        "supcon_loss_spec (the paper's form)": lambda: supcon_loss_spec(feats, labels, neg),
+        "supcon_loss (default: plain path)": lambda: supcon_loss(feats, labels, neg),
     }
     for c in args.chunk_sizes:  # c=c: each lambda keeps its own chunk size
         runs[f"supcon_loss (chunk_size={c})"] = lambda c=c: supcon_loss(feats, labels, neg, chunk_size=c)

@@ -35,6 +35,16 @@ def test_fused_forward_matches_brute_force(dtype, views, hard_negatives):
         assert got.item() == pytest.approx(expected, rel=REL[dtype]), negative_weight
 
 
+def test_fused_keeps_each_negatives_own_rule():
+    # two kinds of negatives in one batch: their class's anchors only (True), every anchor (False)
+    feats, labels, neg = random_batch(B=14, V=2, seed=22, neg_fraction=0.5)
+    own_class = torch.rand(14, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert (neg & own_class).any() and (neg & ~own_class).any()
+    expected = brute_force_supcon(feats, labels, neg, 0.1, None, own_class, 0.5)
+    got = supcon_loss(feats, labels, neg, hard_negatives=own_class, negative_weight=0.5, fused=True)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
 @pytest.mark.parametrize("views", [2, 4])
 @pytest.mark.parametrize("with_negatives", [False, True])
 def test_fused_simclr_matches_brute_force(views, with_negatives):

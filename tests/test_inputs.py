@@ -518,6 +518,15 @@ def test_a_folders_ddpm_never_serves_other_data(tmp_path):
     with pytest.raises(dafusion.GenerationError, match="other settings"):
         dafusion.train_ddpm(other.train.images, other.train.labels, 10, folder, steps=2,
                             batch_size=4)
+    # a meta.json without the data's fingerprint (older, or edited): never reused either
+    meta = os.path.join(folder, "meta.json")
+    with open(meta, encoding="utf-8") as f:
+        saved = json.load(f)
+    del saved["data"]
+    with open(meta, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    with pytest.raises(dafusion.GenerationError, match=r"other settings \(data differ\)"):
+        dafusion.train_ddpm(s.train.images, s.train.labels, 10, folder, steps=2, batch_size=4)
 
 
 def test_an_inpainting_mask_covers_its_object_after_cropping_and_resizing(tmp_path):

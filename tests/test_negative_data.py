@@ -43,6 +43,7 @@ def test_roles_every_anchor_flags_and_what_stays_out(folders, tmp_path, capsys):
     imgs, neg = folders
     splits = data.load_data(imgs, image_size=16, ood_classes="cat")
     negatives = data.read_negative_data(neg, splits)
+    assert "left out 1 file(s)" in capsys.readouterr().out  # notes.txt, said; .DS_Store hidden
     assert len(negatives) == 6 and bool(negatives.negative_only.all())
     assert bool((negatives.kind == data.KIND_NEGATIVE).all())
     by_name = {os.path.relpath(n, neg): bool(e) for n, e in zip(negatives.names, negatives.every_anchor)}
@@ -115,6 +116,8 @@ def test_the_loss_gets_each_images_rule_and_negatives_ride_on_top(folders, monke
     ("unreadable", ["broken.jpg", "cannot read"]),
     ("ce", ["--negative-data needs a contrastive loss"]),
     ("simclr with class folders", ["--loss simclr", "class sub-folders"]),
+    ("triplet with class folders", ["--loss triplet", "class sub-folders"]),
+    ("every anchor with class folders", ["--hard-negatives all", "class sub-folders"]),
 ])
 def test_refused_in_one_line_leaving_no_run_folder(case, needles, folders, tmp_path, capsys):
     imgs, neg = folders
@@ -136,8 +139,9 @@ def test_refused_in_one_line_leaving_no_run_folder(case, needles, folders, tmp_p
             f.write(b"\xff\xd8\xff not really a jpeg")
     elif case == "ce":
         extra = ["--loss", "ce"]
-    else:
-        extra = ["--loss", "simclr"]
+    else:  # a loss or rule that sends every negative to every anchor: ant/ would mean nothing
+        extra = {"simclr": ["--loss", "simclr"], "triplet": ["--loss", "triplet"],
+                 "every": ["--hard-negatives", "all"]}[case.split()[0]]
     runs = tmp_path / "runs"
     code, err = command("train", ["--data", imgs, "--negative-data", neg, *RUN, *extra,
                                   "--out", str(runs)], capsys)

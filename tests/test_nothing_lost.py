@@ -27,7 +27,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
 def start(script, argv, cwd):
     """A real `python <script>.py argv` process, started now (not waited for)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv], cwd=cwd,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="surrogateescape")  # names as their bytes
 
 
 def finish(process, timeout=600):
@@ -91,13 +92,33 @@ def test_a_second_resume_of_a_running_run_is_refused(tmp_path, monkeypatch, caps
 DAFUSION = ["--examples-per-class", "2", "--ddpm-steps", "5", "--gen-batch-size", "8"]
 
 
+def read_lines(process, lines, seen, needle):
+    """A thread's work: collect the process's stdout lines; set `seen` once one holds needle."""
+    for line in process.stdout:
+        lines.append(line)
+        if needle in line:
+            seen.set()
+
+
 def test_two_processes_filling_one_out_wait_for_each_other(tmp_path):
+    import threading
     out = str(tmp_path / "syn")
-    results = [finish(p) for p in [start("dafusion", DAFUSION + ["--out", out], tmp_path)
-                                   for _ in range(2)]]
-    assert [code for code, _, _ in results] == [0, 0], results
-    said = "".join(out_ for _, out_, _ in results)
-    assert "waiting until it is done" in said and "already in" in said  # one waited, then reused
+    os.makedirs(out)
+    with data.folder_lock(out):  # held here until both processes wait for it: they must meet
+        runs = [start("dafusion", DAFUSION + ["--out", out], tmp_path) for _ in range(2)]
+        lines, seen = [[], []], [threading.Event(), threading.Event()]
+        readers = [threading.Thread(target=read_lines, args=(p, lines[i], seen[i], "waiting"))
+                   for i, p in enumerate(runs)]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(300) for event in seen), lines  # both wait, neither writes
+        assert data.manifest_rows(out) == []
+    for process, reader in zip(runs, readers):  # the lock is free: one makes, one reuses
+        process.wait(600)
+        reader.join()
+        assert process.returncode == 0, process.stderr.read()[-2000:]
+    said = "".join(lines[0] + lines[1])
+    assert said.count("waiting until it is done") >= 2 and "already in" in said
     rows = data.manifest_rows(out)
     assert len(rows) == 8 * 2 * 2 * 4  # 8 classes x 2 images x 2 kinds x 4 variations
     assert all(dafusion.is_valid_image(os.path.join(out, r["path"])) for _, r in rows)

@@ -148,7 +148,8 @@ def test_generation_in_half_precision_gives_finite_varied_images(dtype, mode, ti
     with open(os.path.join(out, "manifest.csv"), encoding="utf-8") as f:
         paths = [line.split(",")[0] for line in f.read().splitlines()[1:]]
     for path in paths:
-        pixels = np.asarray(Image.open(os.path.join(out, path)), dtype=np.float64)
+        with Image.open(os.path.join(out, path)) as image:
+            pixels = np.asarray(image, dtype=np.float64)
         assert pixels.std() > 1.0, path  # not a constant (a NaN image would be all black)
 
 
