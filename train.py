@@ -40,6 +40,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed.nn.functional as dist_nn  # all_gather with gradients (gather_rows)
@@ -166,8 +167,8 @@ def run(args, run_dir, device, resumed=False):
             for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
                                                          args.workers):
                 ctrl_c.check()  # a Ctrl-C stops here, between steps
-                if not len(batch):  # a dataset-scope batch without a triplet: no loss, so no
-                    sched.step()  # update (AdamW's decay and momentum would move the weights)
+                if not len(batch):  # a dataset-scope batch without a triplet: no loss
+                    skip_update(sched)
                     log.progress.update(1)
                     checkpoint.mark(epoch, step + 1)
                     continue
@@ -366,6 +367,14 @@ def load_training_data(args, device):
                              f"to every anchor, so its class sub-folders would have no effect; "
                              f"put every negative in the folder itself, or use --loss supcon")
     return args, splits, train_set, near_ood
+
+
+def skip_update(sched):
+    """A step without a loss: the schedule moves on, the weights do not (an optimiser step would
+    still move them: AdamW's weight decay and momentum)."""
+    with warnings.catch_warnings():  # torch warns when a schedule steps before any update
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        sched.step()
 
 
 def generates_synthetic(args):
