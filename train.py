@@ -373,7 +373,7 @@ def skip_update(sched):
     """A step without a loss: the schedule moves on, the weights do not (an optimiser step would
     still move them: AdamW's weight decay and momentum)."""
     with warnings.catch_warnings():  # torch warns when a schedule steps before any update
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
         sched.step()
 
 
