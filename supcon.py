@@ -56,7 +56,8 @@ Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negat
 
     L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
 
-Without negative-only samples this is Eq. 2 of Khosla et al. (2020) exactly.
+Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it:
+the equation's sum over anchors becomes a mean, which scales the loss but moves no minimum.
 
 The thesis's own edit of the SupCon loss had three defects, all fixed here:
   defect 1  To exclude a pair, its logit was multiplied by zero after the row maximum had been
@@ -99,8 +100,10 @@ def supcon_loss_spec(features, labels=None, negative_only=None, *, temperature=0
 
 def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negative_weight,
          anchor_rows=None):
-    """Eq. 2 from its sets. z (N, D) rows; same (N, N) bool: j counts as i's positive if it is
-    not i and not negative-only; anchor_rows (N,) bool: rows that may be anchors (None: all)."""
+    """Eq. 2 from its sets. z (N, D) rows; same (N, N) bool: i and j share a group (a label, an
+    image, or the user's mask; P(i) removes i and the negative-only samples below); own_class
+    (N,) bool: the negative-only samples meant for their own class's anchors only (a subset of
+    negative_only); anchor_rows (N,) bool: rows that may be anchors (None: all)."""
     z = F.normalize(_at_least_fp32(z), dim=1)  # unit rows, so z_i . z_j = cos(z_i, z_j)
     with torch.autocast(z.device.type, enabled=False):  # s in fp32 even under autocast
         s = z @ z.T / temperature  # (N, N) s_ij = z_i . z_j / tau
@@ -109,7 +112,7 @@ def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negat
     real = ~negative_only  # (N,) may be an anchor or a positive; negative-only never (defect 3)
     P = other & same & real[:, None] & real[None, :]  # (N, N) P(i): positives (defect 2: bool)
     # A(i): every other sample, but a negative-only sample with the own-class rule only for
-    # anchors of its class
+    # anchors of its class (own_class[j] implies negative_only[j], so real samples all stay in)
     A = other & ~(own_class[None, :] & ~same)  # (N, N)
     log_w = torch.zeros(N, dtype=z.dtype, device=z.device)  # (N,) log w_a: 0, or log w
     log_w[negative_only] = math.log(negative_weight) if negative_weight > 0 else -math.inf
@@ -139,8 +142,9 @@ class SupConLoss(nn.Module):
         loss = criterion(features, labels)       # features (bsz, n_views, dim); or mask=...
 
     features:       (bsz, n_views, ...), flattened to (bsz, n_views, dim) as the reference does.
-    labels:         (bsz,) class labels: SupCon. mask: (bsz, bsz), mask[i, j] = 1 when image j
-                    is a positive of image i (it may be asymmetric). Neither: SimCLR (the other
+    labels:         (bsz,) or (bsz, 1) class labels: SupCon. mask: (bsz, bsz) of 0/1 (or bool),
+                    mask[i, j] = 1 when image j is a positive of image i (it may be asymmetric;
+                    a weighted mask, which the reference would multiply in, is refused). Neither: SimCLR (the other
                     views of the same image). Both: a ValueError, as in the reference.
     contrast_mode:  "all": every view of every image is an anchor; "one": only the first view
                     of each image is (every view stays in the contrast set).
@@ -177,6 +181,8 @@ class SupConLoss(nn.Module):
         features = features.flatten(2)  # (bsz, n_views, dim)
         if labels is not None and mask is not None:
             raise ValueError("cannot define both labels and mask")
+        if torch.is_tensor(labels) and labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.flatten()  # (bsz, 1), which the reference takes too
         if mask is None and self.contrast_mode == "all":  # the fast exact path
             return supcon_loss(features, labels, negative_only, chunk_size=self.chunk_size,
                                **self.settings)
@@ -189,6 +195,9 @@ class SupConLoss(nn.Module):
             mask = torch.as_tensor(mask, device=z.device)
             if mask.shape != (B, B):
                 raise ValueError(f"mask must be (bsz, bsz) = ({B}, {B}); got {tuple(mask.shape)}")
+            if not ((mask == 0) | (mask == 1)).all():  # the reference would weight by it
+                raise ValueError("mask must hold 0s and 1s (or bools); a weighted mask is not "
+                                 "supported here")
             same = mask.bool()[image_id][:, image_id]  # (N, N)
         else:  # SimCLR: the other views of the same image
             same = image_id[:, None] == image_id[None, :]
@@ -275,8 +284,8 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     num_positives = group_size[group_index] - 1  # (R,) |P(i)|: i's group minus i itself
     has_positive = num_positives > 0  # an anchor without a positive is left out of the mean
     if not has_positive.any():
-        # nothing to contrast: 0, with a graph so that backward() gives zero gradients (not NaN)
-        return features.sum() * 0.0
+        # nothing to contrast: 0 (fp32), with a graph so that backward() gives zero gradients
+        return z.sum() * 0.0
     # the index vectors the math uses, copied to the embeddings' device without waiting
     on_z = lambda t: _to_device(t, z.device)  # noqa: E731 (a no-op on the same device)
     anchors = on_z(real_rows[has_positive])  # (M,) row indices of the anchors that count
@@ -618,7 +627,9 @@ def mine_triplets(embeddings, labels, negative_only=None, *, margin=0.5, mining=
     if mining not in MINING:
         raise ValueError(f"mining must be one of {MINING}; got {mining!r}")
     # per-row labels and flags (the same checks and messages as supcon_loss)
-    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
+    # (pairs have no own-class rule: every negative-only sample pairs with every anchor)
+    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only,
+                                                    "embeddings", hard_negatives="all")
     if labels is None:
         raise ValueError("triplet mining needs labels")
     if z.dim() != 2 or embeddings.dim() != 2:
@@ -695,7 +706,9 @@ def cosine_pair_loss(embeddings, labels, negative_only=None, *, margin=0.0, bala
     Pairs of two negative-only samples are skipped (neither is ever an anchor).
     Mean over pairs; balance=True gives the mean of the positive-pair and negative-pair means.
     """
-    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only, "embeddings")
+    # (pairs have no own-class rule: every negative-only sample pairs with every anchor)
+    z, labels, negative_only, _, _ = _flatten_views(embeddings, labels, negative_only,
+                                                    "embeddings", hard_negatives="all")
     if labels is None:
         raise ValueError("cosine_pair_loss needs labels")
     N = z.shape[0]
@@ -872,8 +885,8 @@ def _to_device(x, device):
     return x.to(device)
 
 
-def _flatten_views(features, labels, negative_only, name="features", device=None,
-                   hard_negatives="all"):
+def _flatten_views(features, labels, negative_only, name="features", device=None, *,
+                   hard_negatives):
     """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors.
 
     Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the

@@ -299,6 +299,9 @@ def test_no_positives_gives_zero_and_zero_gradients(chunk_size):
     loss = loss_by(chunk_size, y, torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(y.grad).all() and not y.grad.any()
+    # half-precision input: the zero comes back in fp32, like every other value of the loss
+    h = torch.randn(5, 8, dtype=torch.float16)
+    assert loss_by(chunk_size, h, torch.arange(5)).dtype == torch.float32
 
 
 def test_one_sample():

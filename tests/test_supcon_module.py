@@ -146,3 +146,22 @@ def test_refusals_as_in_the_reference():
         SupConLoss(contrast_mode="two")
     with pytest.raises(ValueError, match="needs labels"):  # a mask has no classes
         SupConLoss()(features, mask=torch.eye(10), negative_only=torch.tensor([True] + [False] * 9))
+
+
+@pytest.mark.parametrize("mode", ["all", "one"])
+def test_labels_of_shape_bsz_by_1_as_the_reference_takes_them(mode):
+    features, labels = batch(seed=9)
+    expected = reference_loop(features, labels, None, mode)
+    got = SupConLoss(contrast_mode=mode)(features, labels[:, None])
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_weighted_mask_is_refused_not_binarised():
+    # the reference multiplies a weighted mask into its sums; reading 0.5 as True would be a
+    # silent change of meaning, so it is refused in one line
+    features, _ = batch(seed=10)
+    mask = torch.eye(10)
+    mask[0, 1] = 0.5
+    with pytest.raises(ValueError, match="0s and 1s"):
+        SupConLoss()(features, mask=mask)
+    assert torch.isfinite(SupConLoss()(features, mask=mask.bool()))  # bools are fine
