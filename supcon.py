@@ -144,8 +144,9 @@ class SupConLoss(nn.Module):
     features:       (bsz, n_views, ...), flattened to (bsz, n_views, dim) as the reference does.
     labels:         (bsz,) or (bsz, 1) class labels: SupCon. mask: (bsz, bsz) of 0/1 (or bool),
                     mask[i, j] = 1 when image j is a positive of image i (it may be asymmetric;
-                    a weighted mask, which the reference would multiply in, is refused). Neither: SimCLR (the other
-                    views of the same image). Both: a ValueError, as in the reference.
+                    a weighted mask, which the reference would multiply in, is refused).
+                    Neither: SimCLR (the other views of the same image). Both: a ValueError, as
+                    in the reference.
     contrast_mode:  "all": every view of every image is an anchor; "one": only the first view
                     of each image is (every view stays in the contrast set).
     negative_only:  (bsz,) bool, this project's addition: images that are never anchors and
