@@ -28,10 +28,12 @@ import collections
 import contextlib
 import copy
 import csv
+import datetime
 import errno
 import functools
 import glob
 import hashlib  # content digests: a renamed copy of a run's image is still that image
+import json  # a run's config.json (read_run_settings)
 import math
 import multiprocessing
 import os
@@ -41,6 +43,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback  # clear_frames: a failed writer's frames let go of its open file
 from concurrent.futures import ProcessPoolExecutor  # decodes large folders (load_files)
 from dataclasses import dataclass, field
 
@@ -79,6 +82,11 @@ class LeakError(DataError):
 
 class RunError(RuntimeError):
     """A run that cannot go on (its loss diverged): one line on stderr, like DataError."""
+
+
+class OtherRankFailed(Exception):
+    """Under torchrun: rank 0 failed and says why (it could not claim the run folder, say) and
+    this rank ends too, with exit status 1 and no message of its own (run_command)."""
 
 
 class DiskFull(DataError):
@@ -762,7 +770,8 @@ def read_negative_data(folder, splits, resize="crop", skip_bad=False):
         items.append((path, splits.classes.index(top) if top in splits.classes else -1))
     say_left_out(folder, other)
     if not items:
-        raise DataError(f"--negative-data {folder}: no images there ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"--negative-data {folder}: no images there "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     # labels must index a class: an every-anchor image carries 0, which nothing reads
     read = load_files([(p, max(label, 0)) for p, label in items], list(splits.classes), C, H,
                       resize, skip_bad, root=folder)
@@ -1062,8 +1071,9 @@ def atomic_write(path, write, size=None):
     one writer of every file and folder the project makes. tmp keeps path's extension, so
     writers that infer the format from the name (PIL, matplotlib) still do, and holds the
     process id, so two processes writing one path never share a temporary. On any failure the
-    temporary is removed and the old `path` stays as it was; a full disk (ENOSPC) becomes
-    DiskFull, with about how much the file needs (`size`, bytes, if the caller knows)."""
+    temporary is removed and the old `path` stays as it was; a full disk (disk_full: whatever
+    library raised the error) becomes DiskFull, with about how much the file needs (`size`,
+    bytes, if the caller knows)."""
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp{os.getpid()}{ext}"  # e.g. model.tmp4242.pt
     try:
@@ -1074,8 +1084,13 @@ def atomic_write(path, write, size=None):
         write(tmp)  # may write a file or fill a folder
     except BaseException as error:  # Ctrl-C included: no temporary outlives its write
         written = _size_of(tmp)
+        # asked while the temporary still holds its share of the disk: removed, it frees it
+        full = isinstance(error, Exception) and disk_full(error, path, (size or 0) - written)
+        if full:  # torch's C++ writer keeps its file open from the failed call's frames (in the
+            for e in _chain(error):  # traceback): the removed temporary would hold its space
+                traceback.clear_frames(e.__traceback__)  # until the error is gone
         _remove(tmp)
-        if isinstance(error, Exception) and disk_full(error):
+        if full:
             where = os.path.dirname(os.path.abspath(path))
             raise DiskFull(path, max(size or 0, written, _size_of(path)),
                            shutil.disk_usage(where).free if os.path.isdir(where) else 0) from error
@@ -1089,12 +1104,45 @@ def atomic_write(path, write, size=None):
         os.replace(tmp, path)  # atomic on POSIX and Windows: the old file or the new, never half
 
 
-def disk_full(error):
-    """True if `error` says the disk is full: ENOSPC (or a quota, EDQUOT) from Python, or the
-    same from a library that reports it in words (safetensors: "No space left on device")."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(error) or "os error 28" in str(error)
+def disk_full(error, path=None, missing=0):
+    """True if the write of `path` that raised `error` failed because the disk is full. Either
+    the error says so, itself or anywhere in its chain: ENOSPC (or a quota, EDQUOT) from Python,
+    or the same in words (safetensors: "No space left on device (os error 28)"); torch's zip
+    writer raises "unexpected pos" while handling Python's ENOSPC. Or, for a library that loses
+    the errno (torch's C++ writer, given a file name: "unexpected pos" alone), the file system
+    says so: where `path` goes, it has almost no room left (disk_almost_full), or less than the
+    `missing` bytes the file still lacks. An error on a disk with room is never a full disk: an
+    ordinary bug keeps its own traceback."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(e) for words in ("No space left on device", "os error 28",
+                                              "Disk quota exceeded", "os error 122")):
+            return True
+    return path is not None and disk_almost_full(path, missing)
+
+
+def _chain(error):
+    """`error`, then the one it was raised from (__cause__) or while handling (__context__), ..."""
+    seen = set()
+    while error is not None and id(error) not in seen:  # (a cycle is possible)
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_almost_full(path, missing=0):
+    """True if the disk that `path` goes on has less free space than 1 MiB (1% of a disk under
+    100 MiB), or than `missing` bytes: a write there fails whatever writes it. A file system
+    that cannot hold a file reports a little space free at most (part of a block)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # not made yet
+        folder = os.path.dirname(folder)
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:  # cannot tell: not a full disk
+        return False
+    return usage.free < max(min(2 ** 20, usage.total // 100), missing)
 
 
 def _size_of(path):
@@ -1114,9 +1162,9 @@ def _remove(path):
 
 
 def save_torch(path, state):
-    """torch.save of `state` to `path`, atomically. Through a Python file object: a full disk is
-    then an OSError (ENOSPC) rather than torch's "unexpected pos" RuntimeError, and any name
-    the file system allows works (torch's own writer wants UTF-8 names)."""
+    """torch.save of `state` to `path`, atomically. Through a Python file object: any name the
+    file system allows works (torch's own writer wants UTF-8 names), and on a full disk torch's
+    "unexpected pos" RuntimeError carries Python's ENOSPC as its context (disk_full reads it)."""
     size = sum(t.nelement() * t.element_size() for t in _tensors(state))  # about the file's size
 
     def write(tmp):
@@ -1325,6 +1373,42 @@ def barrier():
         torch.distributed.barrier()
 
 
+def end_process(status, message="", quiet=False):
+    """Exit with `status` after `message` on stderr. Under torchrun, at once: torchrun stops
+    every other worker within seconds of one exiting (a killed one too), so what matters is
+    that a failed rank exits instead of waiting -- no destroy_process_group (NCCL's can block
+    on a collective a dead peer never joins), no interpreter teardown (the script's finally and
+    with-blocks have all run; its folder locks go with the process). The first rank to fail says
+    why, "[rankN]: " before each line on ranks > 0; a later failure on another rank is a
+    consequence of the first (a collective broken as it left, the same bad argument) and ends
+    without a word, as a `quiet` one does."""
+    rank, world = distributed()
+    if world <= 1:
+        if message:
+            print(message, file=sys.stderr)
+        sys.exit(status)
+    first = not quiet and first_failure()
+    if message and first:
+        prefix = f"[rank{rank}]: " if rank else ""
+        print("\n".join(prefix + line for line in message.rstrip("\n").split("\n")),
+              file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def first_failure():
+    """True on the first rank of this torchrun run to ask: a counter in the run's key-value store
+    (torchrun's agent holds it, so it outlives any worker); True too if the store is out of
+    reach -- a message twice rather than none."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))  # not the group's 30 minutes
+        return store.add("failed ranks", 1) == 1  # atomic: exactly one rank gets 1
+    except Exception:
+        return True
+
+
 # -----------------------------------------------------------------------------
 # The command line: every value checked where argparse reads it, errors on one line
 
@@ -1498,6 +1582,128 @@ def changed_settings(saved, current, keys, strict=False):
             if (k in saved or strict) and saved.get(k) != current[k]]
 
 
+# A run's config.json (train.py --resume RUN, evaluate.py RUN): the settings that every version
+# of train.py has written, since its first (bbd5aa8), and what each holds (float: any finite
+# number; a tuple with None: null too). A file without one of them was not written by train.py,
+# or was cut or edited. The options added since are not here: an older run lacks them, and
+# --resume and evaluate.py fill them from today's defaults ("options added after the run
+# started"); the command's own parser checks their values.
+RUN_SETTINGS = {
+    # data
+    "data": str, "data_root": str, "download": bool, "image_size": (int, None), "resize": str,
+    "val_fraction": float, "examples_per_class": (int, None), "ood_classes": (str, None),
+    "masks": (str, None), "skip_bad_images": bool, "seed": int,
+    # synthetic data and batches
+    "synthetic": (str, None), "positives": str, "negatives": str, "negatives_per_batch": float,
+    "m_per_class": int, "synthetic_margin": bool,
+    # model and loss
+    "model": str, "pretrained": bool, "embedding_dim": int, "loss": str, "temperature": float,
+    "base_temperature": (float, None), "hard_negatives": str, "negative_weight": float,
+    "chunk_size": int, "margin": float, "mining": str, "distance": str, "mining_scope": str,
+    "augment": str,
+    # optimisation and the run
+    "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float,
+    "warmup_epochs": float, "linear_epochs": int, "device": str, "out": str,
+    "name": (str, None), "resume": (str, None)}
+KIND_NAMES = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def read_run_settings(run_dir, what, parser, written, known=None):
+    """The settings saved in run_dir/config.json, read strictly, or one line that names the file
+    (and the setting) and what to do: no file, an empty one, one that is not JSON (cut short) or
+    not a JSON object, another program's (a setting not in `known`, the settings train.py
+    writes, or few of RUN_SETTINGS), a setting of RUN_SETTINGS missing, or a value of the wrong
+    kind (check_run_settings). `what` starts each line ("--resume "); `parser` and `written`:
+    the command's parser and the settings it writes for a run of default settings."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{what}{run_dir}: no config.json there; pass a run folder that train.py "
+                        f"made")
+    fix = "restore the config.json that train.py wrote, or start a new run"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeError) as error:
+        raise DataError(f"{what}{path}: cannot be read ({error}); {fix}") from None
+    if not text.strip():
+        raise DataError(f"{what}{path}: empty (cut short when it was written?); {fix}")
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{what}{path}: not valid JSON ({error.msg}: line {error.lineno}, "
+                        f"column {error.colno}); cut short, or edited? {fix}") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{what}{path}: holds a JSON {type(saved).__name__}, not the settings "
+                        f"of a train.py run; pass a run folder that train.py made")
+    check_run_settings(saved, f"{what}{path}", fix, parser, written, known)
+    return saved
+
+
+def check_run_settings(saved, where, fix, parser, written, known=None):
+    """Refuse a config.json's settings (dict) in one line: another program's (a key not in
+    `known`, or under half of RUN_SETTINGS), one of RUN_SETTINGS missing or not of its kind, or
+    a setting `parser` knows that its command line would not give: read as its typed text by
+    the option's own type and choices; null only where the command writes null itself."""
+    foreign = sorted(set(saved) - set(known)) if known is not None else []
+    missing = [key for key in RUN_SETTINGS if key not in saved]
+    if foreign or len(missing) > len(RUN_SETTINGS) / 2:
+        detail = f"{foreign[0]!r}, which train.py never writes" if foreign else \
+            f"{len(missing)} of the {len(RUN_SETTINGS)} settings every train.py run has, e.g. " \
+            f"{missing[0]!r}"
+        raise DataError(f"{where}: not the settings of a train.py run (another program's?): "
+                        f"it {'holds' if foreign else 'lacks'} {detail}; pass a run folder "
+                        f"that train.py made")
+    if missing:
+        raise DataError(f"{where}: the setting {missing[0]!r} is missing (every train.py run "
+                        f"has it); {fix}")
+    actions = {a.dest: a for a in parser._actions if a.dest in saved}
+    for key, value in saved.items():
+        kind = RUN_SETTINGS.get(key, ())
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        problem = _kind_problem(value, kinds) if key in RUN_SETTINGS else ""
+        if not problem and key in actions:
+            problem = _option_problem(actions[key], value, written.get(key) is None)
+        if problem:
+            raise DataError(f"{where}: the setting {key!r} (--{key.replace('_', '-')}) is "
+                            f"{json.dumps(value)[:60]}, {problem}; {fix}")
+
+
+def _kind_problem(value, kinds):
+    """'' if value (from JSON) is of one of `kinds` (RUN_SETTINGS), else what it should be."""
+    if value is None:
+        ok = None in kinds
+    elif isinstance(value, bool):  # before int: True is an int to Python
+        ok = bool in kinds
+    elif isinstance(value, (int, float)):
+        ok = (int in kinds and isinstance(value, int)) or (float in kinds and math.isfinite(value))
+    else:
+        ok = type(value) in kinds
+    return "" if ok else "not " + " or ".join(KIND_NAMES[k] for k in kinds if k is not None)
+
+
+def _option_problem(action, value, may_be_null):
+    """'' if a saved value is what the command line gives for some typed text: that text, read
+    by the option's own type and choices, gives the value back; else what is wrong."""
+    if value is None:
+        return "" if may_be_null else "where a value is needed"
+    if action.nargs == 0:  # a flag: store_true
+        return "" if isinstance(value, bool) else "not true or false"
+    if action.type is None and not isinstance(value, str):  # a name, a path: typed as text
+        return "not text"
+    if isinstance(value, (bool, dict)):
+        return "not a value this option takes"
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # as typed
+    try:
+        typed = action.type(text) if action.type else text
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+        return str(error) or "not a value this option takes"
+    if action.choices is not None and typed not in action.choices:
+        return f"not one of {', '.join(map(str, action.choices))}"
+    if typed != value or isinstance(typed, str) != isinstance(value, str):  # "0.5" for 0.5
+        return f"not what --{action.dest.replace('_', '-')} {text} gives"
+    return ""
+
+
 def check_named_files(args):
     """The folders and files the data and synthetic options name, before any data loads."""
     if args.masks and not os.path.isdir(args.masks):
@@ -1535,17 +1741,26 @@ def run_command(main, argv=None):
     """Run a script's main(argv) as a command: bad input (DataError) is one line on stderr and
     exit status 1, Ctrl-C exit status 130 after the script's own one-line message. File names
     that are not UTF-8 (any bytes are a legal name on Linux) are printed as their own bytes, as
-    ls prints them."""
+    ls prints them. Under torchrun a rank that fails exits at once, its message printed once
+    for all ranks (end_process), and torchrun then stops the others."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a text stream: the name's own bytes go out
             stream.reconfigure(errors="surrogateescape")
     try:
-        return main(argv)
+        result = main(argv)
     except (DataError, RunError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        end_process(1, f"error: {error}")
+    except OtherRankFailed:  # rank 0 says why
+        end_process(1, quiet=True)
     except KeyboardInterrupt:
-        sys.exit(130)  # 128 + SIGINT (2), the shell's convention
+        end_process(130)  # 128 + SIGINT (2), the shell's convention
+    except Exception:  # a bug, or (torchrun) a collective broken by another rank's end
+        if distributed()[1] <= 1:
+            raise  # Python's traceback, as always
+        end_process(1, traceback.format_exc())
+    if distributed()[1] > 1:  # a clean end leaves the group (NCCL warns otherwise)
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def main(argv=None):

@@ -3,7 +3,9 @@ evaluate.py -- classification, out-of-distribution (OOD) detection and few-shot 
 trained run, with the pictures that explain it; and a meter of how near synthetic images are.
 
   Classification   accuracy, macro precision / recall / F1, one-vs-rest ROC-AUC, confusion
-                   matrix, for the linear head and for a k-NN classifier on the embeddings.
+                   matrix, for the linear head and for a k-NN classifier on the embeddings
+                   (k = 20, cosine; with its top-5 hit accuracy: the share of test images
+                   whose class is that of one of their 5 nearest training images).
   OOD detection    scores: maximum softmax probability (MSP, Hendrycks & Gimpel 2017); k-NN
                    distance on normalised embeddings (Sun et al. 2022: minus the distance to the
                    k-th nearest training embedding; k = 50 as theirs, and k = 1); Mahalanobis
@@ -11,9 +13,28 @@ trained run, with the pictures that explain it; and a meter of how near syntheti
                    minus the squared distance). Metrics: AUROC, AUPR-In, AUPR-Out, FPR at 95%
                    TPR. Convention: in-distribution is the POSITIVE class, a higher score means
                    "more in-distribution".
+  k-NN+neg         a run with negative-only images (--negative-data, --negatives) also reports
+                   the k-NN score with its negatives as an OOD reference beside the ID one
+                   (train.py --negative-mode score, mode (b), uses them there alone):
+                       s(x) = -r_k(x; real training images) + r_k'(x; the run's negatives)
+                   r_k: the distance to the k-th nearest normalised embedding; k = 50 (the k-NN
+                   score's, so the first term IS "k-NN"), k' = the same share of the M negatives
+                   as k is of the N references (round(k M / N), 1 to M). It is SSD_k's few-shot
+                   score (Sehwag et al. 2021, Sec. 3.2: the Mahalanobis distance to the ID data
+                   minus that to a few OOD samples) with Sun et al.'s k-NN distance in place of
+                   the Mahalanobis one. Top level: ood_auroc_knn_neg beside ood_auroc_knn, a
+                   paired contrast within one run; evaluate.py RUN reads the run's negatives again.
+  Head             a run of train.py --negative-mode head is also scored by the head trained with
+                   its encoder: "head MSP" (its outlier term oe) or "head energy" (energy: -E(x),
+                   the log-sum-exp of its logits, Liu et al. 2020); top level ood_auroc_head and
+                   head_test_accuracy, beside the frozen linear probe's ood_auroc_msp and
+                   test_accuracy. model.pt holds the head; evaluate.py RUN rebuilds it.
   Reference set    the k-NN scores, the k-NN classifier and the Mahalanobis statistics use the
                    REAL training images only, whatever synthetic images the run trained on, so
                    runs with and without synthetic images are measured against the same set.
+                   A k beyond its N images is lowered, said in one line and recorded as
+                   metrics.json's knn_k: the vote and top-5 hit to N - 1 (with k = N every
+                   query gets the same vote), the OOD scores to N (no k-th neighbour beyond).
   Few-shot         N-way K-shot episodes on the held-out (unseen) classes: nearest-prototype and
                    nearest-neighbour accuracy, mean and 95% confidence interval.
   Nearness         --nearness DIR: for each (kind, strength) of a synthetic set, the share of its
@@ -38,6 +59,11 @@ import data  # ImageSet, devices, atomic files, plots
 import supcon  # build_model, to rebuild a run's network
 
 K_NEIGHBOURS = (50, 1)  # the k-NN OOD scores reported; 50 is the headline (Sun et al. 2022)
+KNN_NEG = "k-NN+neg"  # the k-NN score with the run's negatives as an OOD reference (knn_neg_score)
+# --negative-mode head's score, by its head's outlier term (head_scores); top level: ood_auroc_head
+HEAD_SCORES = {"oe": "head MSP", "energy": "head energy"}
+KNN_CLASSIFIER_K = 20  # neighbours of the k-NN classifier's vote
+TOP_HIT_K = 5  # the top-5 hit accuracy: a query's class among its 5 nearest neighbours' classes
 PICTURES = {"t-SNE": "tsne.png", "OOD ROC and PR": "ood_curves.png",  # a report's pictures
             "classification ROC and PR": "classification_curves.png",
             "confusion matrix": "confusion.png", "Grad-CAM": "grad_cam.png"}
@@ -46,25 +72,29 @@ PICTURES = {"t-SNE": "tsne.png", "OOD ROC and PR": "ood_curves.png",  # a report
 # -----------------------------------------------------------------------------
 # The whole evaluation
 def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthetic=None,
-             external_ood=None, episodes=200, pictures=True, seed=0):
+             external_ood=None, episodes=200, pictures=True, seed=0, negatives=None):
     """Every metric (and, with run_dir and pictures, every picture and report.md) of a model.
     The reference set of the k-NN and Mahalanobis scores is splits.train, the real training
-    images; synthetic: the run's synthetic ImageSet (t-SNE only); external_ood: OOD images."""
+    images; synthetic: the run's synthetic ImageSet (t-SNE only); external_ood: OOD images;
+    negatives: the run's negative-only ImageSet, the OOD reference of k-NN+neg (None: none)."""
     mean, std = mean.to(device), std.to(device)
     feats = lambda images: extract_features(model, images, mean, std, device)  # noqa: E731
     logits_of = lambda f: classifier(f.to(device)).float().cpu()  # noqa: E731
     train_f, test_f = feats(splits.train.images), feats(splits.test.images)  # (N, F) each
+    neg_f = feats(negatives.images) if negatives is not None and len(negatives) else None  # (M, F)
     with torch.no_grad():
         test_logits = logits_of(test_f)  # (N_test, K)
     train_labels, K = splits.train.labels, len(splits.classes)
     linear = classification_metrics(splits.test.labels, test_logits.softmax(1))  # the linear head
-    knn = classification_metrics(splits.test.labels,  # k-NN on the real training embeddings
-                                 knn_probabilities(train_f, train_labels, test_f, K))
+    knn, knn_k_used, knn_note = knn_classification(train_f, train_labels, test_f,  # k lowered
+                                                   splits.test.labels, K)  # on a small set
     # the headline numbers first; everything else nested (metrics.json is read by people)
     out = {"test_accuracy": linear["accuracy"], "knn_accuracy": knn["accuracy"],
+           "knn_top5_hit": knn["top5_hit"],
            "classification": {"linear": linear, "knn": knn}, "ood": {},
            "ood_convention": "in-distribution is the positive class; higher score = more ID",
-           "reference_set": f"the {len(splits.train)} real training images"}
+           "reference_set": f"the {len(splits.train)} real training images", "knn_k": knn_k_used,
+           **({"knn_k_lowered": knn_note} if knn_note else {})}
     ood_sets = {}  # name -> ImageSet of OOD test images
     held_name = f"held-out classes {','.join(splits.ood_classes)}"
     if splits.ood_test is not None:
@@ -72,18 +102,27 @@ def evaluate(model, classifier, splits, mean, std, device, run_dir=None, synthet
     if external_ood is not None:  # --ood-data
         ood_sets["external"] = external_ood
     curves, ood_feats = {}, {}  # for the pictures and the few-shot episodes
-    in_scores = ood_scores(train_f, train_labels, test_f, test_logits)  # {score: (N_test,)}
+    in_scores = ood_scores(train_f, train_labels, test_f, test_logits, neg_f)  # {score: (N_test,)}
+    in_scores.update(head_scores(model, test_f))  # (c): the head trained with the encoder
+    out.update(head_accuracy(model, test_f, splits.test.labels))  # and its accuracy
+    if neg_f is not None:  # the k of either term, and how many negatives
+        out["knn_neg"] = knn_neg_settings(len(train_f), len(neg_f))
     for name, images in ood_sets.items():
         f = feats(images.images)  # (N_ood, F)
         ood_feats[name] = (f, images.labels)  # kept for few-shot and t-SNE
         with torch.no_grad():
-            out_scores = ood_scores(train_f, train_labels, f, logits_of(f))
+            out_scores = ood_scores(train_f, train_labels, f, logits_of(f), neg_f)
+            out_scores.update(head_scores(model, f))
         out["ood"][name] = {s: ood_metrics(in_scores[s], out_scores[s]) for s in in_scores}
         curves[name] = {s: (in_scores[s].numpy(), out_scores[s].numpy()) for s in in_scores}
     if splits.ood_test is not None:  # the thesis's OOD numbers, at the top level too
         held = out["ood"][held_name]
         out.update(ood_auroc_knn=held["k-NN"]["auroc"], ood_auroc_knn1=held["k-NN (k=1)"]["auroc"],
                    ood_auroc_msp=held["MSP"]["auroc"], ood_fpr95_knn=held["k-NN"]["fpr95"])
+        if KNN_NEG in held:  # the negatives' arm beside the k-NN control, from one run
+            out["ood_auroc_knn_neg"] = held[KNN_NEG]["auroc"]
+        for score in held.keys() & set(HEAD_SCORES.values()):  # (c): its arm's headline
+            out["ood_auroc_head"] = held[score]["auroc"]
         f, labels = ood_feats[held_name]  # few-shot on the unseen classes
         out["few_shot"] = {f"{n}-shot": few_shot_accuracy(f, labels, n, episodes, seed)
                            for n in (1, 5)}  # 1-shot and 5-shot, the usual pair
@@ -127,16 +166,22 @@ def write_report(metrics, files, run_dir):
     """report.md: the numbers as tables, then the pictures."""
     lines = ["# Evaluation report", "", f"Run folder: `{run_dir}`", "",
              "## Classification (test set)", "",
-             "| classifier | accuracy | precision | recall | F1 | ROC-AUC (OvR) |",
-             "|---|---|---|---|---|---|"]
+             "| classifier | accuracy | top-5 hit | precision | recall | F1 | ROC-AUC (OvR) |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in metrics["classification"].items():
-        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['precision']:.4f} | "
+        hit = f"{m['top5_hit']:.4f}" if "top5_hit" in m else "-"  # k-NN only
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {hit} | {m['precision']:.4f} | "
                      f"{m['recall']:.4f} | {m['f1']:.4f} | {m['roc_auc']:.4f} |")
+    lines += ["", knn_report_line(metrics)]
     if metrics["ood"]:
         lines += ["", "## OOD detection", "",
                   f"Convention: {metrics['ood_convention']}. Reference set of the k-NN and "
                   f"Mahalanobis scores: {metrics['reference_set']}. FPR@95: share of OOD images "
                   f"accepted at the threshold that keeps 95% of ID test images.", "",
+                  *([f"{KNN_NEG}: {metrics['knn_neg']['score']}, k = {metrics['knn_neg']['k']}, "
+                     f"k' = {metrics['knn_neg']['k_negatives']} of the "
+                     f"{metrics['knn_neg']['negatives']} negatives.", ""]
+                    if metrics.get("knn_neg") else []),
                   "| OOD set | score | AUROC | AUPR-In | AUPR-Out | FPR@95 |",
                   "|---|---|---|---|---|---|"]
         for set_name, scores in metrics["ood"].items():
@@ -157,6 +202,18 @@ def write_report(metrics, files, run_dir):
     for title, name in files.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]  # path relative to report.md
     data.write_text(os.path.join(run_dir, "report.md"), "\n".join(lines) + "\n")
+
+
+def knn_report_line(metrics):
+    """report.md's sentence on the k-NN classifier, the top-5 hit and the k each k-NN use had."""
+    k = metrics["knn_k"]
+    ood = ", ".join(f"{name} k = {v}" for name, v in k["ood"].items())
+    line = (f"k-NN: cosine similarity to {metrics['reference_set']}; the classifier votes among "
+            f"the k = {k['classifier']} nearest; top-5 hit: the share of test images whose class "
+            f"is that of one of their k = {k['top5_hit']} nearest; OOD scores: {ood}.")
+    if metrics.get("knn_k_lowered"):  # the reference set is smaller than some k
+        line += f" Lowered: {metrics['knn_k_lowered']}."
+    return line
 
 
 def load_ood_folder(path, channels, size, resize):
@@ -200,9 +257,9 @@ def extract_features(model, images, mean, std, device, batch_size=512, head=Fals
 # OOD scores: higher = more in-distribution
 def knn_score(train_features, test_features, k=50, batch_size=2048):
     """Sun et al. 2022: minus the distance from each normalised test embedding to its k-th
-    nearest normalised training embedding. (N_test,)"""
+    nearest normalised training embedding; k at most N_train (knn_k). (N_test,)"""
     train = F.normalize(train_features.float(), dim=1)  # (N_train, F) unit rows
-    k = min(k, len(train))  # a small training set cannot have a 50th neighbour
+    k = knn_k(k, len(train), "ood")  # a small training set has no 50th neighbour: N at most
     scores = []  # a (b, N_train) distance matrix at a time bounds the memory
     for start in range(0, len(test_features), batch_size):
         test = F.normalize(test_features[start:start + batch_size].float(), dim=1)  # (b, F)
@@ -211,9 +268,66 @@ def knn_score(train_features, test_features, k=50, batch_size=2048):
     return torch.cat(scores)  # (N_test,) minus the k-th distance
 
 
+def negatives_k(k, n_reference, n_negatives):
+    """k' of k-NN+neg's negatives term: the same share of the M negatives as the ID term's k
+    (at most N, as knn_score has it) is of the N references, rounded half up, 1 to M. A k-NN
+    density estimate is p(x) ~ k / (N r_k(x)^d), so at equal shares k/N = k'/M the two radii
+    measure the two sets at the same share of their mass; a few negatives give k' = 1."""
+    k = knn_k(k, n_reference, "ood")  # the ID term's k, as knn_score lowers it
+    return min(n_negatives, max(1, math.floor(k * n_negatives / n_reference + 0.5)))
+
+
+def knn_neg_score(train_features, negative_features, test_features, k=50):
+    """k-NN+neg: the k-NN score (Sun et al. 2022) with the negatives as an OOD reference, after
+    SSD_k's few-shot score (Sehwag et al. 2021, Sec. 3.2; a difference of distances):
+    s(x) = -r_k(x; train) + r_k'(x; negatives), r_k the distance to the k-th nearest normalised
+    embedding, k' = negatives_k. Higher = more ID: far from the negatives, near the ID set."""
+    k_neg = negatives_k(k, len(train_features), len(negative_features))
+    # knn_score is -r_k: -r_k(x; train) - (-r_k'(x; negatives))
+    return knn_score(train_features, test_features, k) - \
+        knn_score(negative_features, test_features, k_neg)  # (N_test,)
+
+
+def knn_neg_settings(n_reference, n_negatives):
+    """metrics.json's record of k-NN+neg: the score, its two terms' k and the negatives' count."""
+    k = K_NEIGHBOURS[0]  # the headline k-NN score's
+    return {"score": "-r_k(x; real training images) + r_k'(x; the run's negatives)",
+            "k": knn_k(k, n_reference, "ood"),
+            "k_negatives": negatives_k(k, n_reference, n_negatives), "negatives": n_negatives}
+
+
 def msp_score(logits):
     """Maximum softmax probability of the linear head. (N,)"""
     return logits.float().softmax(1).max(1).values  # fp32: half-precision logits would round
+
+
+def head_logits(model, features):
+    """(N, K) logits of train.py --negative-mode head's head (supcon.LogitHead, trained with the
+    encoder) on encoder features (N, F), on the CPU; None for a model without that head."""
+    head = getattr(model, "logit_head", None)
+    if head is None:
+        return None
+    with torch.no_grad():
+        return head(features.to(head.weight.device)).float().cpu()
+
+
+def head_scores(model, features):
+    """--negative-mode head's OOD score, from its head, by the head's outlier term: its MSP
+    (outlier exposure, Hendrycks et al. 2019), or minus its energy, -E(x) = log sum_k exp
+    f_k(x) (Liu et al. 2020, temperature 1). {name: (N,)}; {} for a model without that head."""
+    logits = head_logits(model, features)
+    if logits is None:
+        return {}
+    kind = model.logit_head.outlier_loss
+    return {HEAD_SCORES[kind]: msp_score(logits) if kind == "oe" else torch.logsumexp(logits, 1)}
+
+
+def head_accuracy(model, test_features, test_labels):
+    """{"head_test_accuracy": the test accuracy of --negative-mode head's head}; {} without it."""
+    logits = head_logits(model, test_features)  # (N_test, K) or None
+    if logits is None:
+        return {}
+    return {"head_test_accuracy": float((logits.argmax(1) == test_labels).float().mean())}
 
 
 def mahalanobis_score(train_features, train_labels, test_features):
@@ -230,12 +344,15 @@ def mahalanobis_score(train_features, train_labels, test_features):
     return (-d2.min(1).values).float()  # max_k -d2 = -min_k d2
 
 
-def ood_scores(train_f, train_labels, features, logits):
-    """Every OOD score of some images, from their features and logits: {name: (N,)}."""
+def ood_scores(train_f, train_labels, features, logits, negative_f=None):
+    """Every OOD score of some images, from their features and logits: {name: (N,)};
+    negative_f (M, F): the run's negatives' features, which add k-NN+neg."""
     scores = {"MSP": msp_score(logits)}  # the linear head's confidence
     for k in K_NEIGHBOURS:
-        scores["k-NN" if k == 50 else f"k-NN (k={k})"] = knn_score(train_f, features, k)
+        scores[knn_name(k)] = knn_score(train_f, features, k)  # k at most N (knn_settings)
     scores["Mahalanobis"] = mahalanobis_score(train_f, train_labels, features)  # Lee et al. 2018
+    if negative_f is not None:  # the headline k-NN score's k, and the negatives' term
+        scores[KNN_NEG] = knn_neg_score(train_f, negative_f, features, K_NEIGHBOURS[0])
     return scores
 
 
@@ -281,13 +398,79 @@ def classification_metrics(y_true, probabilities):
             "confusion": confusion_matrix(y_true, y_pred, labels=range(K)).tolist()}
 
 
-def knn_probabilities(train_features, train_labels, test_features, num_classes, k=20):
+def knn_probabilities(train_features, train_labels, test_features, num_classes,
+                      k=KNN_CLASSIFIER_K):
     """k-NN classifier on normalised embeddings (cosine similarity): the class shares among the
-    k nearest training embeddings, as (N_test, K) probabilities."""
+    k nearest training embeddings, as (N_test, K) probabilities; k at most N_train - 1
+    (knn_k). A tie goes to the lowest class id (the argmax of classification_metrics)."""
     train = F.normalize(train_features.float(), dim=1)  # unit rows: a dot product is a cosine
     test = F.normalize(test_features.float(), dim=1)
-    neighbours = (test @ train.T).topk(min(k, len(train)), dim=1).indices  # (N, k)
+    k = knn_k(k, len(train), "classifier")
+    neighbours = (test @ train.T).topk(k, dim=1).indices  # (N, k)
     return F.one_hot(train_labels[neighbours], num_classes).float().mean(1)  # (N, K)
+
+
+def knn_top_hit(train_features, train_labels, test_features, test_labels, k=TOP_HIT_K):
+    """The top-k hit accuracy (the mushroom project's "top-5"): the share of test embeddings
+    whose class is the class of at least one of their k nearest training embeddings (cosine
+    similarity); k at most N_train - 1 (knn_k)."""
+    train = F.normalize(train_features.float(), dim=1)  # unit rows: a dot product is a cosine
+    test = F.normalize(test_features.float(), dim=1)
+    neighbours = (test @ train.T).topk(knn_k(k, len(train), "classifier"), dim=1).indices
+    hit = (train_labels[neighbours] == test_labels[:, None]).any(1)  # (N_test,) any of the k
+    return float(hit.float().mean())
+
+
+def knn_k(k, n_reference, use):
+    """The k a k-NN use can have with n_reference reference images. "classifier" (the vote and
+    the top-k hit): at most N - 1, as with k = N every query counts every reference once -- the
+    same vote for all (the majority class), a hit for all whose class is in the set. "ood" (Sun
+    et al. 2022: minus the distance to the k-th neighbour): at most N, the farthest one; a k-th
+    neighbour beyond N does not exist. A set too small for any k is refused."""
+    most = n_reference - 1 if use == "classifier" else n_reference
+    if most < 1:
+        raise data.DataError(f"k-NN: the reference set (the real training images) has "
+                             f"{n_reference} image(s); the k-NN {use} needs at least "
+                             f"{2 if use == 'classifier' else 1}. Give the run more training "
+                             f"images")
+    return min(k, most)
+
+
+def knn_name(k):
+    """The name of the k-NN OOD score with k neighbours in metrics.json and report.md."""
+    return "k-NN" if k == 50 else f"k-NN (k={k})"  # 50: the headline, as Sun et al.'s
+
+
+def knn_settings(n_reference):
+    """The k every k-NN use has on n_reference reference images, as metrics.json records them
+    ({"classifier", "top5_hit", "ood": {score name: k}}), and one line saying which k were
+    lowered and why (None when none was)."""
+    asked = {"classifier": KNN_CLASSIFIER_K, "top5_hit": TOP_HIT_K,
+             "ood": {knn_name(k): k for k in K_NEIGHBOURS}}
+    used = {"classifier": knn_k(KNN_CLASSIFIER_K, n_reference, "classifier"),
+            "top5_hit": knn_k(TOP_HIT_K, n_reference, "classifier"),
+            "ood": {knn_name(k): knn_k(k, n_reference, "ood") for k in K_NEIGHBOURS}}
+    why = {"classifier": "k = N would give every query the same vote",
+           "top5_hit": "k = N would make every query a hit", "ood": "no k-th neighbour beyond N"}
+    lowered = [f"{use} k {asked[use]} -> {used[use]} ({why[use]})"
+               for use in ("classifier", "top5_hit") if used[use] != asked[use]]
+    lowered += [f"OOD score {name} k {asked['ood'][name]} -> {k} ({why['ood']})"
+                for name, k in used["ood"].items() if k != asked["ood"][name]]
+    note = (f"k-NN: the reference set has {n_reference} images; " + "; ".join(lowered)
+            if lowered else None)
+    return used, note
+
+
+def knn_classification(train_f, train_labels, test_f, test_labels, num_classes):
+    """The k-NN classifier's test metrics with its top-5 hit accuracy ("top5_hit"), the k of
+    every k-NN use (knn_settings) and the line saying which were lowered, printed here."""
+    used, note = knn_settings(len(train_f))
+    if note:
+        print(note)
+    knn = classification_metrics(test_labels, knn_probabilities(
+        train_f, train_labels, test_f, num_classes, KNN_CLASSIFIER_K))
+    knn["top5_hit"] = knn_top_hit(train_f, train_labels, test_f, test_labels, TOP_HIT_K)
+    return knn, used, note
 
 
 # -----------------------------------------------------------------------------
@@ -423,7 +606,8 @@ def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
     rows = nearness_rows(train_f, scores, groups)
     result = {"reference": reference, "id_test_images": len(splits.test),
               "test_accuracy": float((test_logits.argmax(1) == splits.test.labels).float().mean()),
-              "rows": [r for r in rows if r["kind"] != "held_out"]}  # held_out: reported apart
+              "rows": [r for r in rows if r["kind"] != "held_out"],  # held_out: reported apart
+              "knn_k": knn_k(50, len(train_f), "ood")}  # the k knn_score used: N if under 50
     if splits.ood_test is not None:
         held = rows[-1]  # appended last above
         result["held_out"] = {"classes": splits.ood_classes, "images": held["images"],
@@ -435,9 +619,11 @@ def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
 
 def nearness_table(result):
     """The meter's result as a markdown table."""
+    k = result.get("knn_k", 50)  # absent from a nearness.json written before it was recorded
+    k_said = f"k = {k}" + ("" if k == 50 else f", all {k} of them: 50 asked")
     lines = [f"Reference: {result['reference']} (test accuracy {result['test_accuracy']:.4f}); "
              f"OOD AUROC against the {result['id_test_images']} real ID test images, ID positive, "
-             f"k-NN score (k = 50) on the real training images; 0.5 = indistinguishable.", "",
+             f"k-NN score ({k_said}) on the real training images; 0.5 = indistinguishable.", "",
              "| images | strength | count | source accuracy | OOD AUROC (k-NN) | OOD AUROC (MSP) |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -624,15 +810,14 @@ def plot_grad_cam(model, classifier, test, classes, mean, std, device, path, per
 # Plumbing: a run folder, and the command line
 def run_settings(run_dir, overrides=None):
     """The data and synthetic settings of runs/<name>/config.json, with the defaults of options
-    added after the run was made (an older run folder evaluates as it resumes)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise data.DataError(f"{run_dir}: no config.json; pass a run folder of train.py")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    added after the run was made (an older run folder evaluates as it resumes). Read strictly
+    (data.read_run_settings): the data options through their own types; train.py's others,
+    which this file cannot parse, by data.RUN_SETTINGS's kinds, and unknown keys pass."""
     parser = data.add_synthetic_arguments(data.add_data_arguments(argparse.ArgumentParser()))
+    defaults = parser.parse_args([])
+    saved = data.read_run_settings(run_dir, "", parser, vars(defaults))
     # later wins: today's defaults < the saved config < the overrides
-    return data.settings(parser.parse_args([]), saved, overrides or {})
+    return data.settings(defaults, saved, overrides or {})
 
 
 def load_run(run_dir, device, overrides=None, splits=None):
@@ -652,7 +837,10 @@ def load_run(run_dir, device, overrides=None, splits=None):
                                          ("model", "loss", "embedding_dim")}
     _, C, H, _ = splits.train.images.shape
     model, classifier = supcon.build_model(arch["model"], arch["loss"], C, H, len(splits.classes),
-                                           arch["embedding_dim"])
+                                           arch["embedding_dim"],
+                                           # --negative-mode head's head, prototypes' buffer
+                                           logit_head=arch.get("logit_head"),
+                                           prototypes=arch.get("prototypes", False))
     model_file = os.path.join(run_dir, "model.pt")
     data.load_weights(model, state, "model", model_file, "model file")
     data.load_weights(classifier, state, "classifier", model_file, "model file")
@@ -676,10 +864,11 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes
     except data.DataError as error:  # the set is gone, or does not fit this data any more
         print(f"the run's synthetic set is not read ({str(error)[:120]}...): the t-SNE shows "
               f"real images only")
+    negatives = run_negatives(args, splits, run_dir)  # k-NN+neg's OOD reference, or None
     _, C, H, _ = splits.train.images.shape
     external = load_ood_folder(ood_data, C, H, args.resize) if ood_data else None
     metrics = evaluate(model, classifier, splits, mean, std, dev, run_dir, synthetic, external,
-                       episodes, pictures, args.seed)
+                       episodes, pictures, args.seed, negatives)
     previous = {}  # the training-only numbers of the run
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
         with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
@@ -688,6 +877,24 @@ def evaluate_run(run_dir, overrides=None, ood_data=None, device="auto", episodes
     metrics = {**{k: previous[k] for k in kept if k in previous}, **metrics}  # new ones win
     data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
+
+
+def run_negatives(args, splits, run_dir):
+    """The negative-only images a run trained with (its config.json's --negatives role of
+    --synthetic, its --negative-data), read again as train.py read them: k-NN+neg's OOD
+    reference; None if it had none. Refused in one line if they cannot be read: without them
+    the run's k-NN+neg would silently go missing from metrics.json."""
+    if args.negatives == "none" and not args.negative_data:
+        return None
+    try:
+        used = data.training_set(args, splits)[0]  # train.py's reader: the same images
+    except data.DataError as error:
+        raise data.DataError(f"{run_dir}: the run's negatives (--negative-data "
+                             f"{args.negative_data}, --negatives {args.negatives} of --synthetic "
+                             f"{args.synthetic}), the OOD reference of its {KNN_NEG} score, cannot "
+                             f"be read ({str(error).splitlines()[0].rstrip('.')}); put them back "
+                             f"where config.json says") from error
+    return used.subset(used.negative_only)
 
 
 def build_parser():
@@ -726,7 +933,8 @@ def main(argv=None):
     # options of one mode that the other would not read
     mode = "--nearness" if a.nearness else "a run folder"
     data.refuse_without_effect(given, MODE_OPTIONS, mode, "with --nearness" if a.nearness else
-                               "without --nearness", {"reference_run": "--run", "run": "a run folder"})
+                               "without --nearness",
+                               {"reference_run": "--run", "run": "a run folder"})
     if a.nearness:
         data.require_manifest(a.nearness, "--nearness")
         result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs)
@@ -738,7 +946,8 @@ def main(argv=None):
     if a.ood_data and not os.path.isdir(a.ood_data):  # before the run's data loads
         raise data.DataError(f"--ood-data {a.ood_data}: no such folder")
     m = evaluate_run(a.run, overrides, a.ood_data, a.device, a.episodes, not a.no_pictures)
-    print(f"test accuracy {m['test_accuracy']:.4f} (k-NN {m['knn_accuracy']:.4f})")
+    print(f"test accuracy {m['test_accuracy']:.4f} (k-NN {m['knn_accuracy']:.4f}, k-NN top-5 "
+          f"hit {m['knn_top5_hit']:.4f})")
     for set_name, scores in m["ood"].items():
         print(f"OOD {set_name}: " + ", ".join(f"{s} AUROC {v['auroc']:.4f}"
                                               for s, v in scores.items()))

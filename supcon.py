@@ -28,7 +28,11 @@ What is here, in the order a reader of the papers meets it:
                        2017), hard-negative, semi-hard (Schroff et al. 2015, FaceNet), mixed.
   3. cosine_pair_loss  cosine-embedding loss on every pair of the batch.
   4. Encoders, heads   a small CNN, torchvision ResNets with a small-image stem, SupCon's projection
-                       head, a 3-layer embedding head, and the encoder + head model.
+                       head, a 3-layer embedding head, and the encoder + head model;
+                       LabelledFirst keeps negative-only rows out of batch norm's statistics
+                       of the labelled rows.
+  5. logit_head_loss   negative-only images outside the denominators (train.py --negative-mode):
+     prototype_loss    a head trained with the encoder, class prototypes they are pushed from.
   Plumbing             the inputs' layout and checks, last.
 
 Where it comes from. The main source is a thesis, "Contrastive Learning with Stable Diffusion-based
@@ -59,6 +63,40 @@ Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negat
 Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it:
 the equation's sum over anchors becomes a mean, which scales the loss but moves no minimum.
 
+Negatives as classes of their own (train.py --negative-mode classes, mode (e)): plain Eq. 2 over
+an extended label set, with no negative-only sample at all. With K training classes, a negative
+meant for class c's anchors is labelled K + c, one meant for every anchor 2K (train.py's
+negative_classes), and negative_only is all False: every negative is an anchor whose P(i) holds
+its other view and the negatives of its group, and it is an ordinary member of every other
+anchor's A(i) (w = 1, no rule). This is the supervised CSI of Tack et al. (2020, "sup-CSI":
+SupCLR on joint (class, shift) labels, each shifted class a class of its own), the shift being
+"near-OOD / no class of ours"; supcon_loss computes it as it stands.
+
+Negatives outside the denominators (train.py --negative-mode head and prototypes, modes (c) and
+(d)): L_SupCon is Eq. 2 on the labelled rows alone, and the negative-only rows enter only this:
+  head        a linear head f on the encoder features (LogitHead), trained with the encoder,
+              read at test time by its own OOD score:
+                L = L_SupCon + beta CE(f(x), y) + lambda L_out, the CE over the labelled rows;
+                oe      L_out = E_x'[ -1/K sum_k log softmax_k f(x') ], cross-entropy to the
+                        uniform distribution: outlier exposure (Hendrycks et al. 2019, Eq. 1,
+                        lambda 0.5); score: the head's MSP;
+                energy  L_out = E_x[ max(0, E(x) - m_in)^2 ] + E_x'[ max(0, m_out - E(x'))^2 ],
+                        E(x) = -log sum_k exp f_k(x), on the labelled rows x and the negatives
+                        x': the energy-bounded learning objective (Liu et al. 2020; lambda 0.1,
+                        m_in -25, m_out -7 in their CIFAR code; train.py's ENERGY_MARGINS
+                        are -7, -3, for a head trained from scratch); score: -E(x).
+  prototypes  unit class prototypes mu_c, CIDER's (Ming et al. 2023): moved by an exponential
+              moving average of the labelled embeddings, mu_c <- Normalize(alpha mu_c + (1 -
+              alpha) z), and pushed apart by their dispersion loss; the negatives are pushed
+              from every prototype at once:
+                L = L_SupCon + L_dis + lambda L_out  (SupCon keeps each class compact, in place of
+                                                      CIDER's L_comp),
+                L_dis = 1/C sum_i log( 1/(C-1) sum_{j != i} exp(mu_i . mu_j / tau) ),
+                L_out = E_n[ log sum_c exp(mu_c . z_n / tau) ] over negative-only embeddings z_n:
+              minus the energy of Liu et al. (2020) with CIDER's class logits mu_c . z / tau for
+              f, large when z_n is near any prototype; its gradient pushes z_n from each in
+              proportion to its softmax weight, the nearest most. The OOD score stays k-NN.
+
 The thesis's own edit of the SupCon loss had three defects, all fixed here:
   defect 1  To exclude a pair, its logit was multiplied by zero after the row maximum had been
             subtracted. exp(0) = 1, so every excluded pair stayed in the denominator at full weight
@@ -71,6 +109,7 @@ never positives, and excluded pairs get -inf before the log-sum-exp, so exp() re
 """
 
 import argparse
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -153,6 +192,9 @@ class SupConLoss(nn.Module):
                     never positives, only negatives (hard_negatives, negative_weight: as in
                     supcon_loss; a mask has no classes, so it needs hard_negatives="all").
 
+    chunk_size:     supcon_loss's path: "auto" (default: chosen by size and device, the rule in
+                    supcon_loss's docstring), None (plain) or an int (blocks of that many).
+
     A thin layer over this file's math: labels (or SimCLR) with contrast_mode "all" run through
     supcon_loss's fast exact path; a mask or contrast_mode "one" through the specification.
     Where it differs from the reference:
@@ -165,14 +207,14 @@ class SupConLoss(nn.Module):
     """
 
     def __init__(self, temperature=0.07, contrast_mode="all", base_temperature=0.07,
-                 hard_negatives="same_class", negative_weight=1.0, chunk_size=None):
+                 hard_negatives="same_class", negative_weight=1.0, chunk_size="auto"):
         super().__init__()
         if contrast_mode not in ("all", "one"):
             raise ValueError(f"contrast_mode must be 'all' or 'one'; got {contrast_mode!r}")
         self.contrast_mode = contrast_mode
         self.settings = dict(temperature=temperature, base_temperature=base_temperature,
                              hard_negatives=hard_negatives, negative_weight=negative_weight)
-        self.chunk_size = chunk_size  # supcon_loss's blockwise path, for large batches
+        self.chunk_size = chunk_size  # supcon_loss's path: "auto", None (plain) or blocks of c
         _check_settings(**self.settings, chunk_size=chunk_size, fused=False)
 
     def forward(self, features, labels=None, mask=None, negative_only=None):
@@ -226,7 +268,7 @@ class SupConLoss(nn.Module):
 
 def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                 base_temperature=None, hard_negatives="same_class", negative_weight=1.0,
-                chunk_size=None, fused=False):
+                chunk_size="auto", fused=False):
     """Extended Eq. 2 (Khosla et al. 2020, with negative-only samples added to A(i)), fast and
     exact: the value of supcon_loss_spec, computed as the notes above this function derive.
 
@@ -246,8 +288,15 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
                      (e.g. synthetic near-OOD images of a class, real photographs of no class).
                      Entries of samples that are not negative-only are ignored.
     negative_weight: w >= 0, the factor on a negative-only sample's exp-term in the denominator.
-    chunk_size, fused: which path computes the denominators (M anchors, N samples):
-      plain    (default) one masked (M, N) matrix, autograd's gradient; any device and dtype.
+    chunk_size, fused: which path computes the denominators (M anchors, N samples); all exact:
+      auto     (the default, chunk_size="auto") the chunked path, its chunk chosen from M, N, the
+               dtype and the device (_auto_chunk_size, which says why): all M anchors in one
+               (M, N) block if it fits a budget (1 GiB on the CPU, 1/16 of the GPU's memory on
+               CUDA), kept from forward for backward; else the fewest equal blocks that fit.
+               Peak memory: one block (element size x c x N bytes, c <= M <= N) plus O(N D).
+               fused is never chosen (not yet timed on a GPU; its first call compiles).
+      plain    (chunk_size=None) one masked (M, N) matrix, autograd's gradient; any device and
+               dtype.
       chunked  (chunk_size=c) in (c, N) blocks with an analytic gradient: O(c N) memory, for
                large batches; what train.py uses.
       fused    (fused=True) FlexAttention's log-sum-exp, torch.compile'd on a CUDA GPU: the
@@ -317,6 +366,9 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         log_w_negative = math.log(negative_weight) if negative_weight > 0 else -math.inf
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).masked_fill_(
             roles.negative_only, log_w_negative)  # (N,)
+    if chunk_size == "auto" and not fused:  # the default: the rule in the docstring
+        chunk_size = _auto_chunk_size(anchors.numel(), z.shape[0], z.element_size(),
+                                      _auto_block_bytes(z.device))
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
         if fused:  # FlexAttention: no (M, N) matrix in memory (CUDA)
@@ -332,6 +384,37 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     if base_temperature is not None:  # the reference code's constant factor tau / base_tau
         loss = loss * (temperature / base_temperature)
     return loss
+
+
+_AUTO_BLOCK_BYTES_CPU = 2**30  # the default path's budget for one (c, N) block on the CPU
+_AUTO_BLOCK_GPU_SHARE = 16  # on CUDA: 1/16 of the GPU's memory (an H100's: 5 GB)
+
+
+def _auto_block_bytes(device):
+    """The largest (c, N) block chunk_size="auto" may allocate on `device`, in bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // _AUTO_BLOCK_GPU_SHARE
+    return _AUTO_BLOCK_BYTES_CPU  # the CPU, and any other device
+
+
+def _auto_chunk_size(num_anchors, num_columns, element_size, budget):
+    """chunk_size="auto" (supcon_loss's docstring): all M = num_anchors anchors in one (M, N)
+    block when M x N x element_size bytes fit the budget -- one block is kept from forward to
+    backward, so none is recomputed -- else the fewest equal blocks that each fit. Never more
+    than M, so the block never exceeds the (M, N) logits the plain path makes itself.
+
+    Why one block: it was the fastest measured, at N = 4096 on a 2-core CPU (4.5x the
+    reference-style loss; blocks of 1024 3.9x, the plain path 1.8x), at N = 16384 on one CPU
+    thread (1.45x faster than blocks of 2048 or 4096) and at N = 16384 on an H100 (3.2x; blocks
+    of 4096 2.3x, plain 2.0x). Memory (benchmarks/bench_loss.py --memory-n, D = 128, CPU): the
+    reference keeps about 9 N x N fp32 matrices, this path one block of at most N x N plus a
+    dozen (N, D) copies of the embeddings -- 0.15 of the reference's peak at N = 2048, 0.10 at
+    N = 16384. Below N = 2 D those copies weigh as much as the reference's N x N matrices (every
+    path of supcon_loss has them): at N = 128 the two peaks are within 0.3 MiB, either way."""
+    rows_that_fit = max(1, budget // (num_columns * element_size))  # anchors per block
+    blocks = -(-max(num_anchors, 1) // rows_that_fit)  # ceil(M / rows_that_fit) >= 1
+    return -(-max(num_anchors, 1) // blocks)  # ceil(M / blocks) <= rows_that_fit
 
 
 class _Roles(NamedTuple):
@@ -399,6 +482,7 @@ class _LogDenominatorChunked(torch.autograd.Function):
         columns = _DenominatorColumns(z, log_weight, temperature, roles)
         log_denominator = []
         for s in range(0, anchors.numel(), chunk_size):
+            blocks = None  # the last block goes before the next is made: one alive, not two
             # [(c, R), (c, K)]: s_ia + log w_a - shift, -inf off A(i)
             blocks = columns.logits(anchors[s:s + chunk_size])
             row_shift = 0.0  # with the fixed shift every term is in [exp(-2/tau), w] already
@@ -424,10 +508,13 @@ class _LogDenominatorChunked(torch.autograd.Function):
         temperature, chunk_size = ctx.settings
         columns = _DenominatorColumns(z, log_weight, temperature, ctx.roles)
         kept, ctx.kept = ctx.kept, None  # (the block goes with this call)
+        if torch.is_grad_enabled():  # create_graph=True: forward's block has no graph to z, so
+            kept = None  # recompute it under autograd, or second derivatives would be wrong
         with torch.autocast(z.device.type, enabled=False):  # backward() may run under autocast
             grad_z = torch.zeros_like(z)  # (N, D)
             grad_columns = [torch.zeros_like(z_c) for z_c in columns.z_columns]  # (R|K, D)
             for s in range(0, anchors.numel(), chunk_size):
+                blocks = None  # the last block goes before the next is made: one alive, not two
                 anchor_block = anchors[s:s + chunk_size]  # (c,)
                 log_den = log_denominator[s:s + chunk_size]  # (c,)
                 # E_ia = w_a exp(s_ia - offset_i), 0 off A(i): forward's block, or recomputed
@@ -832,28 +919,57 @@ class EmbeddingHead(nn.Module):
 
 class ContrastiveModel(nn.Module):
     """Encoder + head. forward(x) -> embedding used by the loss; encode(x) -> encoder features
-    (what the linear classifier and the evaluation use, as in the SupCon paper)."""
+    (what the linear classifier and the evaluation use, as in the SupCon paper).
 
-    def __init__(self, encoder, head):
-        """encoder: images -> (B, F) features; head: features -> the loss's embeddings."""
+    Two optional parts, present only where train.py's --negative-mode asks for them (so the
+    weights of every other run keep their names): logit_head, a LogitHead on the encoder
+    features trained with the encoder ("head"); prototypes, a (K, D) buffer of unit class
+    prototypes, state that the optimiser never sees ("prototypes"). Both are in state_dict(),
+    so checkpoints and model.pt hold them."""
+
+    def __init__(self, encoder, head, logit_head=None, prototypes=None):
+        """encoder: images -> (B, F) features; head: features -> the loss's embeddings;
+        logit_head: features -> (B, K) logits, or None; prototypes: (K, D) tensor, or None."""
         super().__init__()
         self.encoder, self.head = encoder, head
+        if logit_head is not None:
+            self.logit_head = logit_head
+        if prototypes is not None:
+            self.register_buffer("prototypes", prototypes)
 
     def encode(self, x):
         """(B, C, H, W) -> (B, F) encoder features (the representation that is evaluated)."""
         return self.encoder(x)
 
-    def forward(self, x):
-        """(B, C, H, W) -> (B, D) embeddings for the contrastive loss."""
-        return self.head(self.encoder(x))
+    def forward(self, x, with_logits=False):
+        """(B, C, H, W) -> (B, D) embeddings for the contrastive loss; with_logits: and the
+        logit head's (B, K) logits, from the same encoder pass (one forward: DDP sees one)."""
+        h = self.encoder(x)  # (B, F)
+        return (self.head(h), self.logit_head(h)) if with_logits else self.head(h)
+
+
+class LogitHead(nn.Linear):
+    """--negative-mode head's classifier: a linear layer on the encoder features (F -> K logits,
+    like the linear probe) trained jointly with the encoder; outlier_loss ("oe" or "energy")
+    names its outlier term, and with it the OOD score it is read with (evaluate.head_scores)."""
+
+    def __init__(self, in_dim, num_classes, outlier_loss):
+        """in_dim: F; num_classes: K; outlier_loss: one of HEAD_LOSSES."""
+        if outlier_loss not in HEAD_LOSSES:
+            raise ValueError(f"outlier_loss must be one of {HEAD_LOSSES}; got {outlier_loss!r}")
+        super().__init__(in_dim, num_classes)
+        self.outlier_loss = outlier_loss
 
 
 def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim=128,
-                pretrained=False):
+                pretrained=False, logit_head=None, prototypes=False):
     """Encoder + the head the loss needs, and the linear classifier on the encoder features.
 
     supcon / simclr: the MLP projection head (normalised); triplet / cosine: the 3-layer embedding
-    head; ce: no head (the classifier sits directly on the encoder)."""
+    head; ce: no head (the classifier sits directly on the encoder). logit_head ("oe" or
+    "energy"): a LogitHead with that outlier term; prototypes: a (K, D) buffer of zeros, no class
+    seen yet (update_prototypes). Both come after the other parts, so the encoder and head start
+    from the same weights with or without them under the same seed."""
     encoder = build_encoder(model, in_channels, image_size, pretrained)
     if loss in ("supcon", "simclr"):
         head = ProjectionHead(encoder.out_dim, embedding_dim)
@@ -861,7 +977,216 @@ def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim
         head = EmbeddingHead(encoder.out_dim, embedding_dim)
     else:
         head = nn.Identity()
-    return ContrastiveModel(encoder, head), nn.Linear(encoder.out_dim, num_classes)
+    extra = LogitHead(encoder.out_dim, num_classes, logit_head) if logit_head else None
+    mu = torch.zeros(num_classes, embedding_dim) if prototypes else None  # (K, D)
+    return ContrastiveModel(encoder, head, extra, mu), nn.Linear(encoder.out_dim, num_classes)
+
+
+class LabelledFirst(nn.Module):
+    """model(x) with the negative-only rows kept out of batch norm: forward(x, n_labelled) runs
+    the model on the first n_labelled rows (the labelled images' views) exactly as it would
+    without negatives, then on the rows after them (negative-only images) with every batch-norm
+    layer normalising them by the statistics it just computed on the labelled rows. So
+    negative-only images enter neither the labelled images' batch statistics nor the running
+    averages, and at --negative-weight 0 a run with them trains the weights of the run without
+    them bit for bit: the labelled pass is the same operation on the same tensor, whatever the
+    thread count (one pass over all rows would split the convolutions' sums differently), and
+    the loss's zero-weight terms send back exact zeros. (Plain batch norm would mix negatives
+    into every labelled embedding's normalisation.)
+
+    Two passes in one forward call, so DistributedDataParallel and torch.compile see one forward
+    per backward; gradients flow through the borrowed statistics into the labelled rows, as in
+    plain batch norm. n_labelled None: one plain pass over every row (ce, dataset-scope
+    triplets, --negative-mode classes, whose negatives are labelled anchors). A shard without
+    labelled rows (torchrun) has nothing to borrow: running statistics, nothing updated. Under
+    --sync-bn the labelled pass gets every rank's labelled statistics (SyncBatchNorm runs on
+    every rank, on 0 rows too); the negative-only rows their shard's. Layers in eval mode are
+    untouched. The wrapped `model` is what is saved: this module holds no state of its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, n_labelled=None, **kwargs):  # x (N, C, H, W), labelled rows first
+        if n_labelled is None or n_labelled >= len(x):
+            return self.model(x, **kwargs)
+        norms = [m for m in self.model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        stats = {}  # batch-norm layer -> (mean, biased variance) of the labelled rows, fp32
+        first = None
+        if n_labelled > 0 or any(isinstance(m, nn.SyncBatchNorm) for m in norms):
+            with _batch_norm_forwards(norms, lambda bn, own: _recording(bn, own, stats)):
+                first = self.model(x[:n_labelled], **kwargs)  # as without negatives
+        with _batch_norm_forwards(norms, lambda bn, own: _borrowing(bn, stats)):
+            rest = self.model(x[n_labelled:], **kwargs)
+        if first is None:  # a shard of negative-only rows
+            return rest
+        if isinstance(rest, tuple):  # e.g. (embeddings, logits) under --negative-mode head
+            return tuple(torch.cat(pair) for pair in zip(first, rest))
+        return torch.cat([first, rest])
+
+
+@contextlib.contextmanager
+def _batch_norm_forwards(norms, make):
+    """Within it, each layer's forward is make(layer, its own forward); put back on exit."""
+    saved = [vars(bn).get("forward") for bn in norms]  # an instance's own forward, if any
+    for bn in norms:
+        bn.forward = make(bn, bn.forward)
+    try:
+        yield
+    finally:
+        for bn, own in zip(norms, saved):
+            if own is None:
+                del bn.forward  # the class's forward again
+            else:
+                bn.forward = own
+
+
+def _recording(bn, own, stats):
+    """The layer's own forward, noting the mean and biased variance of its input per channel
+    (what train-mode batch norm normalises with), in fp32 whatever the autocast dtype."""
+    def forward(x):  # x (n, C, ...)
+        if len(x):
+            dims = [0, *range(2, x.dim())]  # every dimension but the channel
+            stats[bn] = (x.float().mean(dims), x.float().var(dims, unbiased=False))
+        return own(x)
+    return forward
+
+
+def _borrowing(bn, stats):
+    """Normalise with the labelled rows' statistics (the running ones where there were none);
+    the running averages are not touched."""
+    def forward(x):  # x (m, C, ...)
+        mean, var = stats.get(bn, (bn.running_mean, bn.running_var))
+        if mean is None:  # no running statistics kept either: the rows' own
+            return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # per-channel values against (m, C, ...)
+        # written out: F.batch_norm takes no gradient through its statistics
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+        if bn.affine:  # gamma * x_hat + beta
+            y = y * bn.weight.view(shape) + bn.bias.view(shape)
+        return y.to(x.dtype)
+    return forward
+
+
+# -----------------------------------------------------------------------------
+# 5. Negative-only images outside the denominators (train.py --negative-mode head, prototypes)
+
+HEAD_LOSSES = ("oe", "energy")  # the head's outlier term: outlier exposure, or energy margins
+
+
+def logit_head_loss(logits, labels, negative_only, *, outlier_loss="oe", outlier_weight=0.5,
+                    ce_weight=1.0, margins=(-25.0, -7.0)):
+    """The head's terms, ce_weight * CE + outlier_weight * L_out (the notes at the top), from a
+    batch's logits: (N, K) rows or (B, V, K) views of B images, labels and negative_only (bool)
+    per image or row as supcon_loss takes them. CE: the mean cross-entropy of the labelled rows;
+    L_out: "oe", the mean cross-entropy of the negative-only rows to the uniform distribution;
+    "energy", the squared hinges on the energies of the labelled rows (margin m_in) and of the
+    negative-only rows (m_out), margins = (m_in, m_out). A mean over no row is 0. Half-precision
+    logits are computed in fp32."""
+    if outlier_loss not in HEAD_LOSSES:
+        raise ValueError(f"outlier_loss must be one of {HEAD_LOSSES}; got {outlier_loss!r}")
+    f, labels, negative_only, _, _ = _flatten_views(  # the row bookkeeping stays on the labels'
+        logits, labels, negative_only, "logits", hard_negatives="all",  # device (no GPU wait)
+        device=labels.device if torch.is_tensor(labels) else None)
+    if labels is None:
+        raise ValueError("logit_head_loss needs labels")
+    f = _at_least_fp32(f)  # (N, K)
+
+    def rows(mask):  # the rows of f where mask (N,) holds
+        return f.index_select(0, _to_device(torch.nonzero(mask).squeeze(1), f.device))
+
+    def mean(x):  # (n,) -> its mean; 0, with a graph, when n = 0
+        return x.mean() if x.numel() else f.sum() * 0.0
+
+    f_in, f_out = rows(~negative_only), rows(negative_only)  # (R, K) labelled, (M, K) negatives
+    ce = mean(F.cross_entropy(f_in, _to_device(labels[~negative_only], f.device),
+                              reduction="none"))  # (R,) -log softmax_y f(x)
+    if outlier_loss == "oe":  # CE(f(x'), U) = -1/K sum_k log softmax_k f(x')
+        out = mean(-f_out.log_softmax(1).mean(1))
+    else:  # energies E(x) = -log sum_k exp f_k(x) (temperature 1), squared hinges
+        m_in, m_out = margins
+        e_in, e_out = -torch.logsumexp(f_in, 1), -torch.logsumexp(f_out, 1)  # (R,), (M,)
+        out = mean(F.relu(e_in - m_in) ** 2) + mean(F.relu(m_out - e_out) ** 2)
+    return ce_weight * ce + outlier_weight * out
+
+
+def update_prototypes(prototypes, z, labels, momentum=0.95):
+    """CIDER's prototype update (Ming et al. 2023), one labelled embedding at a time in row order:
+        mu_{y_n} <- Normalize(alpha mu_{y_n} + (1 - alpha) z_n),       alpha = momentum
+    exactly that sequence, run for all classes at once: a class's updates never touch another's,
+    so step k updates every class with its k-th row, and the loop is as long as one class's rows.
+    prototypes (C, D): unit rows, or zero rows for classes not seen yet (their first update gives
+    z_n itself); z (N, D) unit rows; labels (N,) in [0, C). Returns the new (C, D) prototypes and
+    leaves `prototypes` as it was. The result is a function of z: a loss on it reaches the
+    encoder through every update, as in CIDER's code (its dispersion loss has no other path)."""
+    labels = torch.as_tensor(labels)
+    order = torch.argsort(labels, stable=True)  # (N,) rows by class, each class's in row order
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)  # (G,) each
+    first = torch.cumsum(counts, 0) - counts  # (G,) where each class's rows start in `order`
+    mu = prototypes.to(z.dtype)  # (C, D)
+    for k in range(int(counts.max()) if len(counts) else 0):
+        live = counts > k  # (G,) the classes that have a k-th row
+        rows = _to_device(order[first[live] + k], z.device)  # (g,) those rows
+        cls = _to_device(classes[live], z.device)  # (g,) their classes, each once
+        mu = mu.index_copy(0, cls, F.normalize(momentum * mu.index_select(0, cls)
+                                              + (1 - momentum) * z.index_select(0, rows), dim=1))
+    return mu
+
+
+def dispersion_loss(prototypes, temperature=0.1):
+    """CIDER's L_dis (Ming et al. 2023) over the C' classes that have a prototype (non-zero rows
+    of the (C, D) prototypes): 1/C' sum_i log( 1/(C'-1) sum_{j != i} exp(mu_i . mu_j / tau) ).
+    0 with fewer than two."""
+    with torch.autocast(prototypes.device.type, enabled=False):  # fp32 even under autocast
+        s = prototypes @ prototypes.T / temperature  # (C, C) mu_i . mu_j / tau
+    seen = prototypes.detach().norm(dim=1) > 0  # (C,)
+    eye = torch.eye(len(seen), dtype=torch.bool, device=seen.device)
+    pair = seen[:, None] & seen[None, :] & ~eye  # (C, C) j != i, both seen
+    others = pair.sum(1)  # (C,) C' - 1 for a seen class, 0 for the others
+    has = others > 0  # (C,) the rows of the mean
+    # a row without a pair would be all -inf (nan in backward): zeros instead, then left out
+    lse = torch.logsumexp(torch.where(has[:, None], s.masked_fill(~pair, -math.inf), 0.0), 1)
+    term = lse - others.clamp(min=1).to(s.dtype).log()  # (C,) log of the mean over j
+    return torch.where(has, term, 0.0).sum() / has.sum().clamp(min=1)
+
+
+def prototype_outlier_loss(z_out, prototypes, temperature=0.1):
+    """L_out of --negative-mode prototypes: the mean over negative-only embeddings z_n (M, D) of
+    log sum_c exp(mu_c . z_n / tau), over the classes that have a prototype ((C, D), zero rows
+    left out). Large when z_n is near any prototype; 0 for M = 0."""
+    if not len(z_out):
+        return z_out.sum() * 0.0
+    seen = prototypes.norm(dim=1) > 0  # (C,)
+    with torch.autocast(z_out.device.type, enabled=False):
+        s = z_out @ prototypes.T / temperature  # (M, C) mu_c . z_n / tau
+    return torch.logsumexp(s.masked_fill(~seen[None, :], -math.inf), 1).mean()
+
+
+def prototype_loss(features, labels, negative_only, prototypes, *, momentum=0.95,
+                   temperature=0.1, outlier_weight=1.0):
+    """--negative-mode prototypes' terms beside SupCon, L_dis + outlier_weight * L_out (the notes
+    at the top), and the updated prototypes. features (N, D) or (B, V, D), labels and
+    negative_only as supcon_loss takes them; rows in view-major order (every image's first view,
+    then the second views: the order of CIDER's batches). The labelled rows update the (C, D)
+    prototypes (update_prototypes); L_dis is taken on the updated prototypes, through their
+    gradient; L_out on the negative-only rows against them detached (it moves the negatives,
+    not the prototypes). Returns (loss, new prototypes detached): the caller keeps them when the
+    step's weights are updated."""
+    z, labels, negative_only, _, _ = _flatten_views(
+        features, labels, negative_only, hard_negatives="all",
+        device=labels.device if torch.is_tensor(labels) else None)
+    if labels is None:
+        raise ValueError("prototype_loss needs labels")
+    z = F.normalize(_at_least_fp32(z), dim=1)  # (N, D) unit rows
+    real, negative = (_to_device(torch.nonzero(m).squeeze(1), z.device)
+                      for m in (~negative_only, negative_only))  # (R,), (M,) row indices
+    mu = update_prototypes(prototypes, z.index_select(0, real), labels[~negative_only], momentum)
+    loss = dispersion_loss(mu, temperature)
+    if negative.numel():
+        loss = loss + outlier_weight * prototype_outlier_loss(z.index_select(0, negative),
+                                                              mu.detach(), temperature)
+    return loss, mu.detach()
 
 
 # -----------------------------------------------------------------------------
@@ -948,9 +1273,12 @@ def _check_settings(temperature, base_temperature, hard_negatives, negative_weig
         raise ValueError(f"base_temperature must be None or > 0; got {base_temperature}")
     if not negative_weight >= 0:
         raise ValueError(f"negative_weight must be >= 0; got {negative_weight}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int; got {chunk_size!r}")
-    if fused not in (False, True) or (fused and chunk_size is not None):
+    automatic = isinstance(chunk_size, str) and chunk_size == "auto"  # the default path
+    if not automatic and chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be 'auto', None (the plain path) or a positive int; "
+                         f"got {chunk_size!r}")
+    if fused not in (False, True) or (fused and not automatic and chunk_size is not None):
         raise ValueError(f"fused must be True or False, and True only without chunk_size (two "
                          f"different paths); got fused={fused!r}, chunk_size={chunk_size!r}")
 

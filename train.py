@@ -55,11 +55,37 @@ import evaluate  # the probe's features and the final metrics and report
 import supcon  # losses, encoders and heads: the file that imports no other of ours
 
 LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")  # ce: the cross-entropy baseline
+# what a run does with its negative-only images (--negative-mode; supcon.py's docstring has each
+# mechanism's equation): (a) the thesis's extra denominator terms; (b) only at the score, as an
+# OOD reference of the k-NN score; (c) a head trained with the encoder; (d) pushed away from the
+# class prototypes; (e) classes of their own, with their own positives
+NEGATIVE_MODES = ("denominators", "score", "head", "prototypes", "classes")
 # options that only some losses read: given with another loss they would do nothing
 LOSS_OPTIONS = {"temperature": ("supcon", "simclr"), "base_temperature": ("supcon", "simclr"),
                 "hard_negatives": ("supcon", "simclr"), "negative_weight": ("supcon", "simclr"),
                 "chunk_size": ("supcon", "simclr"), "margin": ("triplet", "cosine"),
                 "mining": ("triplet",), "distance": ("triplet",), "mining_scope": ("triplet",)}
+# options a --negative-mode does not read, so typed with it they would do nothing: a weight and
+# a rule are (a)'s, for negatives in the denominators; (b) puts no negative in any batch
+NEGATIVE_MODE_IGNORES = {"score": ("negative_weight", "hard_negatives", "negatives_per_batch"),
+                         "classes": ("negative_weight", "hard_negatives"),
+                         "head": ("negative_weight", "hard_negatives"),  # (c), (d): no negative
+                         "prototypes": ("negative_weight", "hard_negatives")}  # in Eq. 2 at all
+# the options of one --negative-mode alone: {option: the modes that read it}
+NEGATIVE_MODE_OPTIONS = {"head_loss": ("head",), "head_weight": ("head",),
+                         "head_ce_weight": ("head",), "prototype_momentum": ("prototypes",),
+                         "prototype_weight": ("prototypes",)}
+# (c) --head-loss energy: the margins (m_in, m_out) of the energy hinges, a constant of this
+# file, not an option (a value as "-7,-3" would read as an option to argparse). Liu et al.'s
+# CIFAR code has -25, -7 for fine-tuning a pre-trained WideResNet, whose logits are large.
+# A linear head trained from scratch beside SupCon starts at E = -log K (-2.1 for 8 classes):
+# m_out = -3 leaves a negative alone until the head grows confident on it, and m_in = -7 asks an
+# ID image for a top logit about 5 above that, which the head reaches in a short run. Measured
+# once each (digits, 75 steps, 200 noise images as negatives, seed 0): -25, -7 scaled every ID
+# logit up (median E -24) at a cost, head-energy AUROC 0.71 and probe accuracy 0.925; -7, -3
+# gave 0.91 and 0.986 (outlier exposure: head MSP AUROC 0.96, 0.983). Another scale of logits
+# (a large pre-trained network) may want Liu et al.'s
+ENERGY_MARGINS = (-7.0, -3.0)
 # what a run folder holds (written atomically; --resume removes the temporaries of a stop)
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "model.pt",
              "report.md", *evaluate.PICTURES.values())
@@ -77,26 +103,23 @@ def main(argv=None):
     """Parse the arguments, open the run folder (new, or --resume's) and train."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # under torchrun: join the process group (rank 0 alone prints from here on)
+    # under torchrun: join the process group (rank 0 alone prints from here on); run_command
+    # leaves it after a clean end, and after an error ends the process at once
     device = data.init_distributed(data.pick_device(args.device))
+    args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
+    lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
+    # while the run goes on, a --resume of it started elsewhere is refused
+    busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
     try:
-        args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
-        lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
-        # while the run goes on, a --resume of it started elsewhere is refused
-        busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
-        try:
-            with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
-                return run(args, run_dir, device, resumed)
-        except data.DiskFull as error:  # what to do once space is freed
-            if os.path.exists(os.path.join(run_dir, "config.json")):
-                error.then = f"continue with: python train.py --resume {run_dir}"
-            raise
-        finally:  # a new run that stopped before writing anything leaves no folder
-            if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
-                os.rmdir(run_dir)
-    finally:
-        if data.distributed()[1] > 1:  # leave the group even after an error (NCCL warns otherwise)
-            torch.distributed.destroy_process_group()
+        with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
+            return run(args, run_dir, device, resumed)
+    except data.DiskFull as error:  # what to do once space is freed
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            error.then = f"continue with: python train.py --resume {run_dir}"
+        raise
+    finally:  # a new run that stopped before writing anything leaves no folder
+        if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)
 
 
 def run(args, run_dir, device, resumed=False):
@@ -119,6 +142,11 @@ def run(args, run_dir, device, resumed=False):
           f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
           f"negative-only), {negative_data}{len(splits.test)} test, {K} classes; held out as OOD: "
           f"{splits.ood_classes or 'none'}; device {device}")
+    # (b) --negative-mode score: the negatives are only k-NN+neg's reference, in no batch, so the
+    # encoder trains exactly as in a run without them (labelled rows come first: same indices)
+    read_set = train_set  # every image read: finish() evaluates with its negatives
+    if args.negative_mode == "score":
+        train_set = train_set.subset(~train_set.negative_only)
     # ---- model, optimiser, schedule, seeded here: the same --seed starts from the same weights
     # whether the synthetic set was generated in this run or read from the cache
     torch.manual_seed(args.seed)  # the initial weights (and ce's classifier)
@@ -145,7 +173,7 @@ def run(args, run_dir, device, resumed=False):
         data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
     log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
     step_model, step_classifier = step_modules(args, model, classifier, device, world)
-    loss_of = make_loss(args, gens.mining)  # the loss, chosen once
+    loss_of = make_loss(args, gens.mining, K, model)  # the loss, chosen once
     data_on = data_placement(args, train_set.images, device)
     images = train_set.images.to(device) if data_on == "device" else train_set.images
     # two views for the contrastive losses; ce and dataset-scope triplets use one
@@ -182,7 +210,7 @@ def run(args, run_dir, device, resumed=False):
                 roles = (train_set.labels[batch], train_set.negative_only[batch],
                          train_set.every_anchor[batch])  # (B,) each, on the CPU
                 loss = train_step(args, step_model, step_classifier, loss_of, opt, sched, views,
-                                  roles, sizes, checkpoint.updating())
+                                  roles, sizes, checkpoint.updating(), n_labelled)
                 log.step(loss, epoch, step)  # read a step later (EpochLog)
                 checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
             steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch
@@ -195,7 +223,7 @@ def run(args, run_dir, device, resumed=False):
     log.progress.close()
     if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
         return {}
-    return finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, std,
+    return finish(args, run_dir, model, classifier, splits, read_set, near_ood, mean, std,
                   device, log.minutes(), total)
 
 
@@ -250,16 +278,17 @@ def gather_rows(z, sizes):
 
 
 def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes=None,
-               updating=contextlib.nullcontext()):
+               updating=contextlib.nullcontext(), n_labelled=None):
     """One optimiser step, as the algorithm reads: forward, loss, backward, update. views: (b, V,
     C, H, W) views of this process's rows; roles: the whole batch's (labels, negative_only,
-    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss. The forward
+    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss; n_labelled:
+    forward()'s (this rank's labelled rows, first; None: no negative-only row). The forward
     runs under bf16 autocast on CUDA, backward outside it (as autocast's documentation asks),
     the update inside `updating`. Returns the whole batch's loss as a device scalar, unread
     (reading it would wait for the device)."""
     # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
-        out = forward(args, model, classifier, views, sizes)  # embeddings (or ce's logits)
+        out = forward(args, model, classifier, views, sizes, n_labelled)  # embeddings (ce: logits)
         loss = loss_of(out, *roles, sizes)  # a scalar
     value = loss.detach().clone()  # a copy: all_reduce below works in place
     opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
@@ -267,31 +296,49 @@ def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes
     with updating:  # the parameters change now: a checkpoint must not see half of it
         opt.step()
         sched.step()
+        if hasattr(loss_of, "commit"):  # state the loss keeps (--negative-mode prototypes)
+            loss_of.commit()
     if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
         torch.distributed.all_reduce(value)  # SUM over the ranks
         value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
     return value
 
 
-def forward(args, model, classifier, views, sizes=None):
+def forward(args, model, classifier, views, sizes=None, n_labelled=None):
     """The step's forward pass. views (b, V, C, H, W) of this process's rows -> ce: logits
     (b V, K) of them; dataset-scope triplets: (T, 3, D), each triplet's anchor, positive and
     negative (views are (3T, 1, ...)); the other losses: embeddings (B, V, D) of the whole batch,
-    under torchrun gathered from every rank with their gradients (gather_rows)."""
+    under torchrun gathered from every rank with their gradients (gather_rows), and under
+    --negative-mode head the pair (embeddings, the head's logits (B, V, K)), both gathered, so
+    the head's terms too see the whole batch. n_labelled: the first rows are labelled images,
+    the rest negative-only ones: batch norm normalises the rest with the labelled rows'
+    statistics, in a pass of their own (supcon.LabelledFirst); None: one pass over every row."""
     b, V = views.shape[:2]  # b rows of this rank, V views each
     x = views.flatten(0, 1)  # (b V, C, H, W), image-major
     if args.loss == "ce":  # the head is nn.Identity: model(x) is the encoder's features
         return classifier(model(x))
     if args.mining_scope == "dataset":  # the model runs even on 0 rows, so that DDP's
         return model(x).float().view(-1, 3, args.embedding_dim)  # gradient hooks fire
-    z = model(x).float().view(b, V, -1)  # (b, V, D)
-    return gather_rows(z, sizes) if sizes else z  # (B, V, D): the whole batch, with gradients
+    # negative-only rows stay out of the labelled rows' batch-norm statistics, except under (e)
+    # classes, where they are anchors with positives: labelled rows. The views are image-major:
+    # the labelled images' views are the first n_labelled V rows
+    keep_out = n_labelled is not None and args.negative_mode != "classes"
+    # (c) --negative-mode head: the head's logits too, from the same encoder passes
+    kw = {"with_logits": True} if args.negative_mode == "head" else {}
+    # model: supcon.LabelledFirst around the encoder (step_modules), which takes n_labelled
+    out = model(x, n_labelled * V, **kw) if keep_out else model(x, **kw)
+    out = out if isinstance(out, tuple) else (out,)
+    out = [o.float().view(b, V, -1) for o in out]  # (b, V, D) [and (b, V, K) logits]
+    out = [gather_rows(o, sizes) if sizes else o for o in out]  # the whole batch, with gradients
+    return tuple(out) if len(out) > 1 else out[0]  # (B, V, D) [, (B, V, K)]
 
 
-def make_loss(args, generator):
+def make_loss(args, generator, num_classes=None, model=None):
     """The run's loss, chosen once from --loss: loss_of(out, labels, negative_only, every_anchor,
     sizes) -> scalar, with `out` as forward() returns it and the roles of the whole batch (best
     on the CPU: SupCon then does its row bookkeeping there and the GPU never waits for it).
+    num_classes: K, the training classes (--negative-mode classes labels negatives K + g);
+    model: the plain model, whose prototypes --negative-mode prototypes moves.
 
     Under torchrun every rank's loss has a gradient that, after DDP's average over ranks, equals
     one process's on the whole batch. Contrastive losses see all B rows (gathered), so every rank
@@ -335,11 +382,73 @@ def make_loss(args, generator):
                                        generator=generator)
         return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
 
+    def negatives_as_classes(z, labels, negative_only, every_anchor, sizes):  # (e): Eq. 2 with
+        return contrastive(z, *negative_classes(labels, negative_only, every_anchor,  # K + g
+                                                num_classes), sizes)
+
     if args.loss == "ce":
         return cross_entropy
     if args.mining_scope == "dataset":
         return dataset_triplets
+    if args.negative_mode == "classes":  # --loss supcon only (check_args)
+        return negatives_as_classes
+    if args.negative_mode in ("head", "prototypes"):  # --loss supcon only (check_args)
+        return outside_denominators(args, model)
     return contrastive if args.loss in ("supcon", "simclr") else pairs_or_triplets
+
+
+def negative_classes(labels, negative_only, every_anchor, num_classes):
+    """(e) --negative-mode classes: a batch's roles with its negative-only images as classes of
+    their own, SupCon anchors with positives like every other row (CSI's sup-CSI, Tack et al.
+    2020: each (class, shift) pair its own label). A negative's label is K + g, g the anchors it
+    was meant for in (a): g = c for a negative of class c (a synthetic variation of a class-c
+    image; an image of --negative-data's c/ sub-folder), g = K for one meant for every anchor
+    (the other --negative-data images: one group). labels, negative_only, every_anchor: (B,)
+    -> the same with labels in [0, 2K] and negative_only all False."""
+    group = torch.where(every_anchor, num_classes, labels)  # (B,) g in [0, K]
+    labels = torch.where(negative_only, num_classes + group, labels)  # real rows keep their y
+    return labels, torch.zeros_like(negative_only), every_anchor
+
+
+def outside_denominators(args, model):
+    """(c), (d): make_loss's loss_of for --negative-mode head or prototypes. Eq. 2 runs on the
+    labelled rows alone, so no negative is in any denominator; the negatives enter only the
+    head's outlier term (c: supcon.logit_head_loss on forward()'s logits) or the prototypes'
+    terms (d: supcon.prototype_loss with model's prototypes buffer). (d)'s new prototypes are
+    kept only when the step updates the weights: its loss_of has a commit() that train_step
+    calls inside the update, so a checkpoint never holds the prototypes of a step whose weights
+    it lacks. Under torchrun every rank sees the gathered batch: its prototypes stay the same."""
+    def labelled_supcon(z, labels, negative_only):  # z (B, V, D) -> Eq. 2 of the labelled rows
+        keep = torch.nonzero(~negative_only).squeeze(1)  # (R,) on the CPU
+        return supcon.supcon_loss(z.index_select(0, data.to_device(keep, z.device)),
+                                  labels[keep], temperature=args.temperature,
+                                  base_temperature=args.base_temperature,
+                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
+
+    def with_head(out, labels, negative_only, every_anchor, sizes):  # out: (z, logits)
+        z, logits = out  # (B, V, D), (B, V, K)
+        return labelled_supcon(z, labels, negative_only) + supcon.logit_head_loss(
+            logits, labels, negative_only, outlier_loss=args.head_loss,
+            outlier_weight=args.head_weight, ce_weight=args.head_ce_weight,
+            margins=ENERGY_MARGINS)
+
+    pending = []  # (d): the step's new prototypes, until its update
+
+    def with_prototypes(z, labels, negative_only, every_anchor, sizes):
+        loss, mu = supcon.prototype_loss(z, labels, negative_only, model.prototypes,
+                                         momentum=args.prototype_momentum,
+                                         temperature=args.temperature,
+                                         outlier_weight=args.prototype_weight)
+        pending[:] = [mu]  # (K, D), detached
+        return labelled_supcon(z, labels, negative_only) + loss
+
+    def commit():  # inside the step's update: the prototypes move on with the weights
+        model.prototypes.copy_(pending.pop())
+
+    if args.negative_mode == "head":
+        return with_head
+    with_prototypes.commit = commit
+    return with_prototypes
 
 
 # -----------------------------------------------------------------------------
@@ -359,13 +468,20 @@ def load_training_data(args, device):
     train_set, near_ood = data.training_set(args, splits)  # near_ood: the outliers, or None
     # class sub-folders of --negative-data: negatives of their class's anchors only, a rule that
     # only SupCon's per-anchor denominators have (triplets and pairs use every negative-only
-    # image for every anchor; SimCLR has no classes)
-    if (args.loss != "supcon" or args.hard_negatives == "all") and bool(
-            (~train_set.every_anchor & (train_set.kind == data.KIND_NEGATIVE)).any()):
+    # image for every anchor; SimCLR has no classes). --negative-mode score: no negative meets
+    # an anchor, and k-NN+neg pools them all, whatever folder they are in
+    in_class_folders = ~train_set.every_anchor & (train_set.kind == data.KIND_NEGATIVE)  # (N,)
+    if args.negative_mode != "score" and (args.loss != "supcon" or args.hard_negatives == "all") \
+            and bool(in_class_folders.any()):
         why = "--hard-negatives all" if args.loss == "supcon" else f"--loss {args.loss}"
         raise data.DataError(f"--negative-data {args.negative_data}: {why} sends every negative "
                              f"to every anchor, so its class sub-folders would have no effect; "
                              f"put every negative in the folder itself, or use --loss supcon")
+    if args.negative_mode in ("head", "prototypes") and bool(in_class_folders.any()):
+        raise data.DataError(f"--negative-data {args.negative_data}: --negative-mode "
+                             f"{args.negative_mode} uses every negative alike (none enters an "
+                             f"anchor's denominator), so its class sub-folders would have no "
+                             f"effect; put every negative in the folder itself")
     return args, splits, train_set, near_ood
 
 
@@ -394,11 +510,20 @@ def lr_factor(step, total_steps, warmup_steps):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def model_parts(args):
+    """The parts a --negative-mode adds to the model, as supcon.build_model takes them (model.pt's
+    "architecture" records them for evaluate.load_run): (c) the head trained with the encoder,
+    named by its outlier term; (d) the class prototypes."""
+    return {"logit_head": args.head_loss if args.negative_mode == "head" else None,
+            "prototypes": args.negative_mode == "prototypes"}
+
+
 def build_training(args, channels, size, num_classes, device, world):
     """The model (encoder + the loss's head), the linear classifier and the optimiser."""
     # classifier: nn.Linear(F, K) on the encoder features
     model, classifier = supcon.build_model(args.model, args.loss, channels, size, num_classes,
-                                           args.embedding_dim, args.pretrained)
+                                           args.embedding_dim, args.pretrained,
+                                           **model_parts(args))
     if args.init_from:  # e.g. pre-trained on synthetic images, now fine-tuned on real ones
         path = os.path.join(args.init_from, "model.pt")
         init = data.load_torch_file(path, "--init-from")
@@ -421,11 +546,12 @@ def build_training(args, channels, size, num_classes, device, world):
 
 def step_modules(args, model, classifier, device, world):
     """What the step calls: DDP wrappers under torchrun (they average the gradients over the
-    ranks) and torch.compile on request; `model` and `classifier` stay the plain modules saved."""
-    step_model, step_classifier = model, classifier
+    ranks) and torch.compile on request, around supcon.LabelledFirst (negative-only rows in a
+    batch-norm pass of their own); `model` and `classifier` stay the plain modules saved."""
+    step_model, step_classifier = supcon.LabelledFirst(model), classifier
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None  # gloo on the CPU: device_ids=None
-        step_model = DistributedDataParallel(model, device_ids=ids)
+        step_model = DistributedDataParallel(step_model, device_ids=ids)
         if args.loss == "ce":  # only ce trains its classifier inside the loop
             step_classifier = DistributedDataParallel(classifier, device_ids=ids)
     if args.compile:
@@ -502,10 +628,16 @@ def train_linear(args, features, labels, num_classes, device, seed, outliers=Non
     torch.manual_seed(seed)  # its initial weights
     classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)
     # standardised features (the statistics are folded into the layer at the end)
-    mu, sigma = features.mean(0), features.std(0).clamp(min=1e-6)  # clamp: a dead feature
-    x, y = ((features - mu) / sigma).to(device), labels.to(device)  # (N, F), (N,) on the device
+    mu, sigma, quiet = probe_standardisation(features)  # (F,) each
+    # a quiet feature is left out: input 0 and weight 0, so its gradient is 0 and it stays 0
+    standardise = lambda f: ((f - mu) / sigma).masked_fill(quiet, 0.0).to(device)  # noqa: E731
+    with torch.no_grad():
+        classifier.weight[:, quiet.to(device)] = 0.0
+    x, y = standardise(features), labels.to(device)  # (N, F), (N,) on the device
     oe = args.outlier_exposure if outliers is not None and len(outliers) else 0.0  # lambda, or 0
-    x_out = ((outliers - mu) / sigma).to(device) if oe else None  # (M, F)
+    # the outliers on the same features: a unit quiet on the probe images stays out even where
+    # outliers light it (it has no scale to be standardised by, and the ID term no say on it)
+    x_out = standardise(outliers) if oe else None  # (M, F)
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-4)  # convex
     steps = args.linear_epochs * math.ceil(len(x) / 256)  # batches of 256
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0))  # no warm-up
@@ -526,6 +658,35 @@ def train_linear(args, features, labels, num_classes, device, seed, outliers=Non
         classifier.bias -= (w * mu.to(device)).sum(1)  # b' = b - W mu / sigma
         classifier.weight.copy_(w)  # W' = W / sigma: the same logits on raw features
     return classifier
+
+
+# a probe feature whose std is under this fraction of the median std of the features that vary
+# is quiet: left out of the probe (probe_standardisation says why)
+PROBE_QUIET = 0.01
+
+
+def probe_standardisation(features):
+    """features (N, F) -> mu (F,), sigma (F,) to standardise them by, and quiet (F,) bool: the
+    features whose std is under PROBE_QUIET times the median std of the live ones (std > 0),
+    which train_linear leaves out (input 0, weight 0; sigma 1 there, as it multiplies 0).
+
+    Why: the fit's weight W on standardised features is folded into W / sigma on raw ones. A
+    feature silent on every probe image (a dead ReLU unit, std 0) gets no gradient and kept its
+    random initial weight, which the old floor of 1e-6 multiplied by 1e6 (default digits run: 47
+    of 128 features dead, folded weights ~88,000 against a median 2.1): any test image that
+    woke such a unit got a near one-hot softmax. A near-dead one (std tiny, nonzero) blows up the
+    same way, and flooring its sigma does not stop it: AdamW moves every weight at about the same
+    speed whatever its gradient's scale, so a weight learnt from 1e-5-scale noise is as large as
+    a real one, and any floor well under the live stds still multiplies it by live std / floor.
+    A direction the probe images barely span has no weight the data can set: leaving it out is
+    the one choice that adds nothing arbitrary. The threshold is relative, as encoder features
+    have no fixed scale, and small: only features 100 times quieter than the typical one go.
+    Features without a quiet one are standardised exactly as by their plain mean and std."""
+    mu, std = features.mean(0), features.std(0)  # (F,) each
+    varying = std > 0  # the median of the live features: dead ones would drag it to 0
+    scale = std[varying].median() if varying.any() else std.new_tensor(1.0)
+    quiet = std < PROBE_QUIET * scale  # (F,) bool; every dead feature among them
+    return mu, std.masked_fill(quiet, 1.0), quiet
 
 
 def fit_probe(args, model, classifier, train_set, near_ood, mean, std, device, num_classes):
@@ -559,7 +720,8 @@ def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, 
     """Linear probe, model.pt, the evaluation of evaluate.py, metrics.json; the results."""
     classifier = fit_probe(args, model, classifier, train_set, near_ood, mean, std, device,
                            len(splits.classes))
-    arch = {k: getattr(args, k) for k in ("model", "loss", "embedding_dim")}  # to rebuild it
+    arch = {**{k: getattr(args, k) for k in ("model", "loss", "embedding_dim")},  # to rebuild
+            **model_parts(args)}  # it, with (c)'s head or (d)'s prototypes
     state = {"model": model.state_dict(), "classifier": classifier.state_dict(),
              "mean": mean.cpu(), "std": std.cpu(), "classes": splits.classes, "architecture": arch}
     # what evaluate.py's load_run reads back
@@ -569,12 +731,18 @@ def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, 
                "optimizer_steps": steps,
                **evaluate.evaluate(model, classifier, splits, mean, std, device, run_dir,
                                    train_set.synthetic(), pictures=not args.no_report,
-                                   seed=args.seed)}
+                                   seed=args.seed,  # the negatives: k-NN+neg's OOD reference
+                                   negatives=train_set.subset(train_set.negative_only))}
     data.write_text(os.path.join(run_dir, "metrics.json"), json.dumps(results, indent=2))
-    line = f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f})"
+    line = (f"test accuracy {results['test_accuracy']:.4f} (k-NN {results['knn_accuracy']:.4f}, "
+            f"k-NN top-5 hit {results['knn_top5_hit']:.4f})")
     if "ood_auroc_knn" in results:
         line += (f"; OOD AUROC on held-out {','.join(splits.ood_classes)}: k-NN "
                  f"{results['ood_auroc_knn']:.4f}, MSP {results['ood_auroc_msp']:.4f}")
+    if "ood_auroc_knn_neg" in results:  # the negatives as an OOD reference too (k-NN+neg)
+        line += f", {evaluate.KNN_NEG} {results['ood_auroc_knn_neg']:.4f}"
+    if "ood_auroc_head" in results:  # (c): the head trained with the encoder, its own score
+        line += f", head {results['ood_auroc_head']:.4f}"
     report = "" if args.no_report else f" (report: {os.path.join(run_dir, 'report.md')})"
     print(f"{line}; {steps} steps, {minutes:.2f} min of training; results in {run_dir}{report}")
     return results
@@ -613,6 +781,33 @@ def build_parser():
     ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
                     help="which anchors a negative-only image contrasts: its source class's "
                          "(default for supcon) or every one (default and only choice for simclr)")
+    ls.add_argument("--negative-mode", choices=NEGATIVE_MODES, default="denominators",
+                    help="how negative-only images are used: denominators (the thesis: in the "
+                         "anchors' SupCon denominators), score (only as an OOD reference of the "
+                         "k-NN score), head (an outlier-exposure / energy head trained with the "
+                         "encoder), prototypes (pushed from class prototypes), classes (classes "
+                         "of their own)")
+    # (c) the head's outlier term (supcon.logit_head_loss) and its weights beside SupCon
+    ls.add_argument("--head-loss", choices=supcon.HEAD_LOSSES, default="oe",
+                    help="--negative-mode head: the negatives' term, oe (outlier exposure: "
+                         "cross-entropy to the uniform distribution; score: the head's MSP) or "
+                         "energy (squared hinges at the energy margins %g, %g; score: minus "
+                         "the head's energy)" % ENERGY_MARGINS)
+    ls.add_argument("--head-weight", type=data.float_at_least(0), default=None, metavar="LAMBDA",
+                    help="--negative-mode head: lambda, the weight of that term (default: 0.5 "
+                         "for oe, 0.1 for energy, as in their papers)")
+    ls.add_argument("--head-ce-weight", type=data.float_at_least(0), default=1.0, metavar="BETA",
+                    help="--negative-mode head: the weight of the head's cross-entropy beside "
+                         "SupCon's loss (default 1)")
+    # (d) CIDER's EMA prototypes (supcon.prototype_loss)
+    ls.add_argument("--prototype-momentum", type=data.float_in(0, 1, high_open=True),
+                    default=0.95, metavar="ALPHA",
+                    help="--negative-mode prototypes: alpha of mu <- Normalize(alpha mu + "
+                         "(1 - alpha) z), one labelled embedding at a time (CIDER's 0.95 for "
+                         "10 classes)")
+    ls.add_argument("--prototype-weight", type=data.float_at_least(0), default=1.0,
+                    metavar="LAMBDA", help="--negative-mode prototypes: the weight of the term "
+                    "that pushes the negatives from every class prototype (default 1)")
     ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,  # w_a of Eq. 2
                     help="w, the weight of negative-only exp-terms (0: in the batch, not the loss)")
     ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,  # 0 -> chunk_size=None
@@ -683,6 +878,7 @@ def build_parser():
 def check_args(args, given):
     """Refuse combinations that cannot work, each with one line that says how to fix it.
     given: the options typed on the command line."""
+    check_negative_mode(args, given)
     uses_synthetic = args.positives != "none" or args.negatives != "none"  # a synthetic role is set
     refuse = [  # (condition that makes the run fail, the one line that says the fix)
         (args.negatives != "none" and args.loss == "ce", "--negatives needs a contrastive loss "
@@ -729,12 +925,38 @@ def check_args(args, given):
                              "--synthetic DIR")
 
 
+def check_negative_mode(args, given):
+    """--negative-mode's refusals, one line each: a mode other than (a) needs negative-only
+    images, (c), (d) and (e) need SupCon's labels, and an option the mode does not read is not
+    typed."""
+    mode = args.negative_mode
+    if mode != "denominators" and args.negatives == "none" and not args.negative_data:
+        raise data.DataError(f"--negative-mode {mode} is about negative-only images and this run "
+                             f"has none: add --negative-data PATH or --negatives near_ood")
+    if mode == "classes" and args.loss != "supcon":
+        raise data.DataError(f"--negative-mode classes gives the negatives labels of their own, "
+                             f"which only SupCon's Eq. 2 reads: use --loss supcon, not "
+                             f"--loss {args.loss}")
+    if mode in ("head", "prototypes") and args.loss != "supcon":
+        raise data.DataError(f"--negative-mode {mode} trains its terms beside SupCon's Eq. 2 on "
+                             f"the labelled images: use --loss supcon, not --loss {args.loss}")
+    # {option: the modes that read it}, the form refuse_without_effect takes
+    ignores = NEGATIVE_MODE_IGNORES
+    used_by = {dest: tuple(m for m in NEGATIVE_MODES if dest not in ignores.get(m, ()))
+               for ignored in ignores.values() for dest in ignored}
+    data.refuse_without_effect(given, used_by, mode, f"with --negative-mode {mode}")
+    data.refuse_without_effect(given, NEGATIVE_MODE_OPTIONS, mode, f"with --negative-mode {mode}")
+
+
 def with_defaults(args):
     """A copy of args with the defaults that depend on other options filled in."""
     defaults = {"margin": 0.5 if args.loss == "triplet" else 0.0,  # the seed projects' margins
                 "lr": 1e-3 if args.optimizer == "adamw" else 0.05,
                 # SimCLR has no classes to match negative-only images to
-                "hard_negatives": "all" if args.loss == "simclr" else "same_class"}
+                "hard_negatives": "all" if args.loss == "simclr" else "same_class",
+                # (c)'s lambda: outlier exposure's 0.5 (Hendrycks et al. 2019), the energy
+                # objective's 0.1 (Liu et al. 2020)
+                "head_weight": 0.5 if args.head_loss == "oe" else 0.1}
     return data.settings(args, data.unset_only(args, defaults))
 
 
@@ -756,15 +978,15 @@ def open_run(parser, args, argv):
                 claimed = [error]
         if world > 1:
             torch.distributed.broadcast_object_list(claimed, src=0)
-        if isinstance(claimed[0], Exception):
-            raise claimed[0]
+        if isinstance(claimed[0], Exception):  # rank 0 says why; the others end quietly
+            raise claimed[0] if rank == 0 else data.OtherRankFailed()
         return with_defaults(args), claimed[0], False
     run_dir = args.resume
-    if not os.path.exists(os.path.join(run_dir, "config.json")):
-        raise data.DataError(f"--resume {run_dir}: no config.json there; is it a run folder?")
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        saved = json.load(f)
     defaults = vars(parser.parse_args([]))  # options added after the run started
+    # read strictly: each value as this command line would give it, null only where a run of
+    # default settings writes null (with_defaults fills --lr, --margin, --hard-negatives)
+    saved = data.read_run_settings(run_dir, "--resume ", parser,
+                                   vars(with_defaults(parser.parse_args([]))), set(defaults))
     # options typed beside --resume that would change the run (equal to the saved value: fine)
     changed = data.changed_settings({**defaults, **saved}, vars(args),
                                     sorted(given - RESUME_MAY_CHANGE - {"resume"}))

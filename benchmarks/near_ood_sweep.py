@@ -279,8 +279,7 @@ def run_row(args, seed, name, flags, synthetic):
         "--out", os.path.join(args.out, "runs"), "--name", folder]
     t0 = time.time()
     train.main(argv)
-    with open(os.path.join(run_dir, "wall_seconds.txt"), "w") as f:
-        f.write(f"{time.time() - t0:.1f}\n")
+    data.write_text(os.path.join(run_dir, "wall_seconds.txt"), f"{time.time() - t0:.1f}\n")
     return run_dir
 
 

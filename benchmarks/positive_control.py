@@ -164,7 +164,7 @@ def rotation_set(args, seed, splits):
             turned = torch.rot90(image, k, (1, 2)).permute(1, 2, 0).numpy()  # (H, W, C)
             os.makedirs(os.path.join(out, os.path.dirname(path)), exist_ok=True)
             from PIL import Image
-            Image.fromarray(turned).save(os.path.join(out, path))
+            data.atomic_write(os.path.join(out, path), Image.fromarray(turned).save)  # whole
             lines.append({"path": path, "label": cls, "kind": "near_ood",
                           "source": splits.source_id(name), "strength": "1", "seed": "0",
                           "generator": f"rotation {90 * k}"})

@@ -149,10 +149,16 @@ def test_evaluate_cli_writes_metrics_report_and_pictures(tmp_path):
 
 
 def test_an_older_run_folder_reads_with_the_options_added_since(tmp_path):
-    # a config.json written before --masks, --resize and --val-fraction existed: evaluate reads
-    # it with those options' defaults (as --resume does), and what was saved still wins
-    (tmp_path / "config.json").write_text(json.dumps({"data": "digits", "seed": 3}))
+    # a config.json written before --negative-data, --near-ood-strength and
+    # --drop-leaking-synthetic existed (the settings every train.py wrote, data.RUN_SETTINGS):
+    # evaluate reads it with those options' defaults (as --resume does); what was saved wins
+    import data
+    import train
+    full = vars(train.with_defaults(train.build_parser().parse_args(["--seed", "3"])))
+    older = {k: v for k, v in full.items() if k in data.RUN_SETTINGS}
+    (tmp_path / "config.json").write_text(json.dumps({**older, "val_fraction": 0.5}))
     args = evaluate.run_settings(str(tmp_path))
-    assert (args.data, args.seed) == ("digits", 3)
-    assert args.masks is None and args.val_fraction == 0.25 and args.resize == "crop"
+    assert (args.data, args.seed, args.val_fraction) == ("digits", 3, 0.5)
+    assert args.negative_data is None and args.near_ood_strength is None
+    assert args.drop_leaking_synthetic is False
     assert evaluate.run_settings(str(tmp_path), {"seed": 4}).seed == 4  # overrides win

@@ -63,6 +63,8 @@ BAD_VALUES = {  # flag -> a bad value (each script's flags; shared ones appear o
     "--outlier-exposure": "-1", "--eval-every": "-1", "--workers": "-1", "--num-vectors": "0",
     "--ti-steps": "0", "--ti-lr": "0", "--ti-batch": "0", "--resolution": "4", "--episodes": "0",
     "--reference-epochs": "0",
+    "--head-weight": "-1", "--head-ce-weight": "nan", "--prototype-momentum": "1",
+    "--prototype-weight": "-0.5",
 }
 EXTRA_BAD = [("train", "--seed", "99999999999999"), ("train", "--temperature", "-1"),
              ("train", "--batch-size", "0"),
