@@ -1,12 +1,14 @@
 """
-dafusion.py -- DA-Fusion augmentations (Trabucco et al. 2023): in-distribution (ID) variations of
-each real training image that act as extra positives, and near-out-of-distribution (near-OOD)
-variations that act only as hard negatives in the thesis's re-engineered SupCon loss (supcon.py).
-
-One augmentation procedure, SDEdit (Meng et al. 2022, Algorithm 1), as DA-Fusion uses it: noise
-a real image to a level set by its "strength" s, then denoise it conditioned on its class. Low
-strength (--id-strength, 0.2 in the thesis) stays close to the source: ID. High strength
-(--ood-strength, 0.5 in the thesis; --strengths for several) drifts away: near-OOD.
+dafusion.py -- SDEdit from a strength (Meng et al. 2022, SDEdit, Algorithm 1): a real image x0
+is noised to the timestep t that its strength s in (0, 1] picks,
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I),   abar_t: alpha-bar at t,
+and denoised from t down to 0, conditioned on its class. Low strength stays close to the source,
+high strength drifts away. This is how DA-Fusion (Trabucco et al. 2023) makes its augmentations,
+and how this file does: in-distribution (ID) variations of each real training image at low
+strength (--id-strength, 0.2 in the thesis), which act as extra positives, and
+near-out-of-distribution (near-OOD) variations at high strength (--ood-strength, 0.5 in the
+thesis; --strengths for several), which act only as hard negatives in the thesis's re-engineered
+SupCon loss (supcon.py).
 
 What strength means. Stable Diffusion v1's img2img (diffusers, 50 DDIM steps over its
 scaled-linear schedule) starts at timestep t(s) = 20 int(50 s) - 19, i.e. from the noise level
@@ -66,6 +68,62 @@ import data
 
 class GenerationError(data.DataError):
     """Bad generation arguments or a missing model: the message says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# SDEdit from a strength: start at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, denoise to 0
+def sd_v1_start(strength, steps=50):
+    """(timestep, alpha-bar) at which Stable Diffusion v1's img2img starts for `strength`, with
+    its default 50 DDIM steps over the scaled-linear schedule (0.00085 -> 0.012, 1000 steps,
+    "leading" spacing, steps_offset 1). Strengths below 1/steps count as one step."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)  # (1000,)
+    ratio = 1000 // steps  # 20 for 50 steps
+    timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # [981, 961, ..., 1] for 50 steps
+    n = min(max(1, int(steps * strength)), steps)  # denoising steps img2img runs
+    t = int(timesteps[steps - n])  # the first of the last n timesteps
+    return t, float(alpha_bar[t])
+
+
+def ddpm_start(strength, alpha_bar):
+    """The DDPM's first timestep for `strength`: where its own alpha-bar is closest to the
+    alpha-bar Stable Diffusion v1 starts from at that strength (sd_v1_start)."""
+    target = sd_v1_start(strength)[1]  # SD v1's alpha-bar at this strength
+    return int((alpha_bar.double() - target).abs().argmin())  # nearest in alpha-bar, not in t
+
+
+@torch.no_grad()
+def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=20):
+    """SDEdit with the DDPM: noise uint8 sources (B, C, H, W) to the start of `strength`
+    (ddpm_start), then denoise with DDIM (Song et al. 2021, eta = 0: deterministic given the
+    noise) in round(strength * steps) steps, with classifier-free guidance
+        eps = eps(x, null) + guidance * (eps(x, class) - eps(x, null)).
+    strength 0 returns the sources; each image's noise comes from its own seed."""
+    if strength == 0:
+        return sources.clone()
+    device = next(unet.parameters()).device
+    alpha_bar = ddpm_alpha_bar().to(device)  # (1000,) the schedule the DDPM was trained with
+    t0 = ddpm_start(strength, alpha_bar)
+    n = max(1, int(round(strength * steps)))  # denoising steps from t0 down to 0
+    timesteps = torch.linspace(t0, 0, n + 1).round().long()[:-1].tolist()  # t0 > ... > 0
+    x0 = sources.float().div(127.5).sub(1).to(device)  # (B, C, H, W) in [-1, 1]
+    # each image's noise from its own seed: the same image whatever batch it is made in
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(device)  # drawn on the CPU: the same on any device
+    x = alpha_bar[t0].sqrt() * x0 + (1 - alpha_bar[t0]).sqrt() * noise  # (B, C, H, W) at t0
+    y = labels.to(device)
+    null = torch.full_like(y, num_classes)  # the null class: the unconditional model
+    for i, t in enumerate(timesteps):
+        step = torch.full_like(y, t)  # (B,) the same t for every image
+        eps = unet(x, step, class_labels=y).sample  # eps(x, class)
+        if guidance != 1.0:  # two passes: cheaper than one of 2B on the CPU
+            eps_null = unet(x, step, class_labels=null).sample
+            eps = eps_null + guidance * (eps - eps_null)
+        a_t = alpha_bar[t]
+        a_next = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
+        x0_pred = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # predicted image
+        x = a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps  # DDIM step, eta = 0
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # [-1,1] -> 0..255
 
 
 # -----------------------------------------------------------------------------
@@ -273,60 +331,6 @@ def train_ddpm(images, labels, num_classes, folder, steps=400, batch_size=64, lr
             json.dump(meta, f)
     data.atomic_write(folder, save)  # the whole folder appears at once
     return unet.eval()
-
-
-def sd_v1_start(strength, steps=50):
-    """(timestep, alpha-bar) at which Stable Diffusion v1's img2img starts for `strength`, with
-    its default 50 DDIM steps over the scaled-linear schedule (0.00085 -> 0.012, 1000 steps,
-    "leading" spacing, steps_offset 1). Strengths below 1/steps count as one step."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alpha_bar = torch.cumprod(1 - betas, 0)  # (1000,)
-    ratio = 1000 // steps  # 20 for 50 steps
-    timesteps = torch.arange(steps - 1, -1, -1) * ratio + 1  # [981, 961, ..., 1] for 50 steps
-    n = min(max(1, int(steps * strength)), steps)  # denoising steps img2img runs
-    t = int(timesteps[steps - n])  # the first of the last n timesteps
-    return t, float(alpha_bar[t])
-
-
-def ddpm_start(strength, alpha_bar):
-    """The DDPM's first timestep for `strength`: where its own alpha-bar is closest to the
-    alpha-bar Stable Diffusion v1 starts from at that strength (sd_v1_start)."""
-    target = sd_v1_start(strength)[1]  # SD v1's alpha-bar at this strength
-    return int((alpha_bar.double() - target).abs().argmin())  # nearest in alpha-bar, not in t
-
-
-@torch.no_grad()
-def sdedit(unet, sources, labels, strength, guidance, seeds, num_classes, steps=20):
-    """SDEdit with the DDPM: noise uint8 sources (B, C, H, W) to the start of `strength`
-    (ddpm_start), then denoise with DDIM (Song et al. 2021, eta = 0: deterministic given the
-    noise) in round(strength * steps) steps, with classifier-free guidance
-        eps = eps(x, null) + guidance * (eps(x, class) - eps(x, null)).
-    strength 0 returns the sources; each image's noise comes from its own seed."""
-    if strength == 0:
-        return sources.clone()
-    device = next(unet.parameters()).device
-    alpha_bar = ddpm_alpha_bar().to(device)  # (1000,) the schedule the DDPM was trained with
-    t0 = ddpm_start(strength, alpha_bar)
-    n = max(1, int(round(strength * steps)))  # denoising steps from t0 down to 0
-    timesteps = torch.linspace(t0, 0, n + 1).round().long()[:-1].tolist()  # t0 > ... > 0
-    x0 = sources.float().div(127.5).sub(1).to(device)  # (B, C, H, W) in [-1, 1]
-    # each image's noise from its own seed: the same image whatever batch it is made in
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(device)  # drawn on the CPU: the same on any device
-    x = alpha_bar[t0].sqrt() * x0 + (1 - alpha_bar[t0]).sqrt() * noise  # (B, C, H, W) at t0
-    y = labels.to(device)
-    null = torch.full_like(y, num_classes)  # the null class: the unconditional model
-    for i, t in enumerate(timesteps):
-        step = torch.full_like(y, t)  # (B,) the same t for every image
-        eps = unet(x, step, class_labels=y).sample  # eps(x, class)
-        if guidance != 1.0:  # two passes: cheaper than one of 2B on the CPU
-            eps_null = unet(x, step, class_labels=null).sample
-            eps = eps_null + guidance * (eps - eps_null)
-        a_t = alpha_bar[t]
-        a_next = alpha_bar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
-        x0_pred = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # predicted image
-        x = a_next.sqrt() * x0_pred + (1 - a_next).sqrt() * eps  # DDIM step, eta = 0
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # [-1,1] -> 0..255
 
 
 def to_pil(image):
@@ -905,3 +909,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     data.run_command(main)
+

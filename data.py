@@ -1,23 +1,38 @@
 """
-data.py -- the images a run sees, read exactly as an image viewer shows them: real and synthetic
-images, few-shot and open-set splits, batch sampling, batched augmentations, and the plumbing
-every script shares (atomic files, devices, processes, the command line).
+data.py -- the images a run sees and how they become contrastive batches. In the file's order:
+the image set, batches with negatives, batched augmentations; then reading images exactly as an
+image viewer shows them, sources and splits, the synthetic set and real negatives; and last the
+plumbing every script shares (errors, manifests, atomic files, locks, figures, devices and
+processes, the command line).
 
-Every source ends up as one ImageSet: a uint8 tensor (N, C, H, W) held in memory plus labels, a
-negative-only flag (near-OOD synthetic images, which the thesis's loss uses only as negatives),
-a kind (real / synthetic ID / synthetic near-OOD) and the synthetic images' strength.
+The image set. Every source ends up as one ImageSet: a uint8 tensor (N, C, H, W) held in memory
+plus labels, a negative-only flag (near-OOD synthetic images, which the thesis's loss uses only
+as negatives), a kind (real / synthetic ID / synthetic near-OOD / real negative) and the
+synthetic images' strength.
+
+Batches with negatives. contrastive_batches deals an epoch's labelled images out in groups of m
+per class (every anchor has a positive) and puts negative-only images of the batch's classes (or
+meant for every anchor) on top of each batch. Every random stream is seeded by derive_seed from
+--seed alone, so a resumed run draws the same batches again.
+
 Augmentations run batched on the training device with per-sample random parameters (SimCLR,
-Chen et al. 2020, Appendix A), so the same code feeds a laptop CPU and a GPU. Sources:
+Chen et al. 2020, Appendix A), so the same code feeds a laptop CPU and a GPU.
+
+Reading and sources. What a viewer shows is what the model gets: EXIF rotation is applied (phone
+photos), 16-bit grey levels are scaled to 8 bits (not clipped), transparent pixels are shown on
+white, and hidden files (.DS_Store, ._*, __MACOSX) are not images. Sources:
 
   digits          sklearn's bundled handwritten digits (default; no download)
   mnist | fashion-mnist | cifar10   torchvision data sets under --data-root (--download to fetch)
   PATH            a folder in ImageFolder layout: PATH/train + PATH/test, or PATH/<class>/ split
                   by a seeded, stratified --val-fraction; sub-folders of a class are read too
   --synthetic DIR images written by dafusion.py, listed in DIR/manifest.csv
+  --negative-data DIR   photographs that are none of the classes: negative-only images
 
-What a viewer shows is what the model gets: EXIF rotation is applied (phone photos), 16-bit grey
-levels are scaled to 8 bits (not clipped), transparent pixels are shown on white, and hidden files
-(.DS_Store, ._*, __MACOSX) are not images. This file imports no other file of the project.
+The plumbing: bad input is refused in one line (DataError), every file is written whole or not
+at all (atomic_write), a folder is written by one process at a time (folder_lock), and under
+torchrun each process knows its device and its share. This file imports no other file of the
+project.
 
 Run `python data.py --data digits` to print what a configuration loads (sizes, classes, held-out
 OOD classes) and write a grid of augmented views to data_preview.png.
@@ -71,46 +86,8 @@ KINDS = {"id": KIND_ID, "near_ood": KIND_NEAR_OOD}  # the manifest's kind column
 MANIFEST_COLUMNS = ("path", "label", "kind", "source", "strength", "seed", "generator")
 
 
-class DataError(ValueError):
-    """Bad input: the message names the file or argument and says what to do. Every script turns
-    it into one line on stderr (run_command), never a traceback."""
-
-
-class LeakError(DataError):
-    """A synthetic set with variations of images the run does not train on (test images)."""
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (its loss diverged): one line on stderr, like DataError."""
-
-
-class OtherRankFailed(Exception):
-    """Under torchrun: rank 0 failed and says why (it could not claim the run folder, say) and
-    this rank ends too, with exit status 1 and no message of its own (run_command)."""
-
-
-class DiskFull(DataError):
-    """A write failed because the disk is full (ENOSPC): what, where, about how much it needs, and
-    what to do once space is freed (`then`, which a script may replace with its own advice)."""
-
-    def __init__(self, path, needed, free, then="run the same command again: it goes on from "
-                                                  "where it stopped"):
-        super().__init__(path)
-        self.path, self.needed, self.free, self.then = path, needed, free, then
-
-    def __str__(self):
-        return (f"the disk is full: could not write {self.path} (it needs about "
-                f"{_bytes(self.needed)}; {_bytes(self.free)} free in "
-                f"{os.path.dirname(os.path.abspath(self.path))}); nothing was left half-written. "
-                f"Free some space, then {self.then}")
-
-
-def _bytes(n):
-    """1234567 -> '1.2 MB'."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+# -----------------------------------------------------------------------------
+# The image set: images in memory with what each of them is
 
 
 @dataclass
@@ -182,6 +159,247 @@ class ImageSet:
         return ImageSet(cat("images"), cat("labels"), sets[0].classes, cat("negative_only"),
                         cat("kind"), sum((s.names for s in sets), []), cat("strength"),
                         cat("every_anchor"))
+
+
+# -----------------------------------------------------------------------------
+# Batches: m images per class, and negative-only images on top
+
+
+def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
+                        generator=None, every_anchor=None):
+    """One epoch of index batches (a list of (b,) tensors) for a contrastive loss.
+
+    Labelled samples come in groups of m (or m+1) of one class, so that every anchor has a
+    positive (a class with a single image cannot give it one). The groups are shuffled and dealt
+    round-robin into ceil(labelled / batch_size) batches: every labelled sample appears once an
+    epoch and the number of batches depends on the sizes alone. When negative-only samples
+    exist, round(batch_size * negatives_share) of them ride on top of each batch (the labelled
+    part does not shrink), drawn with replacement from those of the classes the batch holds and
+    those meant for every anchor (every_anchor, (N,) bool), so that same-class hard-negative
+    masking has something to contrast."""
+    # a fixed default: the same batches on every call
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
+    negatives = torch.nonzero(negative_only).squeeze(1)  # near-OOD samples
+    groups = []  # chunks of m same-class indices
+    for c in torch.unique(labels[real]).tolist():
+        idx = real[labels[real] == c]  # class c's labelled indices
+        # shuffled within the class and cut into chunks of m (the last one shorter)
+        chunks = list(torch.split(idx[torch.randperm(len(idx), generator=g)], m_per_class))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
+            chunks[-2:] = [torch.cat(chunks[-2:])]  # merged with the chunk before it: m + 1 images
+        groups += chunks
+    n_batches = min(len(groups), math.ceil(len(real) / batch_size))  # at most one batch per group
+    order = torch.randperm(len(groups), generator=g).tolist()  # the groups shuffled across classes
+    # round-robin: group order[j] goes to batch j mod n_batches
+    batches = [torch.cat([groups[i] for i in order[b::n_batches]]) for b in range(n_batches)]
+    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # 0: no negatives
+    for b, batch in enumerate(batches if n_neg else []):
+        fits = torch.isin(labels[negatives], labels[batch])  # of this batch's classes
+        if every_anchor is not None:
+            fits |= every_anchor[negatives]  # or meant for every anchor
+        pool = negatives[fits]
+        pool = pool if len(pool) else negatives  # no match at all: any negative will do
+        pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]  # with replacement
+        batches[b] = torch.cat([batch, pick])  # labelled first, then the negatives
+    return batches
+
+
+def count_contrastive_batches(labels, negative_only, batch_size, m_per_class=4):
+    """len(contrastive_batches(...)), from the class sizes alone (no draw, no model)."""
+    sizes = torch.bincount(labels[~negative_only]).tolist()  # labelled images per class
+    groups = 0
+    for n in filter(None, sizes):
+        chunks = math.ceil(n / m_per_class)  # torch.split's chunks of m, the last one shorter
+        groups += chunks - (chunks > 1 and n % m_per_class == 1)  # a lone last image joins
+    return min(groups, math.ceil(sum(sizes) / batch_size))  # as contrastive_batches' n_batches
+
+
+def epoch_generator(seed, epoch):
+    """The random stream of an epoch's batches."""
+    return torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+
+
+def derive_seed(seed, *parts):
+    """The one rule that seeds every random stream of the project from the run's --seed: 32 bits
+    of sha256("seed/part/part/..."). A function of (seed, parts) alone, so a resumed run redraws
+    an epoch's batches or a step's dropout without storing them, an image's noise does not
+    depend on which images were made before it, and two settings of one seed draw the same
+    numbers in every stream they share (e.g. derive_seed(0, "epoch", 3), derive_seed(0,
+    "augment"), derive_seed(0, source, "near_ood", 1) for a synthetic image)."""
+    return int(digest("/".join(str(part) for part in (seed, *parts))), 16)  # 8 hex digits
+
+
+def digest(text, n=8):
+    """A short, stable hash of a string: n hex digits of sha256 (Python's hash() is salted per
+    process). A name that is not UTF-8 hashes as its own bytes (os.fsencode's)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]
+
+
+class BatchImages(torch.utils.data.Dataset):
+    """train.py --data-on host: item i is the uint8 images (b, C, H, W) of this process's share
+    of batch i (for (T, 3) triplet batches, the a, p, n images of each triplet in turn). Read by
+    a DataLoader with batch_size=None, so one worker gathers a whole batch in one indexing."""
+
+    def __init__(self, images, batches, rank=0, world=1):
+        self.images, self.batches, self.rank, self.world = images, batches, rank, world
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        share = self.batches[i].tensor_split(self.world)[self.rank]  # this rank's rows
+        return self.images[share.flatten()]  # (b, C, H, W) uint8; (3T, C, H, W) for triplets
+
+
+def _ignore_ctrl_c(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers' process group too
+
+
+def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memory=False):
+    """An iterator over the uint8 images of batches[first:], gathered from host memory by
+    `workers` DataLoader processes (a few batches ahead) and, for a GPU, put in pinned memory so
+    that .to(device, non_blocking=True) copies while the device still works on the step before.
+    The path for training sets larger than the GPU's memory; the views are made on the device."""
+    # sampler=range(first, ...): a resumed epoch starts at its first undone batch
+    loader = torch.utils.data.DataLoader(
+        BatchImages(images, batches, rank, world), sampler=range(first, len(batches)),
+        batch_size=None, num_workers=workers, pin_memory=pin_memory,  # None: an item is a batch
+        worker_init_fn=_ignore_ctrl_c, prefetch_factor=4 if workers else None,  # 4 per worker
+        # the workers' seeds come from this generator, not from the global one that dropout
+        # uses: a run with --data-on host draws the same numbers as one without
+        generator=torch.Generator().manual_seed(0))
+    return iter(loader)  # the workers start here
+
+
+# -----------------------------------------------------------------------------
+# Batched augmentations on the training device (per-sample random parameters)
+
+
+def augment(images, how, g, mean, std):
+    """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
+    x = images.float() / 255.0  # [0, 1] floats
+    if not len(x):  # no image (an empty batch share): the resampling below needs one
+        return x
+    if how == "rotation":
+        x = augment_rotation(x, g)
+    elif how == "simclr":
+        x = augment_simclr(x, g)
+    elif how != "none":
+        raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # real images' mean and std
+
+
+def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
+    """The Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
+    B, dev = x.shape[0], x.device
+    # per-sample parameters, all (B,): angle in radians, zoom, shift in half-image units
+    angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180  # degrees -> radians
+    s = 1.0 / _uniform(B, *scale, g, dev)  # the sampling grid shrinks when the image grows
+    tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
+    theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
+                         torch.stack([s * angle.sin(), s * angle.cos(), ty], 1)], 1)  # (B, 2, 3)
+    return _affine(x, theta)  # zeros padding: the "pad" of the Siamese project
+
+
+def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
+    """SimCLR's augmentations, batched: random resized crop, horizontal flip, colour jitter
+    (0.8 s brightness/contrast/saturation, 0.2 s hue, with p 0.8), grayscale (p 0.2), Gaussian
+    blur (p 0.5) for images of 64 px or more. x is in [0, 1], (B, C, H, W)."""
+    B, C, H, W = x.shape
+    dev = x.device  # every random number is drawn on the images' device (no host round trip)
+    # ---- random resized crop (area in crop_scale, aspect 3/4..4/3) + flip, one affine map
+    area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
+    log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
+    sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
+    sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)  # crop height / image height
+    # the crop's centre, anywhere the crop still fits (normalised coordinates)
+    cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
+    flips = torch.rand(B, generator=g, device=dev) < 0.5  # drawn even if not flip: same stream
+    sign = torch.where(flips, -1.0, 1.0) if flip else torch.ones(B, device=dev)  # -1: mirror x
+    zero = torch.zeros(B, device=dev)
+    # (B, 2, 3): output pixel -> input point; (sw, sh) pick the crop, sign flips it
+    theta = torch.stack([torch.stack([sw * sign, zero, cx], 1),
+                         torch.stack([zero, sh, cy], 1)], 1)
+    x = _affine(x, theta)  # crop, resize back to H x W and flip in one resampling
+    # ---- colour jitter with probability 0.8 (each factor per sample)
+    jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()  # (B, 1, 1, 1) 0 / 1
+    s = 0.8 * strength  # SimCLR's 0.8 s for brightness, contrast, saturation
+    brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)  # 1 + U(-s, s), or 1
+    contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+    x = (x * brightness).clamp(0, 1)  # brightness: every pixel scaled
+    mean_grey = (x.mean(1, keepdim=True) if C == 1 else _grey(x)).mean((2, 3), keepdim=True)
+    x = ((x - mean_grey) * contrast + mean_grey).clamp(0, 1)  # contrast: blend with mean grey
+    if C == 3:
+        saturation = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
+        x = ((x - _grey(x)) * saturation + _grey(x)).clamp(0, 1)  # blend with each pixel's grey
+        # hue: rotate the chroma plane of YIQ by up to 0.2 s of a full turn
+        angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
+        keep, cos_part, sin_part = _hue_rotation_basis(dev)  # constant, made once per device
+        matrix = (keep + angle.cos().view(B, 1, 1) * cos_part
+                  + angle.sin().view(B, 1, 1) * sin_part)  # (B, 3, 3)
+        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)  # rgb' = M_b rgb, per px
+        to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2  # random grayscale
+        x = torch.where(to_grey, _grey(x).expand_as(x), x)  # grey in all 3 channels
+    # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the side (large images only)
+    if H >= 64:  # small images: SimCLR's CIFAR recipe leaves out the blur
+        k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size
+        sigma = _uniform(B, 0.1, 2.0, g, dev)  # (B,) blur strength per image
+        blur = torch.rand(B, generator=g, device=dev) < 0.5
+        sigma = torch.where(blur, sigma, torch.full_like(sigma, 1e-3))  # tiny sigma: no blur
+        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,) offsets from the centre
+        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, k) 1-D Gaussians
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
+        y = x.reshape(1, B * C, H, W)  # each (image, channel) its own group: one conv for all
+        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"),
+                     kernel[:, None, None, :], groups=B * C)  # horizontal pass
+        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"),
+                     kernel[:, None, :, None], groups=B * C)  # vertical pass (separable)
+        x = y.reshape(B, C, H, W)  # back to (B, C, H, W)
+    return x
+
+
+def _affine(images, theta):
+    """Resample (B, C, H, W) through per-sample affine maps theta (B, 2, 3); zeros outside."""
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2) in [-1, 1]
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _uniform(n, low, high, g, device):
+    """(n,) samples from U(low, high) drawn with generator g on device."""
+    return torch.rand(n, generator=g, device=device) * (high - low) + low  # U[low, high)
+
+
+@functools.lru_cache(maxsize=None)
+def _hue_rotation_basis(device):
+    """Hue rotation by angle a in RGB = T^-1 R(a) T, T = RGB -> YIQ, R(a) rotating the (I, Q)
+    plane, = keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
+    Made once per device: no host-device copy (a synchronisation) in every training step."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],  # NTSC's RGB -> YIQ
+                           [0.211, -0.523, 0.312]], dtype=torch.float64)  # fp64 for the inverse
+    # keep = diag(1, 0, 0); cos part = diag(0, 1, 1); sin part: (I, Q) -> (-Q, I)
+    parts = [torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)),
+             torch.diag(torch.tensor([0, 1.0, 1.0], dtype=torch.float64)),
+             torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64)]
+    return tuple((torch.linalg.inv(to_yiq) @ r @ to_yiq).float().to(device) for r in parts)
+
+
+def _grey(x):
+    """(B, 1, H, W) luminance of (B, 3, H, W) RGB (ITU-R 601 weights, as torchvision's)."""
+    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def to_float(images, mean, std):
+    """uint8 (B, C, H, W) -> float, normalised with the real training images' statistics."""
+    # (x / 255 - mean) / std, per channel
+    return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    x = images.float() / 255.0  # (N, C, H, W) in [0, 1], a float copy of the set
+    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # clamp: a constant channel
 
 
 # -----------------------------------------------------------------------------
@@ -581,7 +799,57 @@ def load_data(data="digits", data_root="./.data", download=False, image_size=Non
 
 
 # -----------------------------------------------------------------------------
-# Synthetic images written by dafusion.py
+# The set a run trains on, and the synthetic images written by dafusion.py
+
+
+def training_set(args, splits):
+    """(the images a run trains on, the outliers of --outlier-exposure or None): the real
+    training images (unless --no-real), the synthetic images of args.synthetic in the roles the
+    flags give (synthetic_roles), and the real photographs of --negative-data as negative-only
+    samples (read_negative_data). The outliers are the --negative-data images when given, else
+    the synthetic set's near-OOD images, whatever role those have."""
+    labelled = negatives = near_ood = real_negatives = None
+    if args.synthetic:
+        labelled, negatives, near_ood = synthetic_roles(args, splits)
+    if args.negative_data:
+        real_negatives = read_negative_data(args.negative_data, splits, args.resize,
+                                            args.skip_bad_images)
+    # ImageSet.concat skips the None parts; labelled images come before negative-only ones
+    used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives,
+                            real_negatives])
+    return used, real_negatives if real_negatives is not None else near_ood
+
+
+def synthetic_roles(args, splits):
+    """The synthetic set's images in their roles: (labelled, negative-only, the near-OOD ones),
+    each an ImageSet or None:
+      --positives id | id+near_ood   labelled samples (extra positives of their class)
+      --negatives near_ood | id      negative-only samples (id: the placebo of the sweep)
+      --near-ood-strength S          of a set with several near-OOD strengths, only strength S."""
+    _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
+    # every synthetic image; their roles are decided below
+    syn = read_manifest(args.synthetic, splits, H, C, args.resize, args.synthetic_margin,
+                        args.seed, args.drop_leaking_synthetic)
+    near = syn.kind == KIND_NEAR_OOD  # (N_syn,) bool
+    if args.near_ood_strength is not None:
+        present = sorted({round(float(s), 4) for s in syn.strength[near]})  # for the message below
+        keep = ~near | ((syn.strength - args.near_ood_strength).abs() < 1e-6)  # 1e-6: %g round trip
+        if not (keep & near).any():
+            raise DataError(f"--near-ood-strength {args.near_ood_strength}: {args.synthetic} has "
+                            f"near-OOD images of strength {present} only")
+        syn = syn.subset(keep)
+        near = syn.kind == KIND_NEAR_OOD  # recomputed for the smaller set
+    labelled = negatives = None  # the synthetic images used as positives / as negatives only
+    if args.positives != "none":
+        labelled = syn.subset(~near if args.positives == "id" else torch.ones_like(near))
+        labelled.negative_only = torch.zeros(len(labelled), dtype=torch.bool)  # even near-OOD ones
+    if args.negatives != "none":
+        negatives = syn.subset(near if args.negatives == "near_ood" else ~near)  # id: the placebo
+        negatives.negative_only = torch.ones(len(negatives), dtype=torch.bool)  # never an anchor
+    for flag, part in (("--positives", labelled), ("--negatives", negatives)):
+        if part is not None and not len(part):
+            raise DataError(f"{flag}: {args.synthetic} holds no images of that kind")
+    return labelled, negatives, syn.subset(near)
 
 
 def read_manifest(folder, splits, image_size, channels, resize="crop", margin=False, seed=0,
@@ -634,35 +902,6 @@ def read_manifest(folder, splits, image_size, channels, resize="crop", margin=Fa
                     kind == KIND_NEAR_OOD, kind, names, torch.tensor(strengths))
 
 
-def manifest_rows(folder):
-    """FOLDER/manifest.csv as [(line number, row dict)] (line 1 is the header, so numbers match
-    an editor's); [] if there is none. The one reader of the file (dafusion.py's resume reads it
-    too). Names that are not UTF-8 come back as the bytes they were written from."""
-    manifest = os.path.join(folder, "manifest.csv")
-    if not os.path.exists(manifest):
-        return []
-    # -sig: a spreadsheet's BOM; newline="" as csv requires
-    with open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        # the header must name every column; extra ones are ignored
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{manifest}: missing column(s) {missing}; needs "
-                            f"{list(MANIFEST_COLUMNS)}")
-        return list(enumerate(reader, start=2))
-
-
-def write_manifest(folder, rows):
-    """FOLDER/manifest.csv holding `rows` (dicts of MANIFEST_COLUMNS), atomically; the one
-    writer of the file, the counterpart of manifest_rows."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(os.path.join(folder, "manifest.csv"), write)
-
-
 def _keep_training_sources(rows, splits, manifest, drop):
     """The manifest rows whose source is one of this run's training images (or has no source);
     the others are refused with one line that counts where they come from, or dropped."""
@@ -695,56 +934,6 @@ def _keep_training_sources(rows, splits, manifest, drop):
         if not kept:
             raise DataError(f"{manifest}: no row is left after --drop-leaking-synthetic")
     return kept
-
-
-def training_set(args, splits):
-    """(the images a run trains on, the outliers of --outlier-exposure or None): the real
-    training images (unless --no-real), the synthetic images of args.synthetic in the roles the
-    flags give (synthetic_roles), and the real photographs of --negative-data as negative-only
-    samples (read_negative_data). The outliers are the --negative-data images when given, else
-    the synthetic set's near-OOD images, whatever role those have."""
-    labelled = negatives = near_ood = real_negatives = None
-    if args.synthetic:
-        labelled, negatives, near_ood = synthetic_roles(args, splits)
-    if args.negative_data:
-        real_negatives = read_negative_data(args.negative_data, splits, args.resize,
-                                            args.skip_bad_images)
-    # ImageSet.concat skips the None parts; labelled images come before negative-only ones
-    used = ImageSet.concat([None if args.no_real else splits.train, labelled, negatives,
-                            real_negatives])
-    return used, real_negatives if real_negatives is not None else near_ood
-
-
-def synthetic_roles(args, splits):
-    """The synthetic set's images in their roles: (labelled, negative-only, the near-OOD ones),
-    each an ImageSet or None:
-      --positives id | id+near_ood   labelled samples (extra positives of their class)
-      --negatives near_ood | id      negative-only samples (id: the placebo of the sweep)
-      --near-ood-strength S          of a set with several near-OOD strengths, only strength S."""
-    _, C, H, _ = splits.train.images.shape  # synthetic images are read at the real images' size
-    # every synthetic image; their roles are decided below
-    syn = read_manifest(args.synthetic, splits, H, C, args.resize, args.synthetic_margin,
-                        args.seed, args.drop_leaking_synthetic)
-    near = syn.kind == KIND_NEAR_OOD  # (N_syn,) bool
-    if args.near_ood_strength is not None:
-        present = sorted({round(float(s), 4) for s in syn.strength[near]})  # for the message below
-        keep = ~near | ((syn.strength - args.near_ood_strength).abs() < 1e-6)  # 1e-6: %g round trip
-        if not (keep & near).any():
-            raise DataError(f"--near-ood-strength {args.near_ood_strength}: {args.synthetic} has "
-                            f"near-OOD images of strength {present} only")
-        syn = syn.subset(keep)
-        near = syn.kind == KIND_NEAR_OOD  # recomputed for the smaller set
-    labelled = negatives = None  # the synthetic images used as positives / as negatives only
-    if args.positives != "none":
-        labelled = syn.subset(~near if args.positives == "id" else torch.ones_like(near))
-        labelled.negative_only = torch.zeros(len(labelled), dtype=torch.bool)  # even near-OOD ones
-    if args.negatives != "none":
-        negatives = syn.subset(near if args.negatives == "near_ood" else ~near)  # id: the placebo
-        negatives.negative_only = torch.ones(len(negatives), dtype=torch.bool)  # never an anchor
-    for flag, part in (("--positives", labelled), ("--negatives", negatives)):
-        if part is not None and not len(part):
-            raise DataError(f"{flag}: {args.synthetic} holds no images of that kind")
-    return labelled, negatives, syn.subset(near)
 
 
 # -----------------------------------------------------------------------------
@@ -801,268 +990,69 @@ def _refuse_known_images(negatives, splits, folder):
 
 
 # -----------------------------------------------------------------------------
-# Batches: m images per class, and negative-only images on top
+# Plumbing every script shares, from here on -- errors: one line, never a traceback
 
 
-def digest(text, n=8):
-    """A short, stable hash of a string: n hex digits of sha256 (Python's hash() is salted per
-    process). A name that is not UTF-8 hashes as its own bytes (os.fsencode's)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:n]
+class DataError(ValueError):
+    """Bad input: the message names the file or argument and says what to do. Every script turns
+    it into one line on stderr (run_command), never a traceback."""
 
 
-def ascii_name(text, keep=80):
-    """The plain-ASCII part of a name ([A-Za-z0-9._-], other runs of characters as one "-"), for
-    folder and file names made from the user's names."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:keep]
+class LeakError(DataError):
+    """A synthetic set with variations of images the run does not train on (test images)."""
 
 
-def derive_seed(seed, *parts):
-    """The one rule that seeds every random stream of the project from the run's --seed: 32 bits
-    of sha256("seed/part/part/..."). A function of (seed, parts) alone, so a resumed run redraws
-    an epoch's batches or a step's dropout without storing them, an image's noise does not
-    depend on which images were made before it, and two settings of one seed draw the same
-    numbers in every stream they share (e.g. derive_seed(0, "epoch", 3), derive_seed(0,
-    "augment"), derive_seed(0, source, "near_ood", 1) for a synthetic image)."""
-    return int(digest("/".join(str(part) for part in (seed, *parts))), 16)  # 8 hex digits
+class RunError(RuntimeError):
+    """A run that cannot go on (its loss diverged): one line on stderr, like DataError."""
 
 
-def epoch_generator(seed, epoch):
-    """The random stream of an epoch's batches."""
-    return torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
-
-
-def contrastive_batches(labels, negative_only, batch_size, m_per_class=4, negatives_share=0.25,
-                        generator=None, every_anchor=None):
-    """One epoch of index batches (a list of (b,) tensors) for a contrastive loss.
-
-    Labelled samples come in groups of m (or m+1) of one class, so that every anchor has a
-    positive (a class with a single image cannot give it one). The groups are shuffled and dealt
-    round-robin into ceil(labelled / batch_size) batches: every labelled sample appears once an
-    epoch and the number of batches depends on the sizes alone. When negative-only samples
-    exist, round(batch_size * negatives_share) of them ride on top of each batch (the labelled
-    part does not shrink), drawn with replacement from those of the classes the batch holds and
-    those meant for every anchor (every_anchor, (N,) bool), so that same-class hard-negative
-    masking has something to contrast."""
-    # a fixed default: the same batches on every call
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    real = torch.nonzero(~negative_only).squeeze(1)  # labelled samples: real and synthetic ID
-    negatives = torch.nonzero(negative_only).squeeze(1)  # near-OOD samples
-    groups = []  # chunks of m same-class indices
-    for c in torch.unique(labels[real]).tolist():
-        idx = real[labels[real] == c]  # class c's labelled indices
-        # shuffled within the class and cut into chunks of m (the last one shorter)
-        chunks = list(torch.split(idx[torch.randperm(len(idx), generator=g)], m_per_class))
-        if len(chunks) > 1 and len(chunks[-1]) == 1:  # no lone image: it would have no positive
-            chunks[-2:] = [torch.cat(chunks[-2:])]  # merged with the chunk before it: m + 1 images
-        groups += chunks
-    n_batches = min(len(groups), math.ceil(len(real) / batch_size))  # at most one batch per group
-    order = torch.randperm(len(groups), generator=g).tolist()  # the groups shuffled across classes
-    # round-robin: group order[j] goes to batch j mod n_batches
-    batches = [torch.cat([groups[i] for i in order[b::n_batches]]) for b in range(n_batches)]
-    n_neg = int(round(batch_size * negatives_share)) if len(negatives) else 0  # 0: no negatives
-    for b, batch in enumerate(batches if n_neg else []):
-        fits = torch.isin(labels[negatives], labels[batch])  # of this batch's classes
-        if every_anchor is not None:
-            fits |= every_anchor[negatives]  # or meant for every anchor
-        pool = negatives[fits]
-        pool = pool if len(pool) else negatives  # no match at all: any negative will do
-        pick = pool[torch.randint(len(pool), (n_neg,), generator=g)]  # with replacement
-        batches[b] = torch.cat([batch, pick])  # labelled first, then the negatives
-    return batches
-
-
-def count_contrastive_batches(labels, negative_only, batch_size, m_per_class=4):
-    """len(contrastive_batches(...)), from the class sizes alone (no draw, no model)."""
-    sizes = torch.bincount(labels[~negative_only]).tolist()  # labelled images per class
-    groups = 0
-    for n in filter(None, sizes):
-        chunks = math.ceil(n / m_per_class)  # torch.split's chunks of m, the last one shorter
-        groups += chunks - (chunks > 1 and n % m_per_class == 1)  # a lone last image joins
-    return min(groups, math.ceil(sum(sizes) / batch_size))  # as contrastive_batches' n_batches
-
-
-class BatchImages(torch.utils.data.Dataset):
-    """train.py --data-on host: item i is the uint8 images (b, C, H, W) of this process's share
-    of batch i (for (T, 3) triplet batches, the a, p, n images of each triplet in turn). Read by
-    a DataLoader with batch_size=None, so one worker gathers a whole batch in one indexing."""
-
-    def __init__(self, images, batches, rank=0, world=1):
-        self.images, self.batches, self.rank, self.world = images, batches, rank, world
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        share = self.batches[i].tensor_split(self.world)[self.rank]  # this rank's rows
-        return self.images[share.flatten()]  # (b, C, H, W) uint8; (3T, C, H, W) for triplets
-
-
-def _ignore_ctrl_c(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers' process group too
-
-
-def host_batches(images, batches, first=0, rank=0, world=1, workers=2, pin_memory=False):
-    """An iterator over the uint8 images of batches[first:], gathered from host memory by
-    `workers` DataLoader processes (a few batches ahead) and, for a GPU, put in pinned memory so
-    that .to(device, non_blocking=True) copies while the device still works on the step before.
-    The path for training sets larger than the GPU's memory; the views are made on the device."""
-    # sampler=range(first, ...): a resumed epoch starts at its first undone batch
-    loader = torch.utils.data.DataLoader(
-        BatchImages(images, batches, rank, world), sampler=range(first, len(batches)),
-        batch_size=None, num_workers=workers, pin_memory=pin_memory,  # None: an item is a batch
-        worker_init_fn=_ignore_ctrl_c, prefetch_factor=4 if workers else None,  # 4 per worker
-        # the workers' seeds come from this generator, not from the global one that dropout
-        # uses: a run with --data-on host draws the same numbers as one without
-        generator=torch.Generator().manual_seed(0))
-    return iter(loader)  # the workers start here
+class OtherRankFailed(Exception):
+    """Under torchrun: rank 0 failed and says why (it could not claim the run folder, say) and
+    this rank ends too, with exit status 1 and no message of its own (run_command)."""
 
 
 # -----------------------------------------------------------------------------
-# Batched augmentations on the training device (per-sample random parameters)
+# Manifests: the synthetic set's manifest.csv, its one reader and its one writer
 
 
-def to_float(images, mean, std):
-    """uint8 (B, C, H, W) -> float, normalised with the real training images' statistics."""
-    # (x / 255 - mean) / std, per channel
-    return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+def manifest_rows(folder):
+    """FOLDER/manifest.csv as [(line number, row dict)] (line 1 is the header, so numbers match
+    an editor's); [] if there is none. The one reader of the file (dafusion.py's resume reads it
+    too). Names that are not UTF-8 come back as the bytes they were written from."""
+    manifest = os.path.join(folder, "manifest.csv")
+    if not os.path.exists(manifest):
+        return []
+    # -sig: a spreadsheet's BOM; newline="" as csv requires
+    with open(manifest, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        # the header must name every column; extra ones are ignored
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{manifest}: missing column(s) {missing}; needs "
+                            f"{list(MANIFEST_COLUMNS)}")
+        return list(enumerate(reader, start=2))
 
 
-def _affine(images, theta):
-    """Resample (B, C, H, W) through per-sample affine maps theta (B, 2, 3); zeros outside."""
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2) in [-1, 1]
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+def write_manifest(folder, rows):
+    """FOLDER/manifest.csv holding `rows` (dicts of MANIFEST_COLUMNS), atomically; the one
+    writer of the file, the counterpart of manifest_rows."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(os.path.join(folder, "manifest.csv"), write)
 
 
-def _uniform(n, low, high, g, device):
-    """(n,) samples from U(low, high) drawn with generator g on device."""
-    return torch.rand(n, generator=g, device=device) * (high - low) + low  # U[low, high)
-
-
-def augment_rotation(x, g, max_degrees=15.0, scale=(0.9, 1.1), shift=0.1):
-    """The Siamese project's rotation augmentation: pad, rotate, scale (and a small shift)."""
-    B, dev = x.shape[0], x.device
-    # per-sample parameters, all (B,): angle in radians, zoom, shift in half-image units
-    angle = _uniform(B, -max_degrees, max_degrees, g, dev) * torch.pi / 180  # degrees -> radians
-    s = 1.0 / _uniform(B, *scale, g, dev)  # the sampling grid shrinks when the image grows
-    tx, ty = _uniform(B, -shift, shift, g, dev), _uniform(B, -shift, shift, g, dev)
-    theta = torch.stack([torch.stack([s * angle.cos(), -s * angle.sin(), tx], 1),
-                         torch.stack([s * angle.sin(), s * angle.cos(), ty], 1)], 1)  # (B, 2, 3)
-    return _affine(x, theta)  # zeros padding: the "pad" of the Siamese project
-
-
-@functools.lru_cache(maxsize=None)
-def _hue_rotation_basis(device):
-    """Hue rotation by angle a in RGB = T^-1 R(a) T, T = RGB -> YIQ, R(a) rotating the (I, Q)
-    plane, = keep + cos a * cos_part + sin a * sin_part with three constant (3, 3) matrices.
-    Made once per device: no host-device copy (a synchronisation) in every training step."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],  # NTSC's RGB -> YIQ
-                           [0.211, -0.523, 0.312]], dtype=torch.float64)  # fp64 for the inverse
-    # keep = diag(1, 0, 0); cos part = diag(0, 1, 1); sin part: (I, Q) -> (-Q, I)
-    parts = [torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)),
-             torch.diag(torch.tensor([0, 1.0, 1.0], dtype=torch.float64)),
-             torch.tensor([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], dtype=torch.float64)]
-    return tuple((torch.linalg.inv(to_yiq) @ r @ to_yiq).float().to(device) for r in parts)
-
-
-def _grey(x):
-    """(B, 1, H, W) luminance of (B, 3, H, W) RGB (ITU-R 601 weights, as torchvision's)."""
-    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def augment_simclr(x, g, strength=0.5, crop_scale=(0.2, 1.0), flip=True):
-    """SimCLR's augmentations, batched: random resized crop, horizontal flip, colour jitter
-    (0.8 s brightness/contrast/saturation, 0.2 s hue, with p 0.8), grayscale (p 0.2), Gaussian
-    blur (p 0.5) for images of 64 px or more. x is in [0, 1], (B, C, H, W)."""
-    B, C, H, W = x.shape
-    dev = x.device  # every random number is drawn on the images' device (no host round trip)
-    # ---- random resized crop (area in crop_scale, aspect 3/4..4/3) + flip, one affine map
-    area = _uniform(B, *crop_scale, g, dev)  # (B,) share of the image the crop covers
-    log_ratio = _uniform(B, np.log(3 / 4), np.log(4 / 3), g, dev)  # (B,) log aspect ratio
-    sw = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width / image width
-    sh = (area / log_ratio.exp()).sqrt().clamp(max=1.0)  # crop height / image height
-    # the crop's centre, anywhere the crop still fits (normalised coordinates)
-    cx, cy = (1 - sw) * _uniform(B, -1, 1, g, dev), (1 - sh) * _uniform(B, -1, 1, g, dev)
-    flips = torch.rand(B, generator=g, device=dev) < 0.5  # drawn even if not flip: same stream
-    sign = torch.where(flips, -1.0, 1.0) if flip else torch.ones(B, device=dev)  # -1: mirror x
-    zero = torch.zeros(B, device=dev)
-    # (B, 2, 3): output pixel -> input point; (sw, sh) pick the crop, sign flips it
-    theta = torch.stack([torch.stack([sw * sign, zero, cx], 1),
-                         torch.stack([zero, sh, cy], 1)], 1)
-    x = _affine(x, theta)  # crop, resize back to H x W and flip in one resampling
-    # ---- colour jitter with probability 0.8 (each factor per sample)
-    jitter = (torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.8).float()  # (B, 1, 1, 1) 0 / 1
-    s = 0.8 * strength  # SimCLR's 0.8 s for brightness, contrast, saturation
-    brightness = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)  # 1 + U(-s, s), or 1
-    contrast = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-    x = (x * brightness).clamp(0, 1)  # brightness: every pixel scaled
-    mean_grey = (x.mean(1, keepdim=True) if C == 1 else _grey(x)).mean((2, 3), keepdim=True)
-    x = ((x - mean_grey) * contrast + mean_grey).clamp(0, 1)  # contrast: blend with mean grey
-    if C == 3:
-        saturation = 1 + jitter * _uniform(B, -s, s, g, dev).view(B, 1, 1, 1)
-        x = ((x - _grey(x)) * saturation + _grey(x)).clamp(0, 1)  # blend with each pixel's grey
-        # hue: rotate the chroma plane of YIQ by up to 0.2 s of a full turn
-        angle = jitter.view(B) * _uniform(B, -0.2 * strength, 0.2 * strength, g, dev) * 2 * torch.pi
-        keep, cos_part, sin_part = _hue_rotation_basis(dev)  # constant, made once per device
-        matrix = (keep + angle.cos().view(B, 1, 1) * cos_part
-                  + angle.sin().view(B, 1, 1) * sin_part)  # (B, 3, 3)
-        x = torch.einsum("bij,bjhw->bihw", matrix, x).clamp(0, 1)  # rgb' = M_b rgb, per px
-        to_grey = torch.rand(B, 1, 1, 1, generator=g, device=dev) < 0.2  # random grayscale
-        x = torch.where(to_grey, _grey(x).expand_as(x), x)  # grey in all 3 channels
-    # ---- Gaussian blur, p 0.5, sigma in [0.1, 2.0], kernel 10% of the side (large images only)
-    if H >= 64:  # small images: SimCLR's CIFAR recipe leaves out the blur
-        k = int(0.1 * H) // 2 * 2 + 1  # odd kernel size
-        sigma = _uniform(B, 0.1, 2.0, g, dev)  # (B,) blur strength per image
-        blur = torch.rand(B, generator=g, device=dev) < 0.5
-        sigma = torch.where(blur, sigma, torch.full_like(sigma, 1e-3))  # tiny sigma: no blur
-        t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2  # (k,) offsets from the centre
-        kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))  # (B, k) 1-D Gaussians
-        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, k)
-        y = x.reshape(1, B * C, H, W)  # each (image, channel) its own group: one conv for all
-        y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"),
-                     kernel[:, None, None, :], groups=B * C)  # horizontal pass
-        y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"),
-                     kernel[:, None, :, None], groups=B * C)  # vertical pass (separable)
-        x = y.reshape(B, C, H, W)  # back to (B, C, H, W)
-    return x
-
-
-def augment(images, how, g, mean, std):
-    """uint8 (B, C, H, W) on any device -> one augmented, normalised float view (B, C, H, W)."""
-    x = images.float() / 255.0  # [0, 1] floats
-    if not len(x):  # no image (an empty batch share): the resampling below needs one
-        return x
-    if how == "rotation":
-        x = augment_rotation(x, g)
-    elif how == "simclr":
-        x = augment_simclr(x, g)
-    elif how != "none":
-        raise ValueError(f"--augment must be none, rotation or simclr; got {how!r}")
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # real images' mean and std
-
-
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
-    x = images.float() / 255.0  # (N, C, H, W) in [0, 1], a float copy of the set
-    return x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp(min=1e-3)  # clamp: a constant channel
+def require_manifest(folder, option):
+    """A synthetic set's folder must hold manifest.csv (made by dafusion.py)."""
+    if not os.path.isfile(os.path.join(folder, "manifest.csv")):
+        raise DataError(f"{option} {folder}: no manifest.csv there; make the set with `python "
+                        f"dafusion.py --out {folder}` (with this run's data options)")
 
 
 # -----------------------------------------------------------------------------
-# Plumbing every script shares -- files: written whole or not at all, read safely
-
-
-def to_device(x, device):
-    """x on `device` without making the host wait: a host -> CUDA copy goes from pinned
-    (page-locked) memory with non_blocking=True; from ordinary memory the driver may first wait
-    for the GPU to finish everything queued (a hidden synchronisation in every step). Any other
-    copy blocks (a non-blocking copy to the host could be read before it arrives). supcon.py
-    keeps a copy of these lines for its own index vectors, so that it can be copied alone."""
-    device = torch.device(device)
-    if x.device.type == "cpu" and device.type == "cuda":
-        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
-        # its copy is done: the source cannot be overwritten while the copy is in flight
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)  # blocking; a no-op when x is there already
+# Files: written whole or not at all, read safely
 
 
 def atomic_write(path, write, size=None):
@@ -1120,6 +1110,30 @@ def disk_full(error, path=None, missing=0):
                                               "Disk quota exceeded", "os error 122")):
             return True
     return path is not None and disk_almost_full(path, missing)
+
+
+class DiskFull(DataError):
+    """A write failed because the disk is full (ENOSPC): what, where, about how much it needs, and
+    what to do once space is freed (`then`, which a script may replace with its own advice)."""
+
+    def __init__(self, path, needed, free, then="run the same command again: it goes on from "
+                                                  "where it stopped"):
+        super().__init__(path)
+        self.path, self.needed, self.free, self.then = path, needed, free, then
+
+    def __str__(self):
+        return (f"the disk is full: could not write {self.path} (it needs about "
+                f"{_bytes(self.needed)}; {_bytes(self.free)} free in "
+                f"{os.path.dirname(os.path.abspath(self.path))}); nothing was left half-written. "
+                f"Free some space, then {self.then}")
+
+
+def _bytes(n):
+    """1234567 -> '1.2 MB'."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def _chain(error):
@@ -1208,34 +1222,6 @@ def remove_temporaries(paths):
     return removed
 
 
-@contextlib.contextmanager
-def folder_lock(folder, busy=None):
-    """Hold `folder` for this process while the block runs: an exclusive flock on the folder
-    itself, which the kernel releases when the process ends, even killed (no stale lock file to
-    delete). Another process that asks for it waits (and says so once), or, given `busy`, is
-    refused with that one line. Without fcntl (Windows), or on a file system that refuses
-    flock on a folder (some NFS mounts), nothing is locked, and the second case says so."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)  # a folder can be opened (and locked) like a file
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: fails at once if held
-        except BlockingIOError:
-            if busy:
-                raise DataError(busy) from None
-            print(f"{folder}: another process is writing there; waiting until it is done",
-                  flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder ends
-        except OSError as error:  # ENOLCK, EOPNOTSUPP, EBADF (NFS): go on without the lock
-            print(f"{folder}: cannot be locked here ({error.strerror}); two processes writing "
-                  f"there at once would not wait for each other", flush=True)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def writable_folder(folder, what, advice=None):
     """Make `folder` (with its parents) if needed and check that a file can be written there,
     before any data loads; refused in one line that names the option (`what`) otherwise."""
@@ -1246,6 +1232,12 @@ def writable_folder(folder, what, advice=None):
     except OSError as error:
         raise DataError(f"{what} {folder}: cannot write there ({error.strerror or error}); "
                         f"{advice or 'choose another ' + what}") from error
+
+
+def ascii_name(text, keep=80):
+    """The plain-ASCII part of a name ([A-Za-z0-9._-], other runs of characters as one "-"), for
+    folder and file names made from the user's names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:keep]
 
 
 def load_torch_file(path, what):
@@ -1277,6 +1269,42 @@ def load_weights(module, state, key, path, what):
         raise DataError(f"{what} {path}: its weights do not fit this model ({detail}); it was "
                         f"saved by a run with another --model, --loss, --embedding-dim or "
                         f"data") from error
+
+
+# -----------------------------------------------------------------------------
+# Locks: one process at a time writes a folder
+
+
+@contextlib.contextmanager
+def folder_lock(folder, busy=None):
+    """Hold `folder` for this process while the block runs: an exclusive flock on the folder
+    itself, which the kernel releases when the process ends, even killed (no stale lock file to
+    delete). Another process that asks for it waits (and says so once), or, given `busy`, is
+    refused with that one line. Without fcntl (Windows), or on a file system that refuses
+    flock on a folder (some NFS mounts), nothing is locked, and the second case says so."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)  # a folder can be opened (and locked) like a file
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: fails at once if held
+        except BlockingIOError:
+            if busy:
+                raise DataError(busy) from None
+            print(f"{folder}: another process is writing there; waiting until it is done",
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder ends
+        except OSError as error:  # ENOLCK, EOPNOTSUPP, EBADF (NFS): go on without the lock
+            print(f"{folder}: cannot be locked here ({error.strerror}); two processes writing "
+                  f"there at once would not wait for each other", flush=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -----------------------------------------------------------------------------
+# Figures: matplotlib on files only, with fonts for any class name
 
 
 def pyplot():
@@ -1317,6 +1345,20 @@ def save_figure(fig, path, dpi=120):
 
 # -----------------------------------------------------------------------------
 # Devices and processes (torchrun): where this process computes, and its share of the work
+
+
+def to_device(x, device):
+    """x on `device` without making the host wait: a host -> CUDA copy goes from pinned
+    (page-locked) memory with non_blocking=True; from ordinary memory the driver may first wait
+    for the GPU to finish everything queued (a hidden synchronisation in every step). Any other
+    copy blocks (a non-blocking copy to the host could be read before it arrives). supcon.py
+    keeps a copy of these lines for its own index vectors, so that it can be copied alone."""
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        # pin_memory() draws from PyTorch's cache of pinned buffers, which keeps each one until
+        # its copy is done: the source cannot be overwritten while the copy is in flight
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)  # blocking; a no-op when x is there already
 
 
 def pick_device(name):
@@ -1714,13 +1756,6 @@ def check_named_files(args):
         raise DataError(f"--negative-data {args.negative_data}: no such folder")
 
 
-def require_manifest(folder, option):
-    """A synthetic set's folder must hold manifest.csv (made by dafusion.py)."""
-    if not os.path.isfile(os.path.join(folder, "manifest.csv")):
-        raise DataError(f"{option} {folder}: no manifest.csv there; make the set with `python "
-                        f"dafusion.py --out {folder}` (with this run's data options)")
-
-
 def given_options(parser, argv):
     """The dests of the options typed on the command line (argv None: sys.argv[1:]). argparse
     cannot tell a default from a value the user typed; a copy of the parser without defaults can."""
@@ -1786,3 +1821,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_command(main)
+

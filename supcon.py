@@ -1,8 +1,27 @@
 """
 supcon.py -- supervised contrastive learning with near-out-of-distribution images as hard
-negatives: the losses, encoders and heads in one file of plain PyTorch. The loss is Eq. 2 of
-Khosla et al. (2020), "Supervised Contrastive Learning" (L_out^sup), extended with negative-only
-samples; labels=None gives SimCLR's NT-Xent loss (Chen et al. 2020, Eq. 1).
+negatives, in one file of plain PyTorch: the loss is Eq. 2 of Khosla et al. (2020), "Supervised
+Contrastive Learning" (L_out^sup), extended with negative-only samples; labels=None gives
+SimCLR's NT-Xent loss (Chen et al. 2020, Eq. 1). Beside it: two pair losses, encoders and heads.
+
+Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negative-only one):
+
+    L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) )
+
+    s_ij  = z_i . z_j / tau        z L2-normalised, tau the temperature
+    P(i)  = samples with i's label (labels=None: the other views of i's image), i itself and
+            negative-only samples excluded
+    A(i)  : a in A(i) iff a != i and (a is not negative-only, or a is meant for i); a
+            negative-only sample is meant for the anchors of its class (hard_negatives=
+            "same_class"), for every anchor ("all"), or as its own rule says (a per-sample bool
+            tensor: True = its class's anchors, False = every anchor)
+    w_a   = negative_weight for negative-only samples, 1 otherwise
+
+    L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
+
+Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it:
+the equation's sum over anchors becomes a mean, which scales the loss but moves no minimum.
+A term outside the sets is removed exactly: -inf before the log-sum-exp, so exp() gives 0.
 
 The loss needs torch alone (torchvision only for resnet()), so the file can be copied into any
 project. Run it, or import it:
@@ -19,7 +38,9 @@ project. Run it, or import it:
 
 What is here, in the order a reader of the papers meets it:
 
-  1. supcon_loss_spec  extended Eq. 2 written as the paper writes it: the specification.
+  1. supcon_loss_spec  extended Eq. 2 written as the paper writes it: the specification, beside
+                       the rules its sets are built from (_eq2: anchors, P(i), A(i), w_a;
+                       _flatten_views: views to rows, labels per row, each negative's rule).
      SupConLoss        the same as an nn.Module with the reference code's constructor and call.
      supcon_loss       the same value, fast and exact (the default of train.py): a group-sum
                        numerator, and denominators plain, chunked (blockwise, analytic gradient)
@@ -33,44 +54,23 @@ What is here, in the order a reader of the papers meets it:
                        of the labelled rows.
   5. logit_head_loss   negative-only images outside the denominators (train.py --negative-mode):
      prototype_loss    a head trained with the encoder, class prototypes they are pushed from.
-  Plumbing             the inputs' layout and checks, last.
+  Plumbing             the settings' checks, device copies and the demonstration, last.
 
-Where it comes from. The main source is a thesis, "Contrastive Learning with Stable Diffusion-based
-Data Augmentation": DA-Fusion (Trabucco et al. 2023) makes synthetic variations of each training
-image; in-distribution ones join the positives, near-out-of-distribution (near-OOD) ones are meant
-to act ONLY as hard negatives. Three seed projects contribute the rest, named here for short:
-  - the fruit project: a course project that trained a small CNN on Stable-Diffusion fruit images
-    (SmallCNN is its network);
-  - the Siamese project: a Siamese-network project on MNIST and CIFAR-10 comparing a
-    cosine-embedding pair loss with a triplet loss (cosine_pair_loss, triplet_margin);
-  - the mushroom project: a metric-learning project for open-world mushroom classification with
-    triplet mining (the strategies of mine_triplets, EmbeddingHead).
+Five ways to use the negative-only images (train.py --negative-mode, modes (a) to (e)):
+  (a) denominators  the default, the thesis's: terms of the anchors' denominators (A(i), w_a).
+  (b) score         the encoder trains without them; evaluate.py's k-NN OOD score adds their
+                    distance (SSD's few-shot score, Sehwag et al. 2021): nothing of it is here.
+  (c) head          outside the denominators: a head trained with the encoder (below).
+  (d) prototypes    outside the denominators: class prototypes they are pushed from (below).
+  (e) classes       classes of their own: plain Eq. 2 over an extended label set (below).
 
-Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negative-only one):
-
-    L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) )
-
-    s_ij  = z_i . z_j / tau        z L2-normalised, tau the temperature
-    P(i)  = samples with i's label (labels=None: the other views of i's image), i itself and
-            negative-only samples excluded
-    A(i)  = every other sample that is not negative-only, plus the negative-only samples meant for
-            i: those of i's class (hard_negatives="same_class") or all of them ("all"), or each
-            by its own rule (a per-sample bool tensor)
-    w_a   = negative_weight for negative-only samples, 1 otherwise
-
-    L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
-
-Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it:
-the equation's sum over anchors becomes a mean, which scales the loss but moves no minimum.
-
-Negatives as classes of their own (train.py --negative-mode classes, mode (e)): plain Eq. 2 over
-an extended label set, with no negative-only sample at all. With K training classes, a negative
-meant for class c's anchors is labelled K + c, one meant for every anchor 2K (train.py's
-negative_classes), and negative_only is all False: every negative is an anchor whose P(i) holds
-its other view and the negatives of its group, and it is an ordinary member of every other
-anchor's A(i) (w = 1, no rule). This is the supervised CSI of Tack et al. (2020, "sup-CSI":
-SupCLR on joint (class, shift) labels, each shifted class a class of its own), the shift being
-"near-OOD / no class of ours"; supcon_loss computes it as it stands.
+Negatives as classes of their own (train.py --negative-mode classes, mode (e)): with K training
+classes, a negative meant for class c's anchors is labelled K + c, one meant for every anchor 2K
+(train.py's negative_classes), and negative_only is all False: every negative is an anchor whose
+P(i) holds its other view and the negatives of its group, and it is an ordinary member of every
+other anchor's A(i) (w = 1, no rule). This is the supervised CSI of Tack et al. (2020,
+"sup-CSI": SupCLR on joint (class, shift) labels, each shifted class a class of its own), the
+shift being "near-OOD / no class of ours"; supcon_loss computes it as it stands.
 
 Negatives outside the denominators (train.py --negative-mode head and prototypes, modes (c) and
 (d)): L_SupCon is Eq. 2 on the labelled rows alone, and the negative-only rows enter only this:
@@ -97,6 +97,17 @@ Negatives outside the denominators (train.py --negative-mode head and prototypes
               f, large when z_n is near any prototype; its gradient pushes z_n from each in
               proportion to its softmax weight, the nearest most. The OOD score stays k-NN.
 
+Where it comes from. The main source is a thesis, "Contrastive Learning with Stable Diffusion-based
+Data Augmentation": DA-Fusion (Trabucco et al. 2023) makes synthetic variations of each training
+image; in-distribution ones join the positives, near-out-of-distribution (near-OOD) ones are meant
+to act ONLY as hard negatives. Three seed projects contribute the rest, named here for short:
+  - the fruit project: a course project that trained a small CNN on Stable-Diffusion fruit images
+    (SmallCNN is its network);
+  - the Siamese project: a Siamese-network project on MNIST and CIFAR-10 comparing a
+    cosine-embedding pair loss with a triplet loss (cosine_pair_loss, triplet_margin);
+  - the mushroom project: a metric-learning project for open-world mushroom classification with
+    triplet mining (the strategies of mine_triplets, EmbeddingHead).
+
 The thesis's own edit of the SupCon loss had three defects, all fixed here:
   defect 1  To exclude a pair, its logit was multiplied by zero after the row maximum had been
             subtracted. exp(0) = 1, so every excluded pair stayed in the denominator at full weight
@@ -120,6 +131,17 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # 1. The supervised contrastive loss, as Eq. 2 writes it (the specification)
+#
+# The rows and the sets, as every loss of this file lays them out (_flatten_views, _eq2):
+#   rows      (B, V, D) views of B images are N = V*B rows, view-major: row v*B + b is view v of
+#             image b (the reference code's order); labels, negative_only and a hard_negatives
+#             tensor, one entry per image, are repeated for every view. (N, D): one view each.
+#   anchors   rows that are not negative-only and have a positive (|P(i)| > 0).
+#   P(i)      rows p != i, not negative-only, in i's group: its label (labels=None: its image).
+#   A(i)      a in A(i) iff a != i and (a is not negative-only, or a is meant for i); a
+#             negative-only a is meant for i iff its rule is "every anchor" (own_class[a] False)
+#             or a is in i's group (own_class[a] True: "its own class's anchors only").
+#   w_a       negative_weight if a is negative-only, else 1.
 
 
 def supcon_loss_spec(features, labels=None, negative_only=None, *, temperature=0.1,
@@ -150,9 +172,10 @@ def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negat
     other = ~torch.eye(N, dtype=torch.bool, device=z.device)  # (N, N) j != i
     real = ~negative_only  # (N,) may be an anchor or a positive; negative-only never (defect 3)
     P = other & same & real[:, None] & real[None, :]  # (N, N) P(i): positives (defect 2: bool)
-    # A(i): every other sample, but a negative-only sample with the own-class rule only for
-    # anchors of its class (own_class[j] implies negative_only[j], so real samples all stay in)
-    A = other & ~(own_class[None, :] & ~same)  # (N, N)
+    # A(i): a in A(i) iff a != i and (a is not negative-only, or a is meant for i: its rule is
+    # "every anchor", or it is in i's group)
+    meant_for = ~own_class[None, :] | same  # (N, N) [i, a]: a's rule admits anchor i
+    A = other & (real[None, :] | meant_for)  # (N, N) A(i)
     log_w = torch.zeros(N, dtype=z.dtype, device=z.device)  # (N,) log w_a: 0, or log w
     log_w[negative_only] = math.log(negative_weight) if negative_weight > 0 else -math.inf
     # log( exp(s_ip) / sum_{a in A(i)} w_a exp(s_ia) ) for every pair: excluded entries are -inf
@@ -167,6 +190,70 @@ def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negat
         return z.sum() * 0.0  # nothing to contrast: 0, and backward() gives zero gradients
     loss = L[anchors].mean()
     return loss * (temperature / base_temperature) if base_temperature is not None else loss
+
+
+def _flatten_views(features, labels, negative_only, name="features", device=None, *,
+                   hard_negatives):
+    """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors, laid out
+    as the notes at the head of this section say (every loss of this file reads its input here).
+
+    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the
+    negative-only rows that count for anchors of their own label only, from hard_negatives:
+    "same_class", "all" or a per-image bool tensor) and image_id (N,). With views, row v*B + b
+    holds view v of image b (view-major, like the reference code), and the per-image vectors are
+    repeated for every view. The per-row vectors go to `device` (default: the features').
+    """
+    # the only two layouts with a meaning: rows of embeddings, or views of images
+    if not torch.is_tensor(features) or features.dim() not in (2, 3):
+        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+        raise ValueError(f"{name} must be a tensor of shape (N, D) or (B, V, D); got {shape}")
+    if features.dim() == 3:
+        B, V, D = features.shape
+        z = features.transpose(0, 1).reshape(V * B, D)  # (V*B, D), view-major
+    else:
+        B, V = features.shape[0], 1  # every row is its own "image" with one view
+        z = features  # (N, D)
+    device = device or features.device
+    image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
+
+    def per_row(x, what):
+        """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
+        if x is None:
+            return None
+        x = _to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
+        if x.dim() != 1 or x.shape[0] != B:
+            raise ValueError(
+                f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
+                f"of {name}: expected length {B}, got shape {tuple(x.shape)}")
+        return x.repeat(V)  # (V*B,): [x, x, ..., x] matches the view-major rows
+
+    labels = per_row(labels, "labels")  # (N,) or None
+    negative_only = per_row(negative_only, "negative_only")  # (N,) or None
+    if negative_only is None:  # no negative-only samples: every row may be an anchor
+        negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
+    elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
+        raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
+    if torch.is_tensor(hard_negatives):  # a rule per sample: True = its own class's anchors only
+        own_class = per_row(hard_negatives, "hard_negatives")
+        if own_class.dtype != torch.bool:
+            raise ValueError(f"hard_negatives as a tensor must be bool; got {own_class.dtype}")
+        own_class = own_class & negative_only  # only negative-only samples have a rule
+    else:  # one rule for every negative-only sample
+        own_class = negative_only & (hard_negatives == "same_class")
+    return z, labels, negative_only, own_class, image_id
+
+
+def _check_simclr(features, labels, own_class):
+    """Without labels (SimCLR) a row's positives are its image's other views, so there must be
+    two views or more, and no negative-only sample can be restricted to 'its class'."""
+    if labels is not None:
+        return
+    if features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
+                         "views; pass labels for (N, D) features")
+    if own_class.any():
+        raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
+                         "sample's class; pass labels or use hard_negatives='all'")
 
 
 # -----------------------------------------------------------------------------
@@ -320,12 +407,51 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
 
     # fp32 at least: fp16 logits at tau = 0.01 would overflow exp() and lose precision
     z = F.normalize(_at_least_fp32(z), dim=1)  # (N, D) unit rows: z_i . z_j = cos(z_i, z_j)
+    found = _anchors_and_roles(group_label, negative_only, own_class, z.device)
+    if found is None:
+        # nothing to contrast: 0 (fp32), with a graph so that backward() gives zero gradients
+        return z.sum() * 0.0
+    anchors, roles = found
+    mean_positive_logit = _mean_positive_logit(z, anchors, roles, temperature)  # (M,)
+    log_denominator = _log_denominator_by_path(z, anchors.rows, roles, temperature,
+                                               negative_weight, chunk_size, fused)  # (M,)
 
-    # ---- anchors and positives, from the group sizes alone (O(N), no N x N matrix)
-    # Defects 2 and 3 (see the top of this file) end here: negative-only rows are neither anchors
-    # (not in real_rows) nor positives (not counted in any group), whatever label they carry.
-    # The sizes below depend on the data, so on a GPU each line would wait for the GPU to catch
-    # up; with the labels on the CPU (as train.py passes them) nothing waits.
+    # ---- -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip, mean over anchors
+    loss = (log_denominator - mean_positive_logit).mean()  # scalar
+    if base_temperature is not None:  # the reference code's constant factor tau / base_tau
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+class _Anchors(NamedTuple):
+    """The anchors that count and their groups, on z's device (made by _anchors_and_roles)."""
+    rows: torch.Tensor  # (M,) row indices of the anchors: real rows that have a positive
+    num_positives: torch.Tensor  # (M,) |P(i)| >= 1
+    group: torch.Tensor  # (M,) each anchor's group among the G groups
+    real_group: torch.Tensor  # (R,) each real row's group
+    num_groups: int  # G
+
+
+class _Roles(NamedTuple):
+    """Which rows of z play which role in the denominator, on z's device (made by supcon_loss)."""
+    real: torch.Tensor  # (R,) rows that are not negative-only; the anchors are among them
+    negative: torch.Tensor  # (K,) negative-only rows
+    position: torch.Tensor  # (N,) a real row's column among the R real ones
+    group_label: torch.Tensor  # (N,) the label (SimCLR: the image) hard-negative masking compares
+    negative_only: torch.Tensor  # (N,) bool
+    own_class: torch.Tensor  # (N,) bool: negative-only rows that count for their label's anchors
+    has_negatives: bool  # K > 0, known without asking the GPU
+    has_own_class: bool  # own_class has a True entry
+
+
+def _anchors_and_roles(group_label, negative_only, own_class, device):
+    """The anchors and positives from the group sizes alone (O(N), no N x N matrix), and the
+    columns' roles, as (_Anchors, _Roles) on `device` (z's); None when no anchor has a positive.
+
+    Defects 2 and 3 (the end of this file's docstring) end here: negative-only rows are neither
+    anchors (not in real_rows) nor positives (not counted in any group), whatever label they
+    carry. The sizes depend on the data, so on a GPU each line would wait for the GPU to catch
+    up; with the labels on the CPU (as train.py passes them) nothing waits."""
     real_rows = torch.nonzero(~negative_only).squeeze(1)  # (R,) the samples that can be anchors
     negative_rows = torch.nonzero(negative_only).squeeze(1)  # (K,) the negative-only samples
     # group_index[r]: real sample r's group among the G groups; group_size: real samples per group
@@ -334,31 +460,38 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
     num_positives = group_size[group_index] - 1  # (R,) |P(i)|: i's group minus i itself
     has_positive = num_positives > 0  # an anchor without a positive is left out of the mean
     if not has_positive.any():
-        # nothing to contrast: 0 (fp32), with a graph so that backward() gives zero gradients
-        return z.sum() * 0.0
+        return None
     # the index vectors the math uses, copied to the embeddings' device without waiting
-    on_z = lambda t: _to_device(t, z.device)  # noqa: E731 (a no-op on the same device)
-    anchors = on_z(real_rows[has_positive])  # (M,) row indices of the anchors that count
-    num_positives = on_z(num_positives[has_positive])  # (M,) |P(i)| >= 1
-    anchor_group = on_z(group_index[has_positive])  # (M,) each anchor's group
+    on_z = lambda t: _to_device(t, device)  # noqa: E731 (a no-op on the same device)
+    anchors = _Anchors(rows=on_z(real_rows[has_positive]),
+                       num_positives=on_z(num_positives[has_positive]),
+                       group=on_z(group_index[has_positive]), real_group=on_z(group_index),
+                       num_groups=group_size.numel())
     roles = _Roles(real=on_z(real_rows), negative=on_z(negative_rows),
                    position=on_z(torch.cumsum(~negative_only, 0) - 1),
                    group_label=on_z(group_label), negative_only=on_z(negative_only),
                    own_class=on_z(own_class), has_negatives=negative_rows.numel() > 0,
                    has_own_class=bool(own_class.any()))  # on the labels' device: no GPU wait
+    return anchors, roles
 
-    # ---- the positive term: 1/|P(i)| sum_{p in P(i)} s_ip                              (M,)
-    # sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), with S_g the sum of the real embeddings of
-    # i's group g: the numerator needs no N x N matrix at all
-    group_sum = torch.zeros(group_size.numel(), z.shape[1], dtype=z.dtype, device=z.device)
-    group_sum = group_sum.index_add(0, on_z(group_index), z[roles.real])  # (G, D) S_g
-    z_anchor = z[anchors]  # (M, D)
+
+def _mean_positive_logit(z, anchors, roles, temperature):
+    """The positive term 1/|P(i)| sum_{p in P(i)} s_ip of the M anchors, (M,), from group sums:
+    sum_{p in P(i)} z_i . z_p = z_i . (S_g - z_i), with S_g the sum of the real embeddings of
+    i's group g, so the numerator needs no N x N matrix at all."""
+    group_sum = torch.zeros(anchors.num_groups, z.shape[1], dtype=z.dtype, device=z.device)
+    group_sum = group_sum.index_add(0, anchors.real_group, z[roles.real])  # (G, D) S_g
+    z_anchor = z[anchors.rows]  # (M, D)
     # index_select, not group_sum[...]: the anchors repeat groups, and the backward of indexing
     # with repeats (an accumulating index_put) adds in a thread-dependent order on the CPU
-    positive_sum = group_sum.index_select(0, anchor_group) - z_anchor  # (M, D) sum_p z_p
-    mean_positive_logit = (z_anchor * positive_sum).sum(1) / temperature / num_positives  # (M,)
+    positive_sum = group_sum.index_select(0, anchors.group) - z_anchor  # (M, D) sum_p z_p
+    return (z_anchor * positive_sum).sum(1) / temperature / anchors.num_positives  # (M,)
 
-    # ---- the denominator: log sum_{a in A(i)} w_a exp(s_ia)                             (M,)
+
+def _log_denominator_by_path(z, anchors, roles, temperature, negative_weight, chunk_size,
+                             fused):
+    """The denominators log sum_{a in A(i)} w_a exp(s_ia) of the M anchors `anchors` (M,), (M,),
+    by the path chunk_size and fused choose (supcon_loss's docstring)."""
     # log w_a per column: log w for negative-only columns, 0 for the rest; None when w = 1
     # everywhere (the common case: one pass over the logits saved)
     log_weight = None
@@ -366,24 +499,18 @@ def supcon_loss(features, labels=None, negative_only=None, *, temperature=0.1,
         log_w_negative = math.log(negative_weight) if negative_weight > 0 else -math.inf
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).masked_fill_(
             roles.negative_only, log_w_negative)  # (N,)
-    if chunk_size == "auto" and not fused:  # the default: the rule in the docstring
+    if chunk_size == "auto" and not fused:  # the default: the rule in supcon_loss's docstring
         chunk_size = _auto_chunk_size(anchors.numel(), z.shape[0], z.element_size(),
                                       _auto_block_bytes(z.device))
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
         if fused:  # FlexAttention: no (M, N) matrix in memory (CUDA)
-            log_denominator = _log_denominator_fused(z, anchors, log_weight, temperature, roles)
-        elif chunk_size is None:  # one (M, N) matrix, autograd's gradient
-            log_denominator = _log_denominator(z, anchors, log_weight, temperature, roles)
-        else:  # (chunk_size, N) blocks, analytic gradient
-            log_denominator = _LogDenominatorChunked.apply(z, anchors, log_weight, temperature,
-                                                           chunk_size, roles)
-
-    # ---- -1/|P| sum_p log(exp(s_ip) / den_i) = log den_i - 1/|P| sum_p s_ip, mean over anchors
-    loss = (log_denominator - mean_positive_logit).mean()  # scalar
-    if base_temperature is not None:  # the reference code's constant factor tau / base_tau
-        loss = loss * (temperature / base_temperature)
-    return loss
+            return _log_denominator_fused(z, anchors, log_weight, temperature, roles)
+        if chunk_size is None:  # one (M, N) matrix, autograd's gradient
+            return _log_denominator(z, anchors, log_weight, temperature, roles)
+        # (chunk_size, N) blocks, analytic gradient
+        return _LogDenominatorChunked.apply(z, anchors, log_weight, temperature, chunk_size,
+                                            roles)
 
 
 _AUTO_BLOCK_BYTES_CPU = 2**30  # the default path's budget for one (c, N) block on the CPU
@@ -417,18 +544,6 @@ def _auto_chunk_size(num_anchors, num_columns, element_size, budget):
     return -(-max(num_anchors, 1) // blocks)  # ceil(M / blocks) <= rows_that_fit
 
 
-class _Roles(NamedTuple):
-    """Which rows of z play which role in the denominator, on z's device (made by supcon_loss)."""
-    real: torch.Tensor  # (R,) rows that are not negative-only; the anchors are among them
-    negative: torch.Tensor  # (K,) negative-only rows
-    position: torch.Tensor  # (N,) a real row's column among the R real ones
-    group_label: torch.Tensor  # (N,) the label (SimCLR: the image) hard-negative masking compares
-    negative_only: torch.Tensor  # (N,) bool
-    own_class: torch.Tensor  # (N,) bool: negative-only rows that count for their label's anchors
-    has_negatives: bool  # K > 0, known without asking the GPU
-    has_own_class: bool  # own_class has a True entry
-
-
 def _masked_logits(z, anchors, log_weight, temperature, roles):
     """s_ia + log w_a for the anchors `anchors` (c,) against all N columns, -inf where a is not
     in A(i). Returns a (c, N) matrix; exp() of an excluded entry is exactly 0."""
@@ -442,7 +557,7 @@ def _masked_logits(z, anchors, log_weight, temperature, roles):
         # rule is "every anchor" (hard_negatives "all", or False in a per-sample tensor)
         other_class = roles.group_label[anchors][:, None] != roles.group_label[None, :]  # (c, N)
         excluded |= roles.own_class[None, :] & other_class
-    # -inf, not a multiplication by 0 after the max-shift: defect 1 (see the top of this file)
+    # -inf, not a multiplication by 0 after the max-shift: defect 1 (this file's docstring)
     return logits.masked_fill(excluded, -math.inf)  # (c, N)
 
 
@@ -567,7 +682,7 @@ class _DenominatorColumns:
 
     def logits(self, anchor_block):
         """[(c, R), (c, K)]: s_ia + log w_a - shift for the anchors `anchor_block` (c,), -inf off
-        A(i) (removed exactly, not zeroed: defect 1, see the top of this file)."""
+        A(i) (removed exactly, not zeroed: defect 1, this file's docstring)."""
         z_anchor = self.z[anchor_block] / self.temperature  # (c, D) z_i / tau
         blocks = [torch.addmm(bias, z_anchor, z_c.T)  # bias + z_i . z_a / tau
                   for bias, z_c in zip(self.bias, self.z_columns)]
@@ -1190,7 +1305,7 @@ def prototype_loss(features, labels, negative_only, prototypes, *, momentum=0.95
 
 
 # -----------------------------------------------------------------------------
-# Plumbing: the inputs of every loss, checked and laid out
+# Plumbing: the settings checked, tensors moved without a wait, the demonstration
 
 
 def _at_least_fp32(x):
@@ -1209,56 +1324,6 @@ def _to_device(x, device):
         # its copy is done, so the source cannot be overwritten while it is in flight
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
-
-
-def _flatten_views(features, labels, negative_only, name="features", device=None, *,
-                   hard_negatives):
-    """Turn (B, V, D) views or (N, D) rows into one (N, D) matrix plus per-row vectors.
-
-    Returns z (N, D), labels (N,) or None, negative_only (N,) bool, own_class (N,) bool (the
-    negative-only rows that count for anchors of their own label only, from hard_negatives:
-    "same_class", "all" or a per-image bool tensor) and image_id (N,). With views, row v*B + b
-    holds view v of image b (view-major, like the reference code), and the per-image vectors are
-    repeated for every view. The per-row vectors go to `device` (default: the features').
-    """
-    # the only two layouts with a meaning: rows of embeddings, or views of images
-    if not torch.is_tensor(features) or features.dim() not in (2, 3):
-        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-        raise ValueError(f"{name} must be a tensor of shape (N, D) or (B, V, D); got {shape}")
-    if features.dim() == 3:
-        B, V, D = features.shape
-        z = features.transpose(0, 1).reshape(V * B, D)  # (V*B, D), view-major
-    else:
-        B, V = features.shape[0], 1  # every row is its own "image" with one view
-        z = features  # (N, D)
-    device = device or features.device
-    image_id = torch.arange(B, device=device).repeat(V)  # (N,) which image each row shows
-
-    def per_row(x, what):
-        """A per-image vector (B,) repeated for each view -> (N,), in the row order of z."""
-        if x is None:
-            return None
-        x = _to_device(torch.as_tensor(x), device)  # lists and numpy arrays are fine too
-        if x.dim() != 1 or x.shape[0] != B:
-            raise ValueError(
-                f"{what} must have one entry per {'image' if features.dim() == 3 else 'row'} "
-                f"of {name}: expected length {B}, got shape {tuple(x.shape)}")
-        return x.repeat(V)  # (V*B,): [x, x, ..., x] matches the view-major rows
-
-    labels = per_row(labels, "labels")  # (N,) or None
-    negative_only = per_row(negative_only, "negative_only")  # (N,) or None
-    if negative_only is None:  # no negative-only samples: every row may be an anchor
-        negative_only = torch.zeros(z.shape[0], dtype=torch.bool, device=device)
-    elif negative_only.dtype != torch.bool:  # 0/1 floats would silently mean something else
-        raise ValueError(f"negative_only must be a bool tensor; got dtype {negative_only.dtype}")
-    if torch.is_tensor(hard_negatives):  # a rule per sample: True = its own class's anchors only
-        own_class = per_row(hard_negatives, "hard_negatives")
-        if own_class.dtype != torch.bool:
-            raise ValueError(f"hard_negatives as a tensor must be bool; got {own_class.dtype}")
-        own_class = own_class & negative_only  # only negative-only samples have a rule
-    else:  # one rule for every negative-only sample
-        own_class = negative_only & (hard_negatives == "same_class")
-    return z, labels, negative_only, own_class, image_id
 
 
 def _check_settings(temperature, base_temperature, hard_negatives, negative_weight, chunk_size,
@@ -1281,19 +1346,6 @@ def _check_settings(temperature, base_temperature, hard_negatives, negative_weig
     if fused not in (False, True) or (fused and not automatic and chunk_size is not None):
         raise ValueError(f"fused must be True or False, and True only without chunk_size (two "
                          f"different paths); got fused={fused!r}, chunk_size={chunk_size!r}")
-
-
-def _check_simclr(features, labels, own_class):
-    """Without labels (SimCLR) a row's positives are its image's other views, so there must be
-    two views or more, and no negative-only sample can be restricted to 'its class'."""
-    if labels is not None:
-        return
-    if features.dim() != 3 or features.shape[1] < 2:
-        raise ValueError("labels=None (SimCLR) needs features of shape (B, V, D) with V >= 2 "
-                         "views; pass labels for (N, D) features")
-    if own_class.any():
-        raise ValueError("hard_negatives='same_class' needs labels to know each negative-only "
-                         "sample's class; pass labels or use hard_negatives='all'")
 
 
 def _demo(argv=None):
