@@ -20,7 +20,7 @@ trained run, with the pictures that explain it; and a meter of how near syntheti
                    r_k: the distance to the k-th nearest normalised embedding; k = 50 (the k-NN
                    score's, so the first term IS "k-NN"), k' = the same share of the M negatives
                    as k is of the N references (round(k M / N), 1 to M). It is SSD_k's few-shot
-                   score (Sehwag et al. 2021, Sec. 3.2: the Mahalanobis distance to the ID data
+                   score (Sehwag et al. 2021: the Mahalanobis distance to the ID data
                    minus that to a few OOD samples) with Sun et al.'s k-NN distance in place of
                    the Mahalanobis one. Top level: ood_auroc_knn_neg beside ood_auroc_knn, a
                    paired contrast within one run; evaluate.py RUN reads the run's negatives again.
@@ -279,7 +279,7 @@ def negatives_k(k, n_reference, n_negatives):
 
 def knn_neg_score(train_features, negative_features, test_features, k=50):
     """k-NN+neg: the k-NN score (Sun et al. 2022) with the negatives as an OOD reference, after
-    SSD_k's few-shot score (Sehwag et al. 2021, Sec. 3.2; a difference of distances):
+    SSD_k's few-shot score (Sehwag et al. 2021; a difference of distances):
     s(x) = -r_k(x; train) + r_k'(x; negatives), r_k the distance to the k-th nearest normalised
     embedding, k' = negatives_k. Higher = more ID: far from the negatives, near the ID set."""
     k_neg = negatives_k(k, len(train_features), len(negative_features))

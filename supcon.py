@@ -19,8 +19,10 @@ Extended Eq. 2, for an anchor i (a real or in-distribution sample, never a negat
 
     L = mean of L_i over anchors with |P(i)| > 0     (times tau / base_tau if base_tau is given)
 
-Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it:
-the equation's sum over anchors becomes a mean, which scales the loss but moves no minimum.
+Without negative-only samples this is Eq. 2 of Khosla et al. (2020) as their code computes it
+when every anchor has a positive (two views or more) and base_tau is given: the equation's sum
+over anchors becomes a mean, which scales the loss but moves no minimum (their code also counts an
+anchor without a positive as 0; here it leaves the mean).
 A term outside the sets is removed exactly: -inf before the log-sum-exp, so exp() gives 0.
 
 The loss needs torch alone (torchvision only for resnet()), so the file can be copied into any
@@ -42,7 +44,7 @@ What is here, in the order a reader of the papers meets it:
                        the rules its sets are built from (_eq2: anchors, P(i), A(i), w_a;
                        _flatten_views: views to rows, labels per row, each negative's rule).
      SupConLoss        the same as an nn.Module with the reference code's constructor and call.
-     supcon_loss       the same value, fast and exact (the default of train.py): a group-sum
+     supcon_loss       the same value, fast and exact (what train.py calls): a group-sum
                        numerator, and denominators plain, chunked (blockwise, analytic gradient)
                        or fused (FlexAttention's log-sum-exp, Dong et al. 2024).
   2. triplet_loss      triplet margin loss with online mining: random, batch-hard (Hermans et al.
@@ -78,7 +80,7 @@ Negatives outside the denominators (train.py --negative-mode head and prototypes
               read at test time by its own OOD score:
                 L = L_SupCon + beta CE(f(x), y) + lambda L_out, the CE over the labelled rows;
                 oe      L_out = E_x'[ -1/K sum_k log softmax_k f(x') ], cross-entropy to the
-                        uniform distribution: outlier exposure (Hendrycks et al. 2019, Eq. 1,
+                        uniform distribution: outlier exposure (Hendrycks et al. 2019,
                         lambda 0.5); score: the head's MSP;
                 energy  L_out = E_x[ max(0, E(x) - m_in)^2 ] + E_x'[ max(0, m_out - E(x'))^2 ],
                         E(x) = -log sum_k exp f_k(x), on the labelled rows x and the negatives
@@ -147,8 +149,10 @@ import torch.nn.functional as F
 def supcon_loss_spec(features, labels=None, negative_only=None, *, temperature=0.1,
                      base_temperature=None, hard_negatives="same_class", negative_weight=1.0):
     """Extended Eq. 2 written the way the paper writes it, line by line: the specification that
-    every faster path of this file is tested against. Same arguments and value as supcon_loss
-    (see there); one (N, N) matrix of similarities, autograd's gradient, any dtype and device."""
+    every faster path of this file is tested against. The arguments and value of supcon_loss
+    (see there) but its path options; one (N, N) matrix of similarities, autograd's gradient,
+    any dtype and device. One difference from the paper, as in the reference code: the mean over
+    anchors where Eq. 2 sums, a scale that depends on the batch's size and moves no minimum."""
     _check_settings(temperature, base_temperature, hard_negatives, negative_weight, None, False)
     z, labels, negative_only, own_class, image_id = _flatten_views(
         features, labels, negative_only, hard_negatives=hard_negatives)
@@ -183,7 +187,8 @@ def _eq2(z, same, negative_only, own_class, temperature, base_temperature, negat
     log_prob = s - torch.logsumexp((s + log_w).masked_fill(~A, -math.inf), dim=1, keepdim=True)
     num_positives = P.sum(1)  # (N,) |P(i)|
     L = -torch.where(P, log_prob, 0.0).sum(1) / num_positives.clamp(min=1)  # (N,) L_i
-    anchors = real & (num_positives > 0)  # the mean runs over anchors that have a positive
+    # the mean (Eq. 2: the sum) runs over the anchors that have a positive
+    anchors = real & (num_positives > 0)
     if anchor_rows is not None:
         anchors &= anchor_rows
     if not anchors.any():
@@ -488,9 +493,10 @@ def _mean_positive_logit(z, anchors, roles, temperature):
     return (z_anchor * positive_sum).sum(1) / temperature / anchors.num_positives  # (M,)
 
 
-def _log_denominator_by_path(z, anchors, roles, temperature, negative_weight, chunk_size,
+def _log_denominator_by_path(z, anchor_rows, roles, temperature, negative_weight, chunk_size,
                              fused):
-    """The denominators log sum_{a in A(i)} w_a exp(s_ia) of the M anchors `anchors` (M,), (M,),
+    """The denominators log sum_{a in A(i)} w_a exp(s_ia) of the M anchors whose row indices
+    are anchor_rows (M,) (the rows of supcon_loss's _Anchors), (M,),
     by the path chunk_size and fused choose (supcon_loss's docstring)."""
     # log w_a per column: log w for negative-only columns, 0 for the rest; None when w = 1
     # everywhere (the common case: one pass over the logits saved)
@@ -500,16 +506,16 @@ def _log_denominator_by_path(z, anchors, roles, temperature, negative_weight, ch
         log_weight = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device).masked_fill_(
             roles.negative_only, log_w_negative)  # (N,)
     if chunk_size == "auto" and not fused:  # the default: the rule in supcon_loss's docstring
-        chunk_size = _auto_chunk_size(anchors.numel(), z.shape[0], z.element_size(),
+        chunk_size = _auto_chunk_size(anchor_rows.numel(), z.shape[0], z.element_size(),
                                       _auto_block_bytes(z.device))
     # inside torch.autocast the products would run in bf16/fp16: the loss keeps them in fp32
     with torch.autocast(z.device.type, enabled=False):
         if fused:  # FlexAttention: no (M, N) matrix in memory (CUDA)
-            return _log_denominator_fused(z, anchors, log_weight, temperature, roles)
+            return _log_denominator_fused(z, anchor_rows, log_weight, temperature, roles)
         if chunk_size is None:  # one (M, N) matrix, autograd's gradient
-            return _log_denominator(z, anchors, log_weight, temperature, roles)
+            return _log_denominator(z, anchor_rows, log_weight, temperature, roles)
         # (chunk_size, N) blocks, analytic gradient
-        return _LogDenominatorChunked.apply(z, anchors, log_weight, temperature, chunk_size,
+        return _LogDenominatorChunked.apply(z, anchor_rows, log_weight, temperature, chunk_size,
                                             roles)
 
 
@@ -545,7 +551,7 @@ def _auto_chunk_size(num_anchors, num_columns, element_size, budget):
 
 
 def _masked_logits(z, anchors, log_weight, temperature, roles):
-    """s_ia + log w_a for the anchors `anchors` (c,) against all N columns, -inf where a is not
+    """s_ia + log w_a for the anchors whose row indices are `anchors` (c,) against all N columns, -inf where a is not
     in A(i). Returns a (c, N) matrix; exp() of an excluded entry is exactly 0."""
     logits = (z[anchors] / temperature) @ z.T  # (c, N) s_ia = z_i . z_a / tau
     if log_weight is not None:

@@ -7,11 +7,12 @@ The thesis's pipeline: contrastive pre-training of the encoder with the re-engin
 loss (supcon.py: Khosla et al. 2020, Eq. 2, with negative-only samples) on real images (+ ID
 augmentations as extra positives, + near-OOD augmentations as negatives only), then a linear
 classifier on the frozen encoder trained on the real (+ ID) images. `--loss ce` trains encoder
-and classifier end to end (the baseline). run() below is that algorithm, top to bottom:
+and classifier end to end (the baseline). run(), the first function below, is that algorithm
+top to bottom, in the order of the paper and of SupContrast's train():
 
     load the data (generating the synthetic set on a cache miss); build model and optimiser
-    for every step:  make two augmented views -> loss -> backward -> optimiser step -> log
-    at every epoch's end: a line in metrics.jsonl and a checkpoint
+    for every batch:  two augmented views -> encode -> loss -> backward -> optimiser step -> log
+    at every epoch's end: a line in metrics.jsonl and a checkpoint (Steps: the loop's plumbing)
     then: linear probe on the frozen encoder, evaluation (evaluate.py), metrics.json
 
 Run:   python train.py                                  # SupCon on sklearn's digits, CPU
@@ -98,50 +99,18 @@ RESUME_MAY_CHANGE = {"device", "workers", "data_on", "compile", "no_report", "ev
 
 
 # -----------------------------------------------------------------------------
-# The run
-def main(argv=None):
-    """Parse the arguments, open the run folder (new, or --resume's) and train."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # under torchrun: join the process group (rank 0 alone prints from here on); run_command
-    # leaves it after a clean end, and after an error ends the process at once
-    device = data.init_distributed(data.pick_device(args.device))
-    args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
-    lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
-    # while the run goes on, a --resume of it started elsewhere is refused
-    busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
-    try:
-        with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
-            return run(args, run_dir, device, resumed)
-    except data.DiskFull as error:  # what to do once space is freed
-        if os.path.exists(os.path.join(run_dir, "config.json")):
-            error.then = f"continue with: python train.py --resume {run_dir}"
-        raise
-    finally:  # a new run that stopped before writing anything leaves no folder
-        if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)
-
-
+# The algorithm
 def run(args, run_dir, device, resumed=False):
     """Train in run_dir as args say; returns the metrics (rank 0; {} on the other ranks)."""
     rank, world = data.distributed()
     # ---- data: real training images (+ synthetic ID positives, + negative-only images)
-    args, splits, train_set, near_ood = load_training_data(args, device)
+    args, splits, train_set, near_ood = load_training_data(args, device)  # and says what it read
     _, C, H, _ = train_set.images.shape  # channels and side of every training image
     K = len(splits.classes)  # training classes (held-out OOD classes excluded)
-    augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
     mean, std = (t.to(device) for t in data.channel_stats(splits.train.images))  # real images'
-    count = lambda kind: int((train_set.kind == kind).sum())  # noqa: E731
-    n_real, n_neg = count(data.KIND_REAL), count(data.KIND_NEGATIVE)  # n_real 0 with --no-real
-    n_syn = count(data.KIND_ID) + count(data.KIND_NEAR_OOD)
-    negative_data = "" if not n_neg else (
-        f"{n_neg} real negatives from {args.negative_data} "
-        f"({int(train_set.every_anchor.sum())} of every anchor, "
-        f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
-    print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
-          f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
-          f"negative-only), {negative_data}{len(splits.test)} test, {K} classes; held out as OOD: "
-          f"{splits.ood_classes or 'none'}; device {device}")
+    augment_kind = args.augment if args.augment != "auto" else ("rotation" if C == 1 else "simclr")
+    # two views for the contrastive losses; ce and dataset-scope triplets use one
+    n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
     # (b) --negative-mode score: the negatives are only k-NN+neg's reference, in no batch, so the
     # encoder trains exactly as in a run without them (labelled rows come first: same indices)
     read_set = train_set  # every image read: finish() evaluates with its negatives
@@ -151,95 +120,53 @@ def run(args, run_dir, device, resumed=False):
     # whether the synthetic set was generated in this run or read from the cache
     torch.manual_seed(args.seed)  # the initial weights (and ce's classifier)
     model, classifier, opt = build_training(args, C, H, K, device, world)
-    per_epoch = count_batches(args, train_set)  # optimiser steps per epoch
-    total = args.train_steps or args.epochs * per_epoch  # optimiser steps of the whole run
-    warmup = args.warmup_steps if args.warmup_steps is not None else \
-        int(args.warmup_epochs * per_epoch)  # warm-up epochs -> steps
-    # the learning rate at step s: args.lr * lr_factor(s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-    gens = Generators(args.seed, device)
-    checkpoint = Checkpoint(run_dir, model, classifier, opt, sched, gens, device)
-    # a run stopped before its first checkpoint resumes from its first step
-    restored = resumed and os.path.exists(checkpoint.path)
-    epoch0, step0, log_state = checkpoint.restore() if restored else (0, 0, {})  # 0-based epoch
-    done = epoch0 * per_epoch + step0  # optimiser steps already taken
-    if resumed:
-        check_resumable(run_dir, done, total)
-        print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
-              + ("" if restored else " (it stopped before its first checkpoint)"))
-    if rank == 0:  # the run's settings, in the folder claimed before the data loaded
-        if resumed:  # the temporaries a stop may have left are never a finished file
-            data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
-        data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
-    log = EpochLog(run_dir, checkpoint.path, (epoch0, step0), done, log_state, total)
-    step_model, step_classifier = step_modules(args, model, classifier, device, world)
-    loss_of = make_loss(args, gens.mining, K, model)  # the loss, chosen once
-    data_on = data_placement(args, train_set.images, device)
-    images = train_set.images.to(device) if data_on == "device" else train_set.images
-    # two views for the contrastive losses; ce and dataset-scope triplets use one
-    n_views = 1 if args.loss == "ce" or args.mining_scope == "dataset" else 2
+    sched, per_epoch, total = build_schedule(args, opt, train_set)  # warm-up, cosine decay
+    gens = Generators(args.seed, device)  # random streams: the views', the mining's
     probe = lambda: probe_accuracy(args, model, classifier, train_set, near_ood,  # noqa: E731
-                                   splits.test, mean, std, device)
-    # ---- the loop: make views -> train_step (forward, loss, backward, update) -> log
+                                   splits.test, mean, std, device)  # --eval-every's
+    # the plumbing: a --resume's checkpoint restored, config.json written, the epoch log opened
+    steps = Steps(args, run_dir, resumed, device, train_set, per_epoch, total,
+                  (model, classifier, opt, sched, gens), (mean, std), probe)
+    step_model, step_classifier = step_modules(args, model, classifier, device, world)  # DDP
+    # the loss, chosen once; the default (--loss supcon, --negative-mode denominators) is
+    # make_loss's `contrastive`, which calls supcon.supcon_loss (extended Eq. 2)
+    loss_of = make_loss(args, gens.mining, K, model)
+    # ---- the loop: for every batch, two views -> encode -> loss -> backward -> step -> log
     model.train()  # dropout on, batch norm on batch statistics
-    with StopOnCtrlC(device) as ctrl_c, checkpoint.on_ctrl_c(log, run_dir):
-        for epoch in range(epoch0, math.ceil(total / per_epoch)):  # the last epoch may be cut short
-            first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
-            if first == 0:  # (a resumed epoch's loss keeps the steps before the stop)
-                log.new_epoch()
-            checkpoint.mark(epoch, first)  # where a checkpoint taken from now on restarts
-            batches = checkpoint.epoch_batches(epoch) or epoch_batches(args, train_set, epoch, (
-                evaluate.extract_features(model, train_set.images, mean, std, device, head=True)
-                if args.mining_scope == "dataset" else None))  # the set's embeddings, to mine
-            batches = checkpoint.keep_batches(epoch, batches[:total - epoch * per_epoch], args)
-            for step, batch, rows, local in batch_stream(images, batches, first, data_on, device,
-                                                         args.workers):
-                ctrl_c.check()  # a Ctrl-C stops here, between steps
-                if not len(batch):  # a dataset-scope batch without a triplet: no loss
-                    skip_update(sched)
-                    log.progress.update(1)
-                    checkpoint.mark(epoch, step + 1)
-                    continue
-                # dropout draws from the global generator, re-seeded each step: the labelled
-                # rows (first in the batch) get the same masks with or without negatives
-                torch.manual_seed(data.derive_seed(args.seed, "step", epoch * per_epoch + step))
-                n_labelled = rows.numel() if args.mining_scope == "dataset" else \
-                    int((~train_set.negative_only[rows]).sum())  # labelled rows come first
-                views = make_views(local, n_labelled, augment_kind, n_views, gens, mean, std)
-                sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
-                roles = (train_set.labels[batch], train_set.negative_only[batch],
-                         train_set.every_anchor[batch])  # (B,) each, on the CPU
-                loss = train_step(args, step_model, step_classifier, loss_of, opt, sched, views,
-                                  roles, sizes, checkpoint.updating(), n_labelled)
-                log.step(loss, epoch, step)  # read a step later (EpochLog)
-                checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
-            steps_done = epoch * per_epoch + len(batches)  # global optimiser steps after this epoch
-            due = args.eval_every and (epoch + 1) % args.eval_every == 0  # a probe ends this epoch
-            log.end_epoch(epoch, steps_done, sched.get_last_lr()[0], probe if due else None)
-            # a full epoch restarts at the next one; a last epoch cut by --train-steps where it
-            # stopped, so that a longer --train-steps goes on with the same epoch's batches
-            position = (epoch + 1, 0) if len(batches) == per_epoch else (epoch, len(batches))
-            checkpoint.save(*position, checkpoint.rng_states(), log.state())
-    log.progress.close()
+    with steps.guard():  # a Ctrl-C stops between steps, with a checkpoint where it stopped
+        # x: (b, C, H, W) uint8, this process's rows of the batch, its n_labelled labelled rows
+        # first; roles: the whole batch's (labels, negative_only, every_anchor), (B,) each, on
+        # the CPU; sizes: the ranks' shares of the batch under torchrun, else None
+        for epoch, step, x, n_labelled, roles, sizes in steps:  # from a resume's step on
+            # V augmented views of each image: (b, V, C, H, W) floats
+            views = make_views(x, n_labelled, augment_kind, n_views, gens, mean, std)
+            # encode, then the loss, under bf16 autocast on CUDA (bf16 keeps fp32's exponent
+            # range: no GradScaler needed); out: embeddings z (B, V, D), ce: logits (forward)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
+                out = forward(args, step_model, step_classifier, views, sizes, n_labelled)
+                loss = loss_of(out, *roles, sizes)  # a scalar; SupCon: Eq. 2 (make_loss)
+            opt.zero_grad(set_to_none=True)  # None: no memset, backward writes fresh tensors
+            loss.backward()  # outside autocast; under DDP: gradients averaged over the ranks
+            with steps.updating():  # the parameters change: a checkpoint must not see half
+                train_step(opt, sched, loss_of)
+            steps.log(loss, sizes, epoch, step)  # the whole batch's loss, read a step later
     if rank > 0:  # rank 0 alone trains the probe, evaluates and writes the results
         return {}
     return finish(args, run_dir, model, classifier, splits, read_set, near_ood, mean, std,
-                  device, log.minutes(), total)
+                  device, steps.minutes(), total)
 
 
-def check_resumable(run_dir, steps_done, total):
-    """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))  # finish() writes it last
-    if steps_done > total:
-        raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
-                             f"more than the {total} asked for; it cannot be shortened")
-    if steps_done == total and finished:  # steps done and metrics written: nothing left to do
-        raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
-                             f"steps); pass a larger --epochs or --train-steps to train on")
+def train_step(opt, sched, loss_of):
+    """The update, after backward: the optimiser's step, the learning rate's, and the state
+    the loss keeps (--negative-mode prototypes: loss_of.commit, outside_denominators)."""
+    opt.step()
+    sched.step()
+    if hasattr(loss_of, "commit"):
+        loss_of.commit()
 
 
 # -----------------------------------------------------------------------------
-# The training step
+# The step's parts: views, encoder, loss
 class Generators:
     """The run's own random streams, stored in every checkpoint so --resume draws the same
     numbers: the labelled images' views, the negative-only images' views, triplet mining."""
@@ -262,46 +189,6 @@ def make_views(images, n_labelled, how, n_views, gens, mean, std):
              for _ in range(n_views)]  # V of (b, C, H, W); b may be 0 (an empty triplet batch)
     layout = torch.channels_last if images.is_cuda else torch.contiguous_format  # NHWC on CUDA
     return torch.stack([v.contiguous(memory_format=layout) for v in views], 1)  # (b, V, C, H, W)
-
-
-def gather_rows(z, sizes):
-    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
-
-    z: (sizes[rank], ...) this rank's rows -> (sum(sizes), ...) in rank order. A plain
-    all_gather returns tensors without gradients; torch.distributed.nn's version sends each
-    rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
-    Shards may differ in size by one: padded to the largest and cut back after."""
-    pad = max(sizes) - z.shape[0]  # rows this rank lacks of the largest shard (0 or 1)
-    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
-    # W tensors (max(sizes), ...); gradients flow back through it
-    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
-
-
-def train_step(args, model, classifier, loss_of, opt, sched, views, roles, sizes=None,
-               updating=contextlib.nullcontext(), n_labelled=None):
-    """One optimiser step, as the algorithm reads: forward, loss, backward, update. views: (b, V,
-    C, H, W) views of this process's rows; roles: the whole batch's (labels, negative_only,
-    every_anchor), (B,) each; loss_of: the run's loss, chosen once by make_loss; n_labelled:
-    forward()'s (this rank's labelled rows, first; None: no negative-only row). The forward
-    runs under bf16 autocast on CUDA, backward outside it (as autocast's documentation asks),
-    the update inside `updating`. Returns the whole batch's loss as a device scalar, unread
-    (reading it would wait for the device)."""
-    # bf16 keeps fp32's exponent range: no GradScaler needed (fp16 would need one)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
-        out = forward(args, model, classifier, views, sizes, n_labelled)  # embeddings (ce: logits)
-        loss = loss_of(out, *roles, sizes)  # a scalar
-    value = loss.detach().clone()  # a copy: all_reduce below works in place
-    opt.zero_grad(set_to_none=True)  # None, not zeros: no memset, and backward writes fresh tensors
-    loss.backward()  # under DDP: gradients averaged over the ranks during backward
-    with updating:  # the parameters change now: a checkpoint must not see half of it
-        opt.step()
-        sched.step()
-        if hasattr(loss_of, "commit"):  # state the loss keeps (--negative-mode prototypes)
-            loss_of.commit()
-    if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
-        torch.distributed.all_reduce(value)  # SUM over the ranks
-        value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
-    return value
 
 
 def forward(args, model, classifier, views, sizes=None, n_labelled=None):
@@ -333,6 +220,19 @@ def forward(args, model, classifier, views, sizes=None, n_labelled=None):
     return tuple(out) if len(out) > 1 else out[0]  # (B, V, D) [, (B, V, K)]
 
 
+def gather_rows(z, sizes):
+    """Concatenate every rank's rows of z, keeping the autograd graph (torchrun only).
+
+    z: (sizes[rank], ...) this rank's rows -> (sum(sizes), ...) in rank order. A plain
+    all_gather returns tensors without gradients; torch.distributed.nn's version sends each
+    rank's share of the gradient back in backward (a reduce-scatter: the SUM over ranks).
+    Shards may differ in size by one: padded to the largest and cut back after."""
+    pad = max(sizes) - z.shape[0]  # rows this rank lacks of the largest shard (0 or 1)
+    z = F.pad(z, (0, 0) * (z.dim() - 1) + (0, pad))  # (max(sizes), ...)
+    # W tensors (max(sizes), ...); gradients flow back through it
+    return torch.cat([part[:n] for part, n in zip(dist_nn.all_gather(z), sizes)])
+
+
 def make_loss(args, generator, num_classes=None, model=None):
     """The run's loss, chosen once from --loss: loss_of(out, labels, negative_only, every_anchor,
     sizes) -> scalar, with `out` as forward() returns it and the roles of the whole batch (best
@@ -344,15 +244,24 @@ def make_loss(args, generator, num_classes=None, model=None):
     one process's on the whole batch. Contrastive losses see all B rows (gathered), so every rank
     computes the same loss and backward sums the W ranks' gradients (DDP's average divides them
     out). Means over this rank's rows (cross-entropy, dataset-scope triplets) are scaled by
-    b W / B, so that their average over ranks is the whole batch's."""
-    def share(sizes, rows):  # (this rank's first row, its rows b, the scale b W / B)
-        if not sizes:  # one process: all `rows` rows, unscaled
-            return 0, rows, 1.0
-        rank, world = data.distributed()
-        return sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)
+    b W / B, so that their average over ranks is the whole batch's (rank_share)."""
+    def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
+        return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
+                                  temperature=args.temperature,
+                                  base_temperature=args.base_temperature,
+                                  # a rule per image, True: a negative of its own class's
+                                  # anchors only; False (every_anchor): of every anchor
+                                  hard_negatives="all" if args.hard_negatives == "all"
+                                  else ~every_anchor,
+                                  negative_weight=args.negative_weight,
+                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
+
+    def negatives_as_classes(z, labels, negative_only, every_anchor, sizes):  # (e): Eq. 2 with
+        return contrastive(z, *negative_classes(labels, negative_only, every_anchor,  # K + g
+                                                num_classes), sizes)
 
     def cross_entropy(logits, labels, negative_only, every_anchor, sizes):
-        start, b, scale = share(sizes, len(labels))
+        start, b, scale = rank_share(sizes, len(labels))
         local = labels[start:start + b].repeat_interleave(len(logits) // max(1, b))  # (b V,)
         return F.cross_entropy(logits, data.to_device(local, logits.device)) * scale
 
@@ -360,17 +269,7 @@ def make_loss(args, generator, num_classes=None, model=None):
         if not len(z):  # no triplet in this rank's share
             return z.sum() * 0.0
         return supcon.triplet_margin(z[:, 0], z[:, 1], z[:, 2], margin=args.margin,
-                                     distance=args.distance) * share(sizes, len(z))[2]
-
-    def contrastive(z, labels, negative_only, every_anchor, sizes):  # Eq. 2; SimCLR: no labels
-        return supcon.supcon_loss(z, labels if args.loss == "supcon" else None, negative_only,
-                                  temperature=args.temperature,
-                                  base_temperature=args.base_temperature,
-                                  # a rule per image: its class's anchors, or every anchor
-                                  hard_negatives="all" if args.hard_negatives == "all"
-                                  else ~every_anchor,
-                                  negative_weight=args.negative_weight,
-                                  chunk_size=args.chunk_size or None)  # 0 -> the plain path
+                                     distance=args.distance) * rank_share(sizes, len(z))[2]
 
     def pairs_or_triplets(z, labels, negative_only, every_anchor, sizes):
         V = z.shape[1]  # every view is a sample of its image's class, with its image's role
@@ -382,10 +281,6 @@ def make_loss(args, generator, num_classes=None, model=None):
                                        generator=generator)
         return supcon.cosine_pair_loss(z, labels, negative_only, margin=args.margin)
 
-    def negatives_as_classes(z, labels, negative_only, every_anchor, sizes):  # (e): Eq. 2 with
-        return contrastive(z, *negative_classes(labels, negative_only, every_anchor,  # K + g
-                                                num_classes), sizes)
-
     if args.loss == "ce":
         return cross_entropy
     if args.mining_scope == "dataset":
@@ -395,6 +290,15 @@ def make_loss(args, generator, num_classes=None, model=None):
     if args.negative_mode in ("head", "prototypes"):  # --loss supcon only (check_args)
         return outside_denominators(args, model)
     return contrastive if args.loss in ("supcon", "simclr") else pairs_or_triplets
+
+
+def rank_share(sizes, rows):
+    """(this rank's first row, its rows b, the scale b W / B) of a batch whose ranks hold
+    `sizes` rows each; in one process (sizes None): all `rows` rows, unscaled."""
+    if not sizes:
+        return 0, rows, 1.0
+    rank, world = data.distributed()
+    return sum(sizes[:rank]), sizes[rank], sizes[rank] * world / sum(sizes)
 
 
 def negative_classes(labels, negative_only, every_anchor, num_classes):
@@ -457,7 +361,7 @@ def load_training_data(args, device):
     """(settings, splits, training set, outliers): the real splits plus the synthetic images the
     flags ask for, generated into the cache first on a miss (settings then name the cache
     folder, so config.json says which set the run used), and --negative-data's images; the
-    outliers are what --outlier-exposure reads (data.training_set)."""
+    outliers are what --outlier-exposure reads (data.training_set). Says what it read."""
     splits = data.splits_from_args(args)  # train / test / held-out OOD test
     if not len(splits.test):
         raise data.DataError("--val-fraction 0 leaves no test images to evaluate on; give a "
@@ -482,15 +386,23 @@ def load_training_data(args, device):
                              f"{args.negative_mode} uses every negative alike (none enters an "
                              f"anchor's denominator), so its class sub-folders would have no "
                              f"effect; put every negative in the folder itself")
+    say_data(args, splits, train_set, device)
     return args, splits, train_set, near_ood
 
-
-def skip_update(sched):
-    """A step without a loss: the schedule moves on, the weights do not (an optimiser step would
-    still move them: AdamW's weight decay and momentum)."""
-    with warnings.catch_warnings():  # torch warns when a schedule steps before any update
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-        sched.step()
+def say_data(args, splits, train_set, device):
+    """One line: the training images of each kind, the test set, the classes, those held out
+    as OOD, the device."""
+    count = lambda kind: int((train_set.kind == kind).sum())  # noqa: E731
+    n_real, n_neg = count(data.KIND_REAL), count(data.KIND_NEGATIVE)  # n_real 0 with --no-real
+    n_syn = count(data.KIND_ID) + count(data.KIND_NEAR_OOD)
+    negative_data = "" if not n_neg else (
+        f"{n_neg} real negatives from {args.negative_data} "
+        f"({int(train_set.every_anchor.sum())} of every anchor, "
+        f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
+    print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
+          f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
+          f"negative-only), {negative_data}{len(splits.test)} test, {len(splits.classes)} classes; "
+          f"held out as OOD: {splits.ood_classes or 'none'}; device {device}")
 
 
 def generates_synthetic(args):
@@ -508,6 +420,17 @@ def lr_factor(step, total_steps, warmup_steps):
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
     # cosine annealing (Loshchilov & Hutter 2017, SGDR), without restarts
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_schedule(args, opt, train_set):
+    """(schedule, optimiser steps per epoch, optimiser steps of the whole run): the learning
+    rate at step s is args.lr * lr_factor(s), a linear warm-up, then a cosine decay."""
+    per_epoch = count_batches(args, train_set)  # a function of the set's sizes alone
+    total = args.train_steps or args.epochs * per_epoch
+    warmup = args.warmup_steps if args.warmup_steps is not None else \
+        int(args.warmup_epochs * per_epoch)  # warm-up epochs -> steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    return sched, per_epoch, total
 
 
 def model_parts(args):
@@ -750,6 +673,29 @@ def finish(args, run_dir, model, classifier, splits, train_set, near_ood, mean, 
 
 # -----------------------------------------------------------------------------
 # Plumbing: the command line and the run folder
+def main(argv=None):
+    """Parse the arguments, open the run folder (new, or --resume's) and train."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # under torchrun: join the process group (rank 0 alone prints from here on); run_command
+    # leaves it after a clean end, and after an error ends the process at once
+    device = data.init_distributed(data.pick_device(args.device))
+    args, run_dir, resumed = open_run(parser, args, argv)  # with defaults, or --resume's saved
+    lead = data.distributed()[0] == 0  # rank 0 holds the folder and writes in it
+    # while the run goes on, a --resume of it started elsewhere is refused
+    busy = f"--resume {run_dir}: another process is running this run now; wait for it to end"
+    try:
+        with data.folder_lock(run_dir, busy) if lead else contextlib.nullcontext():
+            return run(args, run_dir, device, resumed)
+    except data.DiskFull as error:  # what to do once space is freed
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            error.then = f"continue with: python train.py --resume {run_dir}"
+        raise
+    finally:  # a new run that stopped before writing anything leaves no folder
+        if lead and not resumed and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)
+
+
 def build_parser():
     """train.py's command line: data, synthetic data, model, loss, optimisation, run."""
     p = data.add_synthetic_arguments(data.add_data_arguments(data.Parser(__doc__, "train.py")))
@@ -770,59 +716,7 @@ def build_parser():
     # D of z (B, V, D); 128 as in Khosla et al.'s projection head
     m.add_argument("--embedding-dim", type=data.int_at_least(1), default=128,
                    help="output size of the projection head")
-    ls = p.add_argument_group("loss")
-    ls.add_argument("--loss", choices=LOSSES, default="supcon",
-                    help="supcon, simclr (labels ignored), triplet, cosine (pairs), ce (baseline)")
-    # tau of Eq. 2 (supcon.py); 0.1 as in Khosla et al.'s experiments
-    ls.add_argument("--temperature", type=data.float_at_least(0, strict=True), default=0.1,
-                    help="SupCon / SimCLR tau")
-    ls.add_argument("--base-temperature", type=data.float_at_least(0, strict=True), default=None,
-                    help="multiply the SupCon loss by tau/base (the reference code's 0.07)")
-    ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
-                    help="which anchors a negative-only image contrasts: its source class's "
-                         "(default for supcon) or every one (default and only choice for simclr)")
-    ls.add_argument("--negative-mode", choices=NEGATIVE_MODES, default="denominators",
-                    help="how negative-only images are used: denominators (the thesis: in the "
-                         "anchors' SupCon denominators), score (only as an OOD reference of the "
-                         "k-NN score), head (an outlier-exposure / energy head trained with the "
-                         "encoder), prototypes (pushed from class prototypes), classes (classes "
-                         "of their own)")
-    # (c) the head's outlier term (supcon.logit_head_loss) and its weights beside SupCon
-    ls.add_argument("--head-loss", choices=supcon.HEAD_LOSSES, default="oe",
-                    help="--negative-mode head: the negatives' term, oe (outlier exposure: "
-                         "cross-entropy to the uniform distribution; score: the head's MSP) or "
-                         "energy (squared hinges at the energy margins %g, %g; score: minus "
-                         "the head's energy)" % ENERGY_MARGINS)
-    ls.add_argument("--head-weight", type=data.float_at_least(0), default=None, metavar="LAMBDA",
-                    help="--negative-mode head: lambda, the weight of that term (default: 0.5 "
-                         "for oe, 0.1 for energy, as in their papers)")
-    ls.add_argument("--head-ce-weight", type=data.float_at_least(0), default=1.0, metavar="BETA",
-                    help="--negative-mode head: the weight of the head's cross-entropy beside "
-                         "SupCon's loss (default 1)")
-    # (d) CIDER's EMA prototypes (supcon.prototype_loss)
-    ls.add_argument("--prototype-momentum", type=data.float_in(0, 1, high_open=True),
-                    default=0.95, metavar="ALPHA",
-                    help="--negative-mode prototypes: alpha of mu <- Normalize(alpha mu + "
-                         "(1 - alpha) z), one labelled embedding at a time (CIDER's 0.95 for "
-                         "10 classes)")
-    ls.add_argument("--prototype-weight", type=data.float_at_least(0), default=1.0,
-                    metavar="LAMBDA", help="--negative-mode prototypes: the weight of the term "
-                    "that pushes the negatives from every class prototype (default 1)")
-    ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,  # w_a of Eq. 2
-                    help="w, the weight of negative-only exp-terms (0: in the batch, not the loss)")
-    ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,  # 0 -> chunk_size=None
-                    help="SupCon anchors per block of the exact chunked path (memory about 4 x "
-                         "this x N bytes; larger blocks run faster on a GPU); 0 = the plain path")
-    ls.add_argument("--margin", type=data.float_at_least(0), default=None,
-                    help="triplet (default 0.5) / cosine (default 0.0)")
-    ls.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
-    ls.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean",
-                    help="triplet distance")
-    # dataset: mined on the head's embeddings, extract_features(head=True)
-    ls.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
-                    help="triplets mined in each batch, or over the whole set once per epoch")
-    ls.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
-                    help="views for training (auto: rotation for greyscale, simclr for colour)")
+    add_loss_arguments(p)  # --loss, and what each loss and --negative-mode read
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=data.int_at_least(1), default=30,
                    help="passes over the labelled training images")
@@ -873,6 +767,66 @@ def build_parser():
     r.add_argument("--init-from", default=None, metavar="RUN",  # RUN/model.pt: model + classifier
                    help="start from a finished run's weights (pre-train on synthetic, fine-tune)")
     return p
+
+
+def add_loss_arguments(p):
+    """build_parser's loss group: --loss, --negative-mode, and the options they read."""
+    ls = p.add_argument_group("loss")
+    ls.add_argument("--loss", choices=LOSSES, default="supcon",
+                    help="supcon, simclr (labels ignored), triplet, cosine (pairs), ce (baseline)")
+    # tau of Eq. 2 (supcon.py); 0.1 as in Khosla et al.'s experiments
+    ls.add_argument("--temperature", type=data.float_at_least(0, strict=True), default=0.1,
+                    help="SupCon / SimCLR tau")
+    ls.add_argument("--base-temperature", type=data.float_at_least(0, strict=True), default=None,
+                    help="multiply the SupCon loss by tau/base (the reference code's 0.07)")
+    ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
+                    help="which anchors a negative-only image contrasts: its source class's "
+                         "(default for supcon) or every one (default and only choice for simclr)")
+    ls.add_argument("--negative-mode", choices=NEGATIVE_MODES, default="denominators",
+                    help="how negative-only images are used: denominators (the thesis: in the "
+                         "anchors' SupCon denominators), score (only as an OOD reference of the "
+                         "k-NN score), head (an outlier-exposure / energy head trained with the "
+                         "encoder), prototypes (pushed from class prototypes), classes (classes "
+                         "of their own)")
+    # (c) the head's outlier term (supcon.logit_head_loss) and its weights beside SupCon
+    ls.add_argument("--head-loss", choices=supcon.HEAD_LOSSES, default="oe",
+                    help="--negative-mode head: the negatives' term, oe (outlier exposure: "
+                         "cross-entropy to the uniform distribution; score: the head's MSP) or "
+                         "energy (squared hinges at the energy margins %g, %g; score: minus "
+                         "the head's energy)" % ENERGY_MARGINS)
+    ls.add_argument("--head-weight", type=data.float_at_least(0), default=None, metavar="LAMBDA",
+                    help="--negative-mode head: lambda, the weight of that term (default: 0.5 "
+                         "for oe, 0.1 for energy, as in their papers)")
+    ls.add_argument("--head-ce-weight", type=data.float_at_least(0), default=1.0, metavar="BETA",
+                    help="--negative-mode head: the weight of the head's cross-entropy beside "
+                         "SupCon's loss (default 1)")
+    # (d) CIDER's EMA prototypes (supcon.prototype_loss)
+    ls.add_argument("--prototype-momentum", type=data.float_in(0, 1, high_open=True),
+                    default=0.95, metavar="ALPHA",
+                    help="--negative-mode prototypes: alpha of mu <- Normalize(alpha mu + "
+                         "(1 - alpha) z), one labelled embedding at a time (CIDER's 0.95 for "
+                         "10 classes)")
+    ls.add_argument("--prototype-weight", type=data.float_at_least(0), default=1.0,
+                    metavar="LAMBDA", help="--negative-mode prototypes: the weight of the term "
+                    "that pushes the negatives from every class prototype (default 1)")
+    ls.add_argument("--negative-weight", type=data.float_at_least(0), default=1.0,  # w_a of Eq. 2
+                    help="w, the weight of negative-only exp-terms (0: in the batch, not the loss)")
+    # 1024, not supcon_loss's size-picked default: the same sums in the same order as every run
+    # before it, so earlier runs repeat bit for bit (train.py's batches are small: the chunk's
+    # speed hardly matters here)
+    ls.add_argument("--chunk-size", type=data.int_at_least(0), default=1024,  # 0 -> chunk_size=None
+                    help="SupCon anchors per block of the exact chunked path (memory about 4 x "
+                         "this x N bytes; larger blocks run faster on a GPU); 0 = the plain path")
+    ls.add_argument("--margin", type=data.float_at_least(0), default=None,
+                    help="triplet (default 0.5) / cosine (default 0.0)")
+    ls.add_argument("--mining", choices=supcon.MINING, default="random", help="triplet mining")
+    ls.add_argument("--distance", choices=["euclidean", "cosine"], default="euclidean",
+                    help="triplet distance")
+    # dataset: mined on the head's embeddings, extract_features(head=True)
+    ls.add_argument("--mining-scope", choices=["batch", "dataset"], default="batch",
+                    help="triplets mined in each batch, or over the whole set once per epoch")
+    ls.add_argument("--augment", choices=["auto", "none", "rotation", "simclr"], default="auto",
+                    help="views for training (auto: rotation for greyscale, simclr for colour)")
 
 
 def check_args(args, given):
@@ -1029,7 +983,143 @@ def claim_run_folder(args):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints, Ctrl-C and the log: what makes a stopped run continue exactly
+# Plumbing: resume, checkpoints, Ctrl-C and the log -- what makes a stopped run continue exactly
+class Steps:
+    """The loop's plumbing, around run()'s algorithm. Iterating yields the steps that train, from
+    where the run stands (its start, or the step a --resume's checkpoint.pt stopped before) to
+    its last; between them it keeps what makes a stop resumable exactly: a checkpoint mark after
+    every step, and at each epoch's end the epoch's line in metrics.jsonl and checkpoint.pt.
+    guard() turns a Ctrl-C into a stop between steps with a checkpoint there, updating() marks
+    the update a checkpoint must not see half of, log() takes each step's loss."""
+
+    def __init__(self, args, run_dir, resumed, device, train_set, per_epoch, total, parts,
+                 mean_std, probe):
+        """parts: (model, classifier, opt, sched, gens), restored from a --resume's checkpoint;
+        mean_std: the real images' channel statistics; probe: --eval-every's test accuracy.
+        Writes config.json (rank 0) and opens the epoch log."""
+        model, classifier, opt, self.sched, gens = parts
+        self.args, self.run_dir, self.device, self.train_set = args, run_dir, device, train_set
+        self.per_epoch, self.total, self.probe = per_epoch, total, probe
+        # the set's embeddings, for dataset-scope triplets mined at each epoch's start
+        self.embed = lambda: evaluate.extract_features(  # noqa: E731
+            model, train_set.images, *mean_std, device, head=True)
+        self.checkpoint = Checkpoint(run_dir, model, classifier, opt, self.sched, gens, device)
+        # a run stopped before its first checkpoint resumes from its first step
+        restored = resumed and os.path.exists(self.checkpoint.path)
+        epoch0, step0, log_state = self.checkpoint.restore() if restored else (0, 0, {})
+        self.start = (epoch0, step0)  # 0-based epoch
+        done = epoch0 * per_epoch + step0  # optimiser steps already taken
+        if resumed:
+            check_resumable(run_dir, done, total)
+            print(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step0}: {done} of {total} steps"
+                  + ("" if restored else " (it stopped before its first checkpoint)"))
+        if data.distributed()[0] == 0:  # the settings, in the folder claimed before the data loaded
+            if resumed:  # the temporaries a stop may have left are never a finished file
+                data.remove_temporaries(os.path.join(run_dir, name) for name in RUN_FILES)
+            data.write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(args), indent=2))
+        self.epoch_log = EpochLog(run_dir, self.checkpoint.path, self.start, done, log_state, total)
+        self.ctrl_c = None  # guard()'s StopOnCtrlC
+
+    def __iter__(self):
+        """(epoch, step, x, n_labelled, roles, sizes) of every step that trains (run() says what
+        each is). Inside guard(): a Ctrl-C asked for stops here, between steps."""
+        args, train_set, device = self.args, self.train_set, self.device
+        world = data.distributed()[1]
+        data_on = data_placement(args, train_set.images, device)
+        images = train_set.images.to(device) if data_on == "device" else train_set.images
+        epoch0, step0 = self.start
+        for epoch in range(epoch0, math.ceil(self.total / self.per_epoch)):  # the last may be cut
+            first = step0 if epoch == epoch0 else 0  # a resumed epoch starts mid-way
+            if first == 0:  # (a resumed epoch's loss keeps the steps before the stop)
+                self.epoch_log.new_epoch()
+            self.checkpoint.mark(epoch, first)  # where a checkpoint taken from now on restarts
+            batches = self.batches_of(epoch)
+            for step, batch, rows, x in batch_stream(images, batches, first, data_on, device,
+                                                     args.workers):
+                self.ctrl_c.check()  # a Ctrl-C stops here, between steps
+                if not len(batch):  # a dataset-scope batch without a triplet: no loss
+                    skip_update(self.sched)
+                    self.epoch_log.progress.update(1)
+                else:
+                    # dropout draws from the global generator, re-seeded each step: the labelled
+                    # rows (first in the batch) get the same masks with or without negatives
+                    torch.manual_seed(data.derive_seed(args.seed, "step",
+                                                       epoch * self.per_epoch + step))
+                    n_labelled = rows.numel() if args.mining_scope == "dataset" else \
+                        int((~train_set.negative_only[rows]).sum())  # labelled rows come first
+                    sizes = [len(s) for s in batch.tensor_split(world)] if world > 1 else None
+                    roles = (train_set.labels[batch], train_set.negative_only[batch],
+                             train_set.every_anchor[batch])  # (B,) each, on the CPU
+                    yield epoch, step, x, n_labelled, roles, sizes  # run() trains on it
+                self.checkpoint.mark(epoch, step + 1)  # this step is done: a stop restarts after it
+            self.end_epoch(epoch, len(batches))
+
+    def batches_of(self, epoch):
+        """The epoch's index batches (epoch_batches), cut where --train-steps ends the run; a
+        resumed epoch of dataset-scope triplets takes those its checkpoint holds."""
+        args = self.args
+        batches = self.checkpoint.epoch_batches(epoch) or epoch_batches(
+            args, self.train_set, epoch, self.embed() if args.mining_scope == "dataset" else None)
+        return self.checkpoint.keep_batches(
+            epoch, batches[:self.total - epoch * self.per_epoch], args)
+
+    def end_epoch(self, epoch, n_batches):
+        """The epoch's line in metrics.jsonl (a probe every --eval-every epochs), checkpoint.pt."""
+        steps_done = epoch * self.per_epoch + n_batches  # global optimiser steps after this epoch
+        due = self.args.eval_every and (epoch + 1) % self.args.eval_every == 0  # a probe ends it
+        self.epoch_log.end_epoch(epoch, steps_done, self.sched.get_last_lr()[0],
+                                 self.probe if due else None)
+        # a full epoch restarts at the next one; a last epoch cut by --train-steps where it
+        # stopped, so that a longer --train-steps goes on with the same epoch's batches
+        position = (epoch + 1, 0) if n_batches == self.per_epoch else (epoch, n_batches)
+        self.checkpoint.save(*position, self.checkpoint.rng_states(), self.epoch_log.state())
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around the loop: the first Ctrl-C stops it at the next step (StopOnCtrlC), and a stop
+        by Ctrl-C saves checkpoint.pt at the step it stopped before (Checkpoint.on_ctrl_c)."""
+        with StopOnCtrlC(self.device) as self.ctrl_c, \
+                self.checkpoint.on_ctrl_c(self.epoch_log, self.run_dir):
+            yield
+        self.epoch_log.progress.close()
+
+    def updating(self):
+        """Around the update: a second Ctrl-C now leaves the last checkpoint as it was."""
+        return self.checkpoint.updating()
+
+    def log(self, loss, sizes, epoch, step):
+        """The step's loss (a device scalar, unread: reading it would wait for the device) into
+        the epoch's mean, read a step later (EpochLog). Under torchrun, the whole batch's."""
+        value = loss.detach().clone()  # a copy: all_reduce below works in place
+        if sizes:  # the whole batch's loss from the ranks' (make_loss's scaling)
+            torch.distributed.all_reduce(value)  # SUM over the ranks
+            value /= len(sizes)  # / W: the mean of the ranks' scaled losses is the batch's
+        self.epoch_log.step(value, epoch, step)
+
+    def minutes(self):
+        """Training minutes, continued across --resume, without the probes' time."""
+        return self.epoch_log.minutes()
+
+
+def check_resumable(run_dir, steps_done, total):
+    """A resumed run must have steps left, or a finish left to do (probe and evaluation)."""
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))  # finish() writes it last
+    if steps_done > total:
+        raise data.DataError(f"--resume {run_dir}: the run has done {steps_done} optimiser steps, "
+                             f"more than the {total} asked for; it cannot be shortened")
+    if steps_done == total and finished:  # steps done and metrics written: nothing left to do
+        raise data.DataError(f"--resume {run_dir}: the run is finished ({total} optimiser "
+                             f"steps); pass a larger --epochs or --train-steps to train on")
+
+
+def skip_update(sched):
+    """A step without a loss: the schedule moves on, the weights do not (an optimiser step would
+    still move them: AdamW's weight decay and momentum)."""
+    with warnings.catch_warnings():  # torch warns when a schedule steps before any update
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        sched.step()
+
+
 class Checkpoint:
     """checkpoint.pt: everything --resume needs to continue at (epoch, step) as if never
     stopped -- weights, optimiser, schedule, every random state, the epoch's log so far."""

@@ -153,8 +153,12 @@ def project_pipeline(args, splits, mean, std, device, compile=False, data_on="de
                 images[data.to_device(batch, device)]  # (B, C, H, W) uint8, as train.py
             views = train.make_views(local, len(local), "simclr", 2, gens, mean, std)
             # CPU labels: supcon_loss's row bookkeeping runs on the CPU, the GPU never waits
-            train.train_step(settings, forward, None, loss_of, opt, sched, views,
-                             (s.labels[batch], no_negatives, no_negatives))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=views.is_cuda):
+                loss = loss_of(train.forward(settings, forward, None, views), s.labels[batch],
+                               no_negatives, no_negatives, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            train.train_step(opt, sched, loss_of)  # as train.run's loop
     return timed(run_steps, args.warmup, args.steps, device)
 
 

@@ -27,6 +27,7 @@ Fixed before running:
 
 Run:  python benchmarks/probe_fix.py             # about an hour on 2 cores (35 runs, 2 at a time)
       python benchmarks/probe_fix.py --seeds 0 1 --train-steps 20 --smoke --out runs/smoke
+      python benchmarks/probe_fix.py --runs runs/<name> ...   # old and new probe on finished runs
 Runs go to runs/positive_control/ (shared with positive_control.py: finished runs are reused);
 results to benchmarks/results/probe_fix.{json,md}. Needs .data/cifar10 (extract
 ../shared/data/cifar10-jpeg.tar.gz into .data).
@@ -131,10 +132,42 @@ def markdown(setup, results, paired, features):
     return "\n".join(lines) + "\n"
 
 
+def compare_runs(run_dirs):
+    """--runs: the old and the new probe on each finished run's encoder, fitted as the run's own
+    probe was (its probe images, --linear-epochs and seed; no outliers), scored on its held-out
+    classes: a markdown table of MSP AUROC and test accuracy."""
+    device = torch.device("cpu")
+    lines = ["| run | probe | test accuracy | MSP AUROC, held-out classes | dead / quiet features |",
+             "|---|---|---|---|---|"]
+    for run_dir in run_dirs:
+        args, splits, model, _, mean, std = evaluate.load_run(run_dir, device)
+        probe_set = data.training_set(args, splits)[0].probe_set()  # real (+ ID) images
+        feats = lambda images: evaluate.extract_features(model, images, mean, std, device)  # noqa
+        f, test_in, test_out = (feats(s.images) for s in (probe_set, splits.test, splits.ood_test))
+        settings = argparse.Namespace(linear_epochs=args.linear_epochs, outlier_exposure=0.0)
+        dead = f"{int((f.std(0) == 0).sum())} / {int(train.probe_standardisation(f)[2].sum())}"
+        for probe, rule in PROBES.items():
+            with probe_rule(rule):
+                classifier = train.train_linear(settings, f, probe_set.labels,
+                                                len(splits.classes), device, args.seed)
+            with torch.no_grad():
+                logits_in, logits_out = classifier(test_in), classifier(test_out)
+            auroc = evaluate.ood_metrics(evaluate.msp_score(logits_in),
+                                         evaluate.msp_score(logits_out))["auroc"]
+            accuracy = float((logits_in.argmax(1) == splits.test.labels).float().mean())
+            lines.append(f"| {run_dir} | {probe} | {accuracy:.4f} | {auroc:.4f} | {dead} |")
+    print("\n".join(lines))
+
+
 def main():
     parser = control.build_parser()
     parser.description = __doc__
+    parser.add_argument("--runs", nargs="+", metavar="RUN", default=None,
+                        help="instead of the study: the old and the new probe on these finished "
+                             "runs' encoders (e.g. the main job's)")
     args = parser.parse_args()
+    if args.runs:
+        return compare_runs(args.runs)
     if not args.smoke and (args.seeds != SEEDS or args.train_steps != 300):
         raise SystemExit("--seeds and --train-steps are fixed by the design; pass --smoke to try "
                          "others")

@@ -16,7 +16,7 @@ TINY = ["--examples-per-class", "12", "--epochs", "2", "--batch-size", "48", "--
 
 
 def step_loss(args, model, classifier, views, labels, negative_only, every_anchor):
-    """What train_step computes before backward: forward, then the run's loss."""
+    """What train.run's loop computes before backward: forward, then the run's loss."""
     loss_of = train.make_loss(args, torch.Generator().manual_seed(0))
     return loss_of(train.forward(args, model, classifier, views), labels, negative_only,
                    every_anchor, None)
@@ -49,7 +49,7 @@ def test_each_loss_falls_on_a_fixed_batch(loss):
 
 @pytest.mark.parametrize("loss", ["supcon", "simclr", "triplet", "cosine", "ce"])
 def test_every_loss_under_bf16_autocast_matches_fp32(loss):
-    # train_step runs the forward under bf16 autocast on CUDA; the CPU runs the same autocast.
+    # train.run's loop runs the forward under bf16 autocast on CUDA; the CPU runs the same one.
     # The encoder's products round to bf16 (8-bit mantissa, about 0.4% per product, a few layers
     # deep), while every loss computes in fp32: the value stays within 3% of fp32's, it is an
     # fp32 scalar, and every gradient is finite. A loss computed in bf16 would come back bf16.

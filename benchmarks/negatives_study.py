@@ -1,0 +1,452 @@
+"""
+benchmarks/negatives_study.py -- The negatives study: do real near-OOD negatives help, used in
+each of the ways the literature uses them (train.py --negative-mode), in a regime that CAN learn?
+
+Why a new regime. The sweep and the positive control (near_ood_sweep.py, positive_control.py)
+trained a small CNN 300 steps on 7 x 50 CIFAR-10 images: test accuracy about 0.46, k-NN OOD
+AUROC about 0.62. An encoder that weak cannot show what a negative does to an embedding. Here:
+Fashion-MNIST, all of its training images of 7 classes, and a run short enough for a 2-core CPU
+(about 3 minutes). The regime constants below were measured, not assumed:
+benchmarks/results/negatives_study_regime.md (real only reaches the accuracy bar of 0.85 and
+a primary AUROC between 0.70 and 0.92, room both ways).
+
+Data (prepare(): from the IDX files of Debian's dataset-fashion-mnist, no download)
+  ID        T-shirt/top, Trouser, Dress, Sandal, Sneaker, Bag, Ankle boot: every training image
+            (6,000 a class), every test image (1,000 a class).
+  Test OOD  Shirt and Pullover, their 2,000 test images: the near-OOD classes (tops, like the
+            ID T-shirts) no run ever trains on and phase 1 never reads.
+  Negatives Coat: its 6,000 training images as PNG in one flat folder (--negative-data: a
+            negative of every anchor), less any image that equals, pixel for pixel, an image of
+            either design (train.py would refuse the folder). Coats are the sibling of shirts
+            and pullovers (long-sleeved tops) that a user could collect: real near-OOD images,
+            the strong baseline of the literature (outlier exposure, Hendrycks et al. 2019).
+  How the classes leave. torchvision's FashionMNIST has a fixed list of 10 classes, and
+            data.load_data makes every class not in --ood-classes a training class and puts the
+            test images of every held-out class in the OOD test set. A run given the original
+            files with --ood-classes Shirt,Pullover,Coat would score coat's test images as OOD
+            test images too -- the very class its negatives come from. So each design gets its
+            own IDX files (<data>/<design>/FashionMNIST/raw/, read by train.py --data
+            fashion-mnist --data-root <data>/<design>) holding only the images it may read;
+            every class outside ID is passed to --ood-classes and the absent ones are empty. The
+            run's own metrics.json then holds the study's numbers, every score of every arm
+            (ood_auroc_knn, ood_auroc_knn_neg, ood_auroc_head, ood_auroc_msp), exactly on
+            shirt + pullover.
+  Validation (phase 1; settings must not be chosen on shirt or pullover). Options weighed:
+            held-out coat images -- biased: they measure rejecting the negatives' own class,
+            which any arm that memorises coats wins, not the transfer to unseen classes the
+            test asks for; far-OOD digits (MNIST, KMNIST) -- every arm scores near 1 on them,
+            and a far-OOD set selects for far-OOD behaviour; shirt/pullover training images --
+            the test classes. Chosen: a proxy split with the test's structure, built from the
+            TRAINING split alone: T-shirt/top held out as the validation OOD class (a top, a
+            sibling of the coat negatives, as shirt and pullover are), the other 6 ID classes
+            as ID, 1,000 training images per class kept out of training as the validation ID
+            and OOD images. It reads no test image and no shirt or pullover at all. What it
+            cannot promise: that a setting best for T-shirt against 6 classes is best for
+            shirt + pullover against 7 (hence phase 2 tests only the chosen setting, against
+            its control, on fresh seeds).
+
+Primary metric: the run's metrics.json ood_auroc_knn, Sun et al. 2022's k-NN score with k = 50
+on the real training images (42,000 here). k/N = 0.12%, Sun et al.'s own ratio (k = 50 of
+CIFAR-10's 50,000, 0.1%); the sweep's k = 5 was the same ratio idea on 350 images. One k for
+every arm: (b)'s k-NN+neg is the same k-NN term plus a negatives term with k' = round(k M / N)
+(evaluate.negatives_k). The few-shot row (50 images a class, 350 in all) reports the same k
+(k/N = 14%, a class-level quantile) beside k = 1 (ood_auroc_knn1): descriptive only.
+
+Arms (train.py flags; NEG = the coat folder), each against its control, same seed:
+  real only                 no negatives
+  (a) control / (a)         --negative-data NEG --negative-weight 0 / w (w = 1 unless phase 1
+                            chooses another): the thesis's negatives in the SupCon denominators
+  (b) + outlier exposure    --negative-data NEG --negative-mode score --outlier-exposure 0.5:
+                            the encoder trains as real only's (no negative in any batch); (b)'s
+                            contrast is within the run, ood_auroc_knn_neg (k-NN+neg, SSD_k's
+                            few-shot score with k-NN distances) minus ood_auroc_knn; outlier
+                            exposure (Hendrycks et al. 2019, lambda 0.5, the frozen probe) is
+                            ood_auroc_msp against real only's (its encoder is real only's)
+  (c) control / (c)         --negative-mode head --head-loss oe --head-weight 0 / lambda
+                            (0.5 unless phase 1 chooses): an outlier-exposure head trained with
+                            the encoder; metrics ood_auroc_knn and ood_auroc_head
+  (d) control / (d)         --negative-mode prototypes --prototype-weight 0 / lambda,
+                            --prototype-momentum alpha (1 and 0.95 unless phase 1 chooses)
+  (e) classes               --negative-mode classes: the negatives a class of their own (CSI's
+                            sup-CSI), against (a) control (the same batches, negatives at w = 0)
+
+PHASE 1 (exploratory, this script's `phase1`): on the validation design, seeds PHASE1_SEEDS,
+each setting of PHASE1_GRID against its control on the validation ood_auroc_knn; an arm keeps
+its literature default unless another setting's mean paired gain over the control beats the
+default's by more than one standard error of their paired difference (near_ood_sweep's rule).
+Its numbers choose settings and nothing else: no claim rests on them.
+PHASE 2 (confirmatory) is NOT in this file yet. Its design -- the arms at phase 1's settings,
+the contrasts and the metric of each, the seeds (from phase 1's paired sds), Holm's family, the
+reading of each outcome -- is written into this docstring and committed before any phase-2 run;
+phase2() refuses to run until then.
+
+Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
+      python benchmarks/negatives_study.py regime --seeds 0 1 2       # real only, 1 at a time
+      python benchmarks/negatives_study.py regime --seeds 0 --shots 50     # the few-shot row
+      python benchmarks/negatives_study.py regime --seeds 0 --design validation
+      python benchmarks/negatives_study.py phase1           # hours: 2 runs at a time, 1 thread
+      python benchmarks/negatives_study.py phase1 --smoke   # 2 steps a run, tiny probe
+Runs go to runs/negatives_study/ (finished runs are reused); data to .data/fmnist-study.
+Needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist) or --source.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+import data  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# The design's constants
+
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot"]  # torchvision's FashionMNIST.classes: label i is CLASSES[i]
+ID = ["T-shirt/top", "Trouser", "Dress", "Sandal", "Sneaker", "Bag", "Ankle boot"]
+TEST_OOD, NEGATIVE = ["Shirt", "Pullover"], "Coat"
+VAL_OOD = "T-shirt/top"  # phase 1's held-out class (see the docstring's Validation)
+VAL_PER_CLASS = 1000  # validation images per class, from the training split
+SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+# the regime, measured in results/negatives_study_regime.md (every run of the study has it)
+REGIME = {"model": "cnn", "image_size": 28, "batch_size": 128, "train_steps": 600,
+          "warmup_steps": 30, "linear_epochs": 100, "temperature": 0.1, "augment": "auto"}
+THREADS = 2  # per run when runs go one at a time (phase1 runs 2 at a time, 1 thread each)
+PRIMARY = "ood_auroc_knn"  # k-NN, k = 50 (docstring)
+PHASE1_SEEDS = [100, 101, 102]  # not phase 2's: its seeds must be fresh
+
+NEG = "{negatives}"  # stands for the coat folder in the flags below
+REAL, CONTROL_A, CONTROL_C, CONTROL_D = ("real only", "(a) control", "(c) control",
+                                         "(d) control")
+ARMS = {  # row: train.py flags; the phase-2 rows (settings: phase 1's defaults)
+    REAL: [],
+    CONTROL_A: ["--negative-data", NEG, "--negative-weight", "0"],
+    "(a) denominators": ["--negative-data", NEG, "--negative-weight", "1"],
+    "(b) score + outlier exposure": ["--negative-data", NEG, "--negative-mode", "score",
+                                     "--outlier-exposure", "0.5"],
+    CONTROL_C: ["--negative-data", NEG, "--negative-mode", "head", "--head-loss", "oe",
+                "--head-weight", "0"],
+    "(c) head": ["--negative-data", NEG, "--negative-mode", "head", "--head-loss", "oe",
+                 "--head-weight", "0.5"],
+    CONTROL_D: ["--negative-data", NEG, "--negative-mode", "prototypes",
+                "--prototype-weight", "0", "--prototype-momentum", "0.95"],
+    "(d) prototypes": ["--negative-data", NEG, "--negative-mode", "prototypes",
+                       "--prototype-weight", "1", "--prototype-momentum", "0.95"],
+    "(e) classes": ["--negative-data", NEG, "--negative-mode", "classes"],
+}
+# phase 1: arm -> (its control, {setting: flags}, the literature's default setting)
+PHASE1_GRID = {
+    "(a)": (CONTROL_A, {f"w={w}": ["--negative-data", NEG, "--negative-weight", w]
+                        for w in ("0.25", "1", "4")}, "w=1"),
+    "(c)": (CONTROL_C, {f"lambda={x}": ["--negative-data", NEG, "--negative-mode", "head",
+                                        "--head-loss", "oe", "--head-weight", x]
+                        for x in ("0.1", "0.5", "1")}, "lambda=0.5"),
+    "(d)": (CONTROL_D, {f"alpha={a}, lambda={x}": [
+        "--negative-data", NEG, "--negative-mode", "prototypes", "--prototype-momentum", a,
+        "--prototype-weight", x] for a, x in (("0.9", "1"), ("0.95", "1"), ("0.99", "1"),
+                                              ("0.95", "0.5"), ("0.95", "2"))},
+        "alpha=0.95, lambda=1"),
+}
+
+
+# -----------------------------------------------------------------------------
+# Data: the IDX files of each design, and the coat negatives
+
+
+def read_idx(path):
+    """An IDX file (plain or .gz) -> uint8 array (N,) labels or (N, 28, 28) images."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    magic, = struct.unpack(">I", raw[:4])
+    if magic >> 8 != 0x08:  # 0x08: unsigned bytes, the only type Fashion-MNIST has
+        raise data.DataError(f"{path}: not an IDX file of unsigned bytes (magic {magic:#x})")
+    dims = struct.unpack(f">{magic & 0xFF}I", raw[4:4 + 4 * (magic & 0xFF)])
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims))
+    if body.size != int(np.prod(dims)):
+        raise data.DataError(f"{path}: holds {body.size} bytes, its header says "
+                             f"{int(np.prod(dims))} (a truncated file?)")
+    return body.reshape(dims)
+
+
+def write_idx(path, array):
+    """array (uint8) -> an IDX file torchvision's MNIST reader takes, written atomically."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+    data.atomic_write(path, write)
+
+
+def read_source(source):
+    """{split: (images (N, 28, 28), labels (N,))} of the original Fashion-MNIST."""
+    out = {}
+    for split, (images, labels, n) in IDX.items():
+        found = []
+        for name in (images, labels):
+            path = next((os.path.join(source, name + ext) for ext in (".gz", "")
+                         if os.path.exists(os.path.join(source, name + ext))), None)
+            if path is None:
+                raise data.DataError(f"{source}: no {name}(.gz). Install it with `apt-get "
+                                     f"install dataset-fashion-mnist`, or pass --source DIR")
+            found.append(read_idx(path))
+        if len(found[0]) != n or len(found[1]) != n:
+            raise data.DataError(f"{source}: {split} has {len(found[0])} images and "
+                                 f"{len(found[1])} labels, not {n} of each")
+        out[split] = tuple(found)
+    return out
+
+
+def design_sets(source):
+    """{design: {split: (images, labels)}}: what each design's runs may read (docstring)."""
+    index = lambda names: [CLASSES.index(c) for c in names]  # noqa: E731
+    (x, y), (x_test, y_test) = source["train"], source["test"]
+    pick = lambda xs, ys, keep: (xs[keep], ys[keep])  # noqa: E731
+    test = {"train": pick(x, y, np.isin(y, index(ID))),
+            "test": pick(x_test, y_test, np.isin(y_test, index(ID + TEST_OOD)))}
+    rng = np.random.default_rng(12345)  # the validation images: one fixed draw
+    held = np.zeros(len(y), bool)
+    for c in index(ID):  # the 6 validation ID classes and T-shirt, the validation OOD class
+        held[rng.permutation(np.flatnonzero(y == c))[:VAL_PER_CLASS]] = True
+    val_id = index([c for c in ID if c != VAL_OOD])
+    validation = {"train": pick(x, y, np.isin(y, val_id) & ~held), "test": pick(x, y, held)}
+    return {"test": test, "validation": validation}
+
+
+def ood_flag(design):
+    """--ood-classes of a design: every class outside its ID (the absent ones are empty)."""
+    kept = ID if design == "test" else [c for c in ID if c != VAL_OOD]
+    return ",".join(c for c in CLASSES if c not in kept)
+
+
+def prepare(args):
+    """<data>/test, <data>/validation (torchvision layouts) and <data>/coat (PNG), made once; a
+    'done' file, written last, lists what they hold."""
+    done = os.path.join(args.data, "done.json")
+    if os.path.exists(done):
+        return args.data
+    source = read_source(args.source)
+    sets = design_sets(source)
+    known = {image.tobytes() for design in sets.values() for images, _ in design.values()
+             for image in images}  # every image a run may read: a negative must be none of them
+    for design, splits in sets.items():
+        raw = os.path.join(args.data, design, "FashionMNIST", "raw")
+        for split, (images, labels) in splits.items():
+            write_idx(os.path.join(raw, IDX[split][0]), images)
+            write_idx(os.path.join(raw, IDX[split][1]), labels)
+    x, y = source["train"]
+    coats = np.flatnonzero(y == CLASSES.index(NEGATIVE))
+    kept = [i for i in coats if x[i].tobytes() not in known]
+    folder = os.path.join(args.data, "coat")
+    os.makedirs(folder, exist_ok=True)
+    from PIL import Image
+    for i in kept:  # named by the training index: which image it is stays traceable
+        path = os.path.join(folder, f"train-{i:05d}.png")
+        if not os.path.exists(path):
+            data.atomic_write(path, Image.fromarray(x[i]).save)
+    summary = {"source": os.path.abspath(args.source), "negatives": len(kept),
+               "negatives_dropped_as_duplicates": len(coats) - len(kept),
+               **{f"{d}_{s}": len(v[1]) for d, splits in sets.items() for s, v in splits.items()}}
+    data.write_text(done, json.dumps(summary, indent=1))
+    print(f"prepared {args.data}: {summary}")
+    return args.data
+
+
+# -----------------------------------------------------------------------------
+# One run of one arm
+
+
+def regime_of(args):
+    """REGIME with the regime command's overrides (--train-steps, --batch-size, --image-size,
+    --temperature, --augment)."""
+    keys = ("train_steps", "batch_size", "image_size", "temperature", "augment")
+    return REGIME | {k: getattr(args, k) for k in keys if getattr(args, k)}
+
+
+def train_argv(args, design, flags, seed, out, name):
+    """train.py's arguments: the design's data, the regime, the arm's flags."""
+    r = regime_of(args)
+    shots = ["--examples-per-class", str(args.shots)] if args.shots else []
+    flags = [os.path.join(args.data, "coat") if f == NEG else f for f in flags]
+    return ["--data", "fashion-mnist", "--data-root", os.path.join(args.data, design),
+            "--ood-classes", ood_flag(design), "--seed", str(seed), *shots,
+            "--model", r["model"], "--image-size", str(r["image_size"]), "--loss", "supcon",
+            "--temperature", str(r["temperature"]), "--augment", r["augment"], "--batch-size", str(r["batch_size"]),
+            "--train-steps", str(r["train_steps"]), "--warmup-steps",
+            str(r["warmup_steps"] if not args.train_steps else args.train_steps // 20),
+            "--linear-epochs", str(1 if args.smoke else r["linear_epochs"]), "--device", "cpu",
+            "--no-report", "--out", out, "--name", name, *flags]
+
+
+def run_arm(args, design, row, flags, seed, threads):
+    """One train.py run in its own process (`threads` torch threads), reused when it finished
+    before; returns its metrics.json with the run's wall time and folder added."""
+    r = regime_of(args)
+    tag = f"b{r['batch_size']}-s{r['train_steps']}" + "".join(
+        f"-{key}{r[key]}" for key in ("image_size", "temperature", "augment")
+        if r[key] != REGIME[key])  # a setting other than the regime's: another folder
+    tag += (f"-shots{args.shots}" if args.shots else "") + f"-t{threads}"  # threads: rounding
+    out = os.path.join(args.out, design + ("-smoke" if args.smoke else ""), tag)
+    name = "".join(ch for ch in f"{row}-seed{seed}".replace(" ", "_")
+                   if ch.isalnum() or ch in "_.-+,=()")
+    run_dir = os.path.join(out, name)
+    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped half-way starts again
+        os.makedirs(out, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        argv = [sys.executable, os.path.join(ROOT, "train.py"),
+                *train_argv(args, design, flags, seed, out, name)]
+        t0 = time.time()
+        with open(os.path.join(out, name + ".log"), "w", encoding="utf-8") as log:
+            done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(f"{row}, seed {seed}: train.py failed; see {log.name}")
+        data.write_text(os.path.join(run_dir, "wall_seconds.txt"),
+                        f"{time.time() - t0:.1f} {threads}\n")
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    with open(os.path.join(run_dir, "wall_seconds.txt"), encoding="utf-8") as f:
+        wall, threads = f.read().split()
+    return metrics | {"wall_seconds": float(wall), "threads": int(threads), "run_dir": run_dir}
+
+
+# -----------------------------------------------------------------------------
+# The regime measurement and phase 1
+
+
+def regime(args):
+    """Real only on args.seeds, --workers runs at a time (default 1) with --threads threads
+    each: the table of results/negatives_study_regime.md."""
+    from concurrent.futures import ThreadPoolExecutor  # each run is its own process
+    with ThreadPoolExecutor(args.workers or 1) as pool:
+        jobs = {seed: pool.submit(run_arm, args, args.design, REAL, ARMS[REAL], seed,
+                                  args.threads) for seed in args.seeds}
+        results = {seed: job.result() for seed, job in jobs.items()}
+    r = regime_of(args)
+    print(f"| design | shots | px | batch | steps | threads | at a time | seed | test accuracy | "
+          f"k-NN AUROC (k=50) | k-NN AUROC (k=1) | MSP AUROC | training min | wall s |\n"
+          + "|---" * 14 + "|")
+    for seed, m in results.items():
+        print(f"| {args.design} | {args.shots or 'all'} | {r['image_size']} | "
+              f"{r['batch_size']} | {r['train_steps']} | {m['threads']} | "
+              f"{args.workers or 1} | {seed} | {m['test_accuracy']:.4f} | "
+              f"{m['ood_auroc_knn']:.4f} | {m['ood_auroc_knn1']:.4f} | {m['ood_auroc_msp']:.4f} | "
+              f"{m['train_minutes']:.2f} | {m['wall_seconds']:.0f} |", flush=True)
+
+
+def phase1_rows():
+    """{row: flags}: every control and every setting of PHASE1_GRID."""
+    rows = {control: ARMS[control] for control, _, _ in PHASE1_GRID.values()}
+    for arm, (_, settings, _) in PHASE1_GRID.items():
+        rows.update({f"{arm} {s}": flags for s, flags in settings.items()})
+    return rows
+
+
+def choose(results):
+    """{arm: (chosen setting, its gains)}: the default unless the best setting's mean paired gain
+    over the control beats the default's by more than one standard error (near_ood_sweep's
+    rule), on the validation PRIMARY."""
+    import near_ood_sweep as sweep  # the paired statistics
+    out = {}
+    for arm, (control, settings, default) in PHASE1_GRID.items():
+        gains = {s: sweep.paired(results, [f"{arm} {s}"], control, PRIMARY)[0] for s in settings}
+        top = max(settings, key=lambda s: gains[s]["mean_delta"])
+        if top != default:
+            d = sweep.paired(results, [f"{arm} {top}"], f"{arm} {default}", PRIMARY)[0]
+            if not d["mean_delta"] > d["sd_delta"] / d["n"] ** 0.5:
+                top = default
+        out[arm] = (top, gains)
+    return out
+
+
+def phase1(args):
+    """PHASE 1, exploratory: every row of phase1_rows() on the validation design, PHASE1_SEEDS,
+    --workers runs at a time; then the settings choose() picks, written to
+    results/negatives_study_phase1.json. Choosing is all it does."""
+    from concurrent.futures import ThreadPoolExecutor  # each run is its own process
+    rows = phase1_rows()
+    workers = args.workers or 2
+    with ThreadPoolExecutor(workers) as pool:
+        jobs = {(row, seed): pool.submit(run_arm, args, "validation", row, flags, seed,
+                                         max(1, THREADS // workers))
+                for seed in args.seeds for row, flags in rows.items()}
+        results = {}
+        for (row, seed), job in jobs.items():
+            results.setdefault(row, {})[seed] = job.result()
+            print(f"phase 1: {row}, seed {seed}: {PRIMARY} {results[row][seed][PRIMARY]:.4f}",
+                  flush=True)
+    chosen = choose(results)
+    report = {"seeds": args.seeds, "metric": f"validation {PRIMARY} (T-shirt/top held out)",
+              "chosen": {arm: top for arm, (top, _) in chosen.items()},
+              "gains": {arm: g for arm, (_, g) in chosen.items()},
+              "runs": {row: {s: {k: v for k, v in m.items() if not isinstance(v, dict)}
+                             for s, m in per.items()} for row, per in results.items()}}
+    path = os.path.join(HERE, "results", ("smoke-" if args.smoke else "")
+                        + "negatives_study_phase1.json")
+    data.write_text(path, json.dumps(report, indent=1, default=float))
+    print(json.dumps(report["chosen"], indent=1))
+
+
+def phase2(args):
+    raise SystemExit("phase 2's design is not frozen yet: write it into this file's docstring "
+                     "and commit it before any phase-2 run (see the docstring)")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["prepare", "regime", "phase1", "phase2"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="regime: real only's seeds (default 0 1 2); phase1: PHASE1_SEEDS")
+    p.add_argument("--design", choices=["test", "validation"], default="test",
+                   help="regime: which design's real only")
+    p.add_argument("--shots", type=int, default=None, help="regime: images per class (few-shot)")
+    p.add_argument("--train-steps", type=int, default=None, help="regime: other than REGIME's")
+    p.add_argument("--batch-size", type=int, default=None, help="regime: other than REGIME's")
+    p.add_argument("--image-size", type=int, default=None, help="regime: other than REGIME's")
+    p.add_argument("--temperature", type=float, default=None, help="regime: other than REGIME's")
+    p.add_argument("--augment", default=None, help="regime: other than REGIME's")
+    p.add_argument("--threads", type=int, default=THREADS, help="regime: torch threads per run")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs at a time (default: regime 1, phase1 2)")
+    p.add_argument("--source", default=SOURCE, help="the Fashion-MNIST IDX files (.gz or not)")
+    p.add_argument("--data", default=os.path.join(ROOT, ".data", "fmnist-study"))
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "negatives_study"))
+    p.add_argument("--smoke", action="store_true", help="2 steps a run, 1 probe epoch")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.train_steps = args.train_steps or 2
+    prepare(args)
+    if args.command == "regime":
+        args.seeds = args.seeds or [0, 1, 2]
+        regime(args)
+    elif args.command == "phase1":
+        if args.shots or any(getattr(args, k) for k in ("batch_size", "image_size",
+                                                        "temperature", "augment")) or \
+                (args.train_steps and not args.smoke):
+            raise SystemExit("phase1 runs the REGIME; --shots, --batch-size, --image-size and "
+                             "--train-steps are for the regime command (or --smoke)")
+        args.seeds = args.seeds or PHASE1_SEEDS
+        phase1(args)
+    elif args.command == "phase2":
+        phase2(args)
+
+
+if __name__ == "__main__":
+    data.run_command(main)
