@@ -121,7 +121,7 @@ SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
 # the regime, measured in results/negatives_study_regime.md (every run of the study has it)
-REGIME = {"model": "cnn", "image_size": 28, "batch_size": 128, "train_steps": 600,
+REGIME = {"shots": 200, "model": "cnn", "image_size": 28, "batch_size": 128, "train_steps": 600,
           "warmup_steps": 30, "linear_epochs": 100, "temperature": 0.1, "augment": "auto"}
 THREADS = 2  # per run when runs go one at a time (phase1 runs 2 at a time, 1 thread each)
 PRIMARY = "ood_auroc_knn"  # k-NN, k = 50 (docstring)
@@ -269,21 +269,22 @@ def prepare(args):
 
 
 def regime_of(args):
-    """REGIME with the regime command's overrides (--train-steps, --batch-size, --image-size,
-    --temperature, --augment)."""
-    keys = ("train_steps", "batch_size", "image_size", "temperature", "augment")
-    return REGIME | {k: getattr(args, k) for k in keys if getattr(args, k)}
+    """REGIME with the regime command's overrides (--shots, --train-steps, --batch-size,
+    --image-size, --temperature, --augment); --shots 0: every training image."""
+    keys = ("shots", "train_steps", "batch_size", "image_size", "temperature", "augment")
+    return REGIME | {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def train_argv(args, design, flags, seed, out, name):
     """train.py's arguments: the design's data, the regime, the arm's flags."""
     r = regime_of(args)
-    shots = ["--examples-per-class", str(args.shots)] if args.shots else []
+    shots = ["--examples-per-class", str(r["shots"])] if r["shots"] else []
     flags = [os.path.join(args.data, "coat") if f == NEG else f for f in flags]
     return ["--data", "fashion-mnist", "--data-root", os.path.join(args.data, design),
             "--ood-classes", ood_flag(design), "--seed", str(seed), *shots,
             "--model", r["model"], "--image-size", str(r["image_size"]), "--loss", "supcon",
-            "--temperature", str(r["temperature"]), "--augment", r["augment"], "--batch-size", str(r["batch_size"]),
+            "--temperature", str(r["temperature"]), "--augment", r["augment"],
+            "--batch-size", str(r["batch_size"]),
             "--train-steps", str(r["train_steps"]), "--warmup-steps",
             str(r["warmup_steps"] if not args.train_steps else args.train_steps // 20),
             "--linear-epochs", str(1 if args.smoke else r["linear_epochs"]), "--device", "cpu",
@@ -297,7 +298,7 @@ def run_arm(args, design, row, flags, seed, threads):
     tag = f"b{r['batch_size']}-s{r['train_steps']}" + "".join(
         f"-{key}{r[key]}" for key in ("image_size", "temperature", "augment")
         if r[key] != REGIME[key])  # a setting other than the regime's: another folder
-    tag += (f"-shots{args.shots}" if args.shots else "") + f"-t{threads}"  # threads: rounding
+    tag += (f"-shots{r['shots']}" if r["shots"] else "") + f"-t{threads}"  # threads: rounding
     out = os.path.join(args.out, design + ("-smoke" if args.smoke else ""), tag)
     name = "".join(ch for ch in f"{row}-seed{seed}".replace(" ", "_")
                    if ch.isalnum() or ch in "_.-+,=()")
@@ -339,7 +340,7 @@ def regime(args):
           f"k-NN AUROC (k=50) | k-NN AUROC (k=1) | MSP AUROC | training min | wall s |\n"
           + "|---" * 14 + "|")
     for seed, m in results.items():
-        print(f"| {args.design} | {args.shots or 'all'} | {r['image_size']} | "
+        print(f"| {args.design} | {r['shots'] or 'all'} | {r['image_size']} | "
               f"{r['batch_size']} | {r['train_steps']} | {m['threads']} | "
               f"{args.workers or 1} | {seed} | {m['test_accuracy']:.4f} | "
               f"{m['ood_auroc_knn']:.4f} | {m['ood_auroc_knn1']:.4f} | {m['ood_auroc_msp']:.4f} | "
@@ -412,7 +413,7 @@ def build_parser():
                    help="regime: real only's seeds (default 0 1 2); phase1: PHASE1_SEEDS")
     p.add_argument("--design", choices=["test", "validation"], default="test",
                    help="regime: which design's real only")
-    p.add_argument("--shots", type=int, default=None, help="regime: images per class (few-shot)")
+    p.add_argument("--shots", type=int, default=None, help="regime: images per class (0: all)")
     p.add_argument("--train-steps", type=int, default=None, help="regime: other than REGIME's")
     p.add_argument("--batch-size", type=int, default=None, help="regime: other than REGIME's")
     p.add_argument("--image-size", type=int, default=None, help="regime: other than REGIME's")
@@ -437,8 +438,8 @@ def main(argv=None):
         args.seeds = args.seeds or [0, 1, 2]
         regime(args)
     elif args.command == "phase1":
-        if args.shots or any(getattr(args, k) for k in ("batch_size", "image_size",
-                                                        "temperature", "augment")) or \
+        if any(getattr(args, k) is not None for k in ("shots", "batch_size", "image_size",
+                                                      "temperature", "augment")) or \
                 (args.train_steps and not args.smoke):
             raise SystemExit("phase1 runs the REGIME; --shots, --batch-size, --image-size and "
                              "--train-steps are for the regime command (or --smoke)")
