@@ -89,8 +89,8 @@ Negatives outside the denominators (train.py --negative-mode head and prototypes
                         are -7, -3, for a head trained from scratch); score: -E(x).
   prototypes  unit class prototypes mu_c, CIDER's (Ming et al. 2023): moved by an exponential
               moving average of the labelled embeddings, mu_c <- Normalize(alpha mu_c + (1 -
-              alpha) z), and pushed apart by their dispersion loss; the negatives are pushed
-              from every prototype at once:
+              alpha) z), and pushed apart by their dispersion loss; the negatives are pushed away
+              at once from every prototype:
                 L = L_SupCon + L_dis + lambda L_out  (SupCon keeps each class compact, in place of
                                                       CIDER's L_comp),
                 L_dis = 1/C sum_i log( 1/(C-1) sum_{j != i} exp(mu_i . mu_j / tau) ),
@@ -1089,8 +1089,8 @@ def build_model(model, loss, in_channels, image_size, num_classes, embedding_dim
     supcon / simclr: the MLP projection head (normalised); triplet / cosine: the 3-layer embedding
     head; ce: no head (the classifier sits directly on the encoder). logit_head ("oe" or
     "energy"): a LogitHead with that outlier term; prototypes: a (K, D) buffer of zeros, no class
-    seen yet (update_prototypes). Both come after the other parts, so the encoder and head start
-    from the same weights with or without them under the same seed."""
+    seen yet (update_prototypes). Both come after the other parts, so the encoder and head start,
+    under the same seed, from the same weights with or without them."""
     encoder = build_encoder(model, in_channels, image_size, pretrained)
     if loss in ("supcon", "simclr"):
         head = ProjectionHead(encoder.out_dim, embedding_dim)
