@@ -103,12 +103,19 @@ def test_rank0_ddpm_error_is_said_once_while_rank1_waits(tmp_path):
     assert "[rank1]" not in err and "Connection closed" not in err, err[-3000:]
 
 
-def test_rank1_error_mid_training_is_said_once_and_ends_rank0(tmp_path):
-    status, err, ended, _ = torchrun(tmp_path, "raise", "train",
+def rank1_stopped_mid_training(tmp_path, how):
+    """A training run whose rank 1 stops at its second step (`how`: raise, kill): every process
+    has ended with a non-zero status within ENDED_WITHIN of it. Returns torchrun's stderr."""
+    status, err, ended, _ = torchrun(tmp_path, how, "train",
                                      TINY + ["--out", str(tmp_path), "--name", "r"])
     failed_at = float((tmp_path / "failed-at").read_text())
     assert status != 0
     assert ended - failed_at < ENDED_WITHIN, ended - failed_at
+    return err
+
+
+def test_rank1_error_mid_training_is_said_once_and_ends_rank0(tmp_path):
+    err = rank1_stopped_mid_training(tmp_path, "raise")
     # once, from rank 1, with its rank; rank 0's broken collective adds nothing
     assert err.count("[rank1]: error: rank 1 stops at its second step (test)") == 1, err[-3000:]
     assert err.count("rank 1 stops at its second step") == 1, err[-3000:]
@@ -116,10 +123,6 @@ def test_rank1_error_mid_training_is_said_once_and_ends_rank0(tmp_path):
 
 
 def test_rank1_killed_mid_training_ends_rank0_within_seconds(tmp_path):
-    status, err, ended, _ = torchrun(tmp_path, "kill", "train",
-                                     TINY + ["--out", str(tmp_path), "--name", "r"])
-    failed_at = float((tmp_path / "failed-at").read_text())
-    assert status != 0
-    assert ended - failed_at < ENDED_WITHIN, ended - failed_at
+    err = rank1_stopped_mid_training(tmp_path, "kill")
     # the killed rank says nothing; torchrun's summary names it and its signal
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", err), err[-3000:]
