@@ -40,9 +40,14 @@ trained run, with the pictures that explain it; and a meter of how near syntheti
   Nearness         --nearness DIR: for each (kind, strength) of a synthetic set, the share of its
                    images a reference classifier still puts in their source's class, and their
                    OOD AUROC against the real test images, beside the held-out classes' AUROC.
+                   With --band-of REAL (a folder of real near-OOD photographs) it is also a
+                   filter: it keeps the synthetic near-OOD images whose k-NN score lies in the
+                   band REAL's images occupy (their 5% to 95% quantiles), copied into
+                   DIR/near_ood_band/, a folder for train.py --negative-data.
 
 Run:  python evaluate.py runs/<name>  [--ood-data PATH]
       python evaluate.py --nearness synthetic/digits [data options that made it] [--run RUN]
+      python evaluate.py --nearness synthetic/digits --band-of photos/near_ood   # the filter
 """
 
 import argparse
@@ -50,6 +55,7 @@ import collections
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -564,10 +570,55 @@ def nearness_rows(train_f, test_scores_of, groups):
     return rows
 
 
-def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
+BAND = (0.05, 0.95)  # the band: the central 90% of the real near-OOD images' k-NN scores
+
+
+def band_mask(real_scores, scores, quantiles=BAND):
+    """(low, high, keep): the band of the real near-OOD images' k-NN scores (real_scores (M,),
+    their quantiles, linear interpolation) and which of `scores` (N,) lie in it, ends included."""
+    q = torch.tensor(quantiles, dtype=torch.float64)
+    low, high = torch.quantile(real_scores.double(), q).tolist()
+    return low, high, (scores.double() >= low) & (scores.double() <= high)
+
+
+def write_band(folder, names):
+    """Copy the kept synthetic files (`names`: their paths) into folder/near_ood_band/, flat (a
+    negative of every anchor, as --negative-data reads it), replacing an older band folder whole;
+    each copy is named by its path inside the set, so no two collide."""
+    def fill(tmp):
+        os.makedirs(tmp)
+        for name in names:
+            rel = os.path.relpath(name, folder).replace(os.sep, "__")  # e.g. near_ood__0.9__...
+            shutil.copyfile(name, os.path.join(tmp, rel))
+    out = os.path.join(folder, "near_ood_band")
+    data.atomic_write(out, fill)
+    return out
+
+
+def nearness_band(folder, band_of, syn, splits, train_f, feats, resize):
+    """The filter of --band-of: the band of the real near-OOD images' k-NN scores (k = 50, the
+    meter's reference encoder and images), the synthetic near-OOD images inside it, copied by
+    write_band. A dict for nearness.json; nothing is written when none is kept."""
+    real = data.read_negative_data(band_of, splits, resize)  # as train.py reads such a folder
+    near = syn.subset(syn.kind == data.KIND_NEAR_OOD)
+    if not len(near):
+        raise data.DataError(f"--band-of: {folder} holds no near-OOD images to filter")
+    low, high, keep = band_mask(knn_score(train_f, feats(real.images), 50),
+                                knn_score(train_f, feats(near.images), 50))
+    kept = [name for name, k in zip(near.names, keep.tolist()) if k]
+    by_strength = {f"{s:g}": [int(keep[near.strength == s].sum()), int((near.strength == s).sum())]
+                   for s in torch.unique(near.strength).tolist()}  # strength: [kept, of]
+    return {"reference": os.path.abspath(band_of), "reference_images": len(real),
+            "quantiles": list(BAND), "low": low, "high": high, "kept": len(kept),
+            "near_ood_images": len(near), "kept_by_strength": by_strength,
+            "folder": write_band(folder, kept) if kept else None}
+
+
+def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30, band_of=None):
     """evaluate.py --nearness DIR: the meter on DIR's synthetic set; writes DIR/nearness.json.
     The reference is run RUN's encoder and head (its data settings, but for `overrides`), or a
-    small CNN fitted here to the real training images of the data options in `args`."""
+    small CNN fitted here to the real training images of the data options in `args`. band_of:
+    also the filter (nearness_band)."""
     dev = data.pick_device(device)
     if run:
         args, splits, model, classifier, mean, std = load_run(run, dev, overrides)
@@ -603,6 +654,8 @@ def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
         if splits.ood_test is not None:
             f = feats(splits.ood_test.images)
             groups.append(("held_out", None, f, logits_of(f), None))  # the real OOD, for scale
+        band = nearness_band(folder, band_of, syn, splits, train_f, feats, args.resize) \
+            if band_of else None  # the filter: before nearness.json says what it wrote
     rows = nearness_rows(train_f, scores, groups)
     result = {"reference": reference, "id_test_images": len(splits.test),
               "test_accuracy": float((test_logits.argmax(1) == splits.test.labels).float().mean()),
@@ -613,6 +666,8 @@ def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30):
         result["held_out"] = {"classes": splits.ood_classes, "images": held["images"],
                               "ood_auroc": held["ood_auroc"],
                               "ood_auroc_msp": held["ood_auroc_msp"]}
+    if band:
+        result["band"] = band
     data.write_text(os.path.join(folder, "nearness.json"), json.dumps(result, indent=2))
     return result
 
@@ -634,6 +689,16 @@ def nearness_table(result):
         h = result["held_out"]
         lines.append(f"| held-out classes {','.join(h['classes'])} (real) | - | "
                      f"{h['images']} | - | {h['ood_auroc']:.4f} | {h['ood_auroc_msp']:.4f} |")
+    if "band" in result:
+        b = result["band"]
+        counts = ", ".join(f"{kept} of {n} at strength {s}"
+                           for s, (kept, n) in b["kept_by_strength"].items())
+        lines += ["", f"Band of {b['reference']} ({b['reference_images']} real images): k-NN score "
+                  f"{b['low']:.4f} to {b['high']:.4f} (their {b['quantiles'][0]:g} to "
+                  f"{b['quantiles'][1]:g} quantiles). Kept {b['kept']} of {b['near_ood_images']} "
+                  f"synthetic near-OOD images ({counts}); "
+                  + (f"copied into {b['folder']}" if b["folder"] else "none survives: nothing "
+                     "written")]
     return "\n".join(lines)
 
 
@@ -914,11 +979,16 @@ def build_parser():
                    help="--nearness: use this run's encoder and linear head as the reference")
     n.add_argument("--reference-epochs", type=data.int_at_least(1), default=30,
                    help="--nearness without --run: epochs of the reference classifier")
+    n.add_argument("--band-of", default=None, metavar="REAL",
+                   help="--nearness: keep the synthetic near-OOD images whose k-NN score lies "
+                        "in the band of REAL's real near-OOD images (5%%-95%%), copied into "
+                        "DIR/near_ood_band/ for train.py --negative-data")
     return p
 
 
 # the options of evaluate.py's two modes: re-evaluating a run folder, or the nearness meter
 MODE_OPTIONS = {"reference_run": ("--nearness",), "reference_epochs": ("--nearness",),
+                "band_of": ("--nearness",),
                 **{k: ("a run folder",) for k in ("run", "ood_data", "episodes", "no_pictures")}}
 
 
@@ -937,7 +1007,10 @@ def main(argv=None):
                                {"reference_run": "--run", "run": "a run folder"})
     if a.nearness:
         data.require_manifest(a.nearness, "--nearness")
-        result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs)
+        if a.band_of and not os.path.isdir(a.band_of):  # before the reference is trained
+            raise data.DataError(f"--band-of {a.band_of}: no such folder")
+        result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs,
+                          a.band_of)
         print(nearness_table(result))
         print(f"wrote {os.path.join(a.nearness, 'nearness.json')}")
         return result

@@ -80,8 +80,9 @@ Negatives outside the denominators (train.py --negative-mode head and prototypes
               read at test time by its own OOD score:
                 L = L_SupCon + beta CE(f(x), y) + lambda L_out, the CE over the labelled rows;
                 oe      L_out = E_x'[ -1/K sum_k log softmax_k f(x') ], cross-entropy to the
-                        uniform distribution: outlier exposure (Hendrycks et al. 2019,
-                        lambda 0.5); score: the head's MSP;
+                        uniform distribution: outlier exposure (Hendrycks et al. 2019, Sec.
+                        4.3's objective, which the paper does not number; lambda 0.5); score:
+                        the head's MSP;
                 energy  L_out = E_x[ max(0, E(x) - m_in)^2 ] + E_x'[ max(0, m_out - E(x'))^2 ],
                         E(x) = -log sum_k exp f_k(x), on the labelled rows x and the negatives
                         x': the energy-bounded learning objective (Liu et al. 2020; lambda 0.1,

@@ -546,7 +546,8 @@ def batch_stream(images, batches, first, data_on, device, workers):
 def train_linear(args, features, labels, num_classes, device, seed, outliers=None):
     """Linear classifier on frozen encoder features (N, F): AdamW, cosine schedule, seeded.
     outliers (M, F): with --outlier-exposure lambda, each step also adds lambda times the
-    cross-entropy of a batch of outliers to the uniform distribution (Hendrycks et al. 2019)."""
+    cross-entropy of a batch of outliers to the uniform distribution (Hendrycks et al. 2019,
+    Sec. 4.3: E[-log f_y(x)] + lambda E_x'[H(U; f(x'))], an equation the paper leaves unnumbered)."""
     g = torch.Generator().manual_seed(seed)  # the batch order of the probe
     torch.manual_seed(seed)  # its initial weights
     classifier = nn.Linear(features.shape[1], num_classes).to(device)  # W (K, F), b (K,)

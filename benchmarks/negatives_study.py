@@ -64,20 +64,19 @@ was the same trade at its size. The few-shot row (350 images) reports k = 50 (14
 class's quantile) beside k = 1: descriptive only.
 
 Arms (train.py flags; NEG = the coat folder), each against its control, same seed:
-  real only                 no negatives
-  (a) control / (a)         --negative-data NEG --negative-weight 0 / w (w = 1 unless phase 1
-                            chooses another): the thesis's negatives in the SupCon denominators
-  (b) + outlier exposure    --negative-data NEG --negative-mode score --outlier-exposure 0.5:
-                            the encoder trains as real only's (no negative in any batch); (b)'s
-                            contrast is within the run, ood_auroc_knn_neg (k-NN+neg, SSD_k's
-                            few-shot score with k-NN distances) minus ood_auroc_knn; outlier
-                            exposure (Hendrycks et al. 2019, lambda 0.5, the frozen probe) is
-                            ood_auroc_msp against real only's (its encoder is real only's)
-  (c) control / (c)         --negative-mode head --head-loss oe --head-weight 0 / lambda
-                            (0.5 unless phase 1 chooses): an outlier-exposure head trained with
-                            the encoder; metrics ood_auroc_knn and ood_auroc_head
+  (a) control / (a)         --negative-data NEG --negative-weight 0 / w: the thesis's negatives
+                            in the SupCon denominators. At w = 0 the encoder is exactly real
+                            only's (tests/test_batch_stats.py), so (a)'s control is real only.
+  (b)                       k-NN+neg (ood_auroc_knn_neg, SSD_k's few-shot score with k-NN
+                            distances) minus k-NN, within (a) control's run: the same encoder,
+                            the negatives at the score only (--negative-mode score trains
+                            exactly this encoder)
+  outlier exposure          (a) control's probe trained with --outlier-exposure 0.5
+                            (Hendrycks et al. 2019): its ood_auroc_msp, the baseline to beat
+  (c) control / (c)         --negative-mode head --head-loss oe --head-weight 0 / lambda: an
+                            outlier-exposure head trained with the encoder; ood_auroc_head
   (d) control / (d)         --negative-mode prototypes --prototype-weight 0 / lambda,
-                            --prototype-momentum alpha (1 and 0.95 unless phase 1 chooses)
+                            --prototype-momentum alpha
   (e) classes               --negative-mode classes: the negatives a class of their own (CSI's
                             sup-CSI), against (a) control (the same batches, negatives at w = 0)
 
@@ -85,11 +84,71 @@ PHASE 1 (exploratory, this script's `phase1`): on the validation design, seeds P
 each setting of PHASE1_GRID against its control on the validation ood_auroc_knn; an arm keeps
 its literature default unless another setting's mean paired gain over the control beats the
 default's by more than one standard error of their paired difference (near_ood_sweep's rule).
-Its numbers choose settings and nothing else: no claim rests on them.
-PHASE 2 (confirmatory) is NOT in this file yet. Its design -- the arms at phase 1's settings,
-the contrasts and the metric of each, the seeds (from phase 1's paired sds), Holm's family, the
-reading of each outcome -- is written into this docstring and committed before any phase-2 run;
-phase2() refuses to run until then.
+Two more rows, control + OE and (e), choose nothing: with the others they give the paired sd of
+each of phase 2's ten contrasts (phase1_spread), from which SEEDS_RULE sets phase 2's seed count.
+Its numbers choose settings and seeds and nothing else: no claim rests on them.
+PHASE 2 (confirmatory), FROZEN HERE before any phase-2 run, at the commit that adds this text:
+  Regimes   competent: REGIME, 200 training images a class; few-shot: 50 a class (the thesis's
+            situation), all else the same. Both on the test design: shirt + pullover's 2,000
+            test images against the 7,000 ID test images, coat's 6,000 as the negatives.
+  Seeds     PHASE2_SEEDS: 24 fresh seeds, 1000-1023 (no run has used them). SEEDS_RULE
+            (phase2_seed_count): the fewest seeds whose 95% t-interval is +-0.01 at the largest
+            of phase 1's ten paired sds, at least 10, at most 24 (the budget: 336 runs of about
+            55 s each, two at a time, 5.1 hours, and the synthetic row's 0.6). Phase 1's sds
+            (validation design) are 0.016-0.100, the largest (d) vs its control: the rule says
+            24, and at those sds 24 seeds give half-widths of +-0.007 to +-0.042 (0.42 sd). The
+            test design's real-only AUROC spreads 8 times less than the validation design's
+            (sd 0.010 against 0.08), so its intervals should be narrower; what they are is
+            reported, not assumed.
+  Rows      PHASE2_ROWS, 7 runs a seed and regime, one thread each, two at a time:
+              control + OE  (a)'s control (negatives at w = 0, which leaves the encoder exactly
+                            as without them) with its probe trained with outlier exposure
+                            (lambda 0.5). Its run holds three figures: the controls' k-NN,
+                            (b)'s k-NN+neg, and outlier exposure's MSP on the frozen probe.
+              (a)           w = 4 (phase 1's choice over 0.25 and 1)
+              (c) control, (c)  --head-weight 0 and 0.5 (the default: 0.1 and 1 did not beat
+                            it by a standard error on phase 1's k-NN, the metric its rule
+                            fixed; on the head's own MSP, 1 would have: noted, not followed)
+              (d) control, (d)  --prototype-weight 0 and 1, --prototype-momentum 0.99 (phase
+                            1's choice over 0.9 and 0.95 at weight 1, and 0.5 and 2 at 0.95)
+              (e)           --negative-mode classes
+  Primary   the near-OOD AUROC of each arm's own score, its control scored the same way:
+              (a) k-NN (k = 50) of (a)         minus that of control + OE
+              (b) k-NN+neg of control + OE     minus its k-NN (the same run)
+              (c) the head's MSP of (c)        minus that of (c) control
+              (d) k-NN of (d)                  minus that of (d) control
+              (e) k-NN of (e)                  minus that of control + OE
+            and each arm's primary figure minus outlier exposure's MSP AUROC (control + OE's
+            frozen probe): ten contrasts a regime.
+  Statistics  paired over seeds: the mean difference, its 95% t-interval, a two-sided paired
+            t-test; Holm at 0.05 within each regime's ten (near_ood_sweep.holm). Secondary,
+            intervals without tests: the k-NN AUROC and the test accuracy of (a), (c), (d) and
+            (e) against their controls.
+  Winner    an arm wins a regime when both its contrasts are positive after Holm. It becomes
+            what --negative-data and --negatives near_ood do by default if it wins the
+            competent regime and neither of its few-shot contrasts is negative after Holm (two
+            such arms: the larger mean gain over outlier exposure). The thesis's mechanism
+            stays available as --negative-mode denominators.
+  A null    an interval that holds 0 says no effect as large as its half-width was found at
+            this many seeds; it is not evidence of no effect. If no arm wins, the negatives go
+            where they cannot harm the encoder: the default becomes --negative-mode score (the
+            encoder trains as without them; the k-NN+neg score uses them) with the probe trained
+            by outlier exposure on them, and the README names, with its interval, which of
+            outlier exposure's MSP, k-NN and k-NN+neg scored highest in the competent regime.
+  Synthetic the synthetic row (`synthetic`, after the look), on SYN_SEEDS (1000-1007) of the
+            competent regime: the best arm (the largest mean gain over its control in the
+            competent regime; a choice, not a test) and its control, with --negative-data
+            the ddpm's near-OOD images that the band filter keeps: dafusion.py on the seed's
+            1,400 training images (--kinds near_ood --strengths 0.5,0.7,0.9 --per-image 1:
+            4,200 images), then evaluate.py --nearness --band-of the coats, the seed's control
+            + OE run as the meter's reference (the coats' 5%-95% band of k-NN scores).
+            Reported: the counts kept at each strength, and the arm against its control
+            (interval; secondary, no Holm). If none survives, the counts say so and nothing is
+            trained.
+  One look  `phase2` prints counts, never a metric; `analyse` refuses until every run is in
+            the ledger (results/negatives_study_phase2_runs.json, rewritten after each run, so
+            a stopped study resumes; the runs must all come from one commit of the product's
+            files, PRODUCT). Then it computes all of the above once.
 
 Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
       python benchmarks/negatives_study.py regime --workers 2      # real only, seeds 0 1 2
@@ -97,6 +156,10 @@ Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
       python benchmarks/negatives_study.py regime --design validation
       python benchmarks/negatives_study.py phase1    # 42 runs, 2 at a time: about 1-2 hours
       python benchmarks/negatives_study.py phase1 --smoke --seeds 100   # 2 steps a run
+      python benchmarks/negatives_study.py phase2    # the frozen design (resumes)
+      python benchmarks/negatives_study.py analyse   # the one look, once every run is in
+      python benchmarks/negatives_study.py synthetic # the synthetic row, after the look
+      python benchmarks/negatives_study.py phase2 --smoke --seeds 9000 9001 --out /tmp/s  # test
 Runs go to runs/negatives_study/ (finished runs are reused); data to .data/fmnist-study.
 Needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist) or --source.
 """
@@ -141,12 +204,12 @@ PHASE1_SEEDS = [100, 101, 102]  # not phase 2's: its seeds must be fresh
 NEG = "{negatives}"  # stands for the coat folder in the flags below
 REAL, CONTROL_A, CONTROL_C, CONTROL_D = ("real only", "(a) control", "(c) control",
                                          "(d) control")
-ARMS = {  # row: train.py flags; the phase-2 rows (settings: phase 1's defaults)
+CONTROL_OE = "control + OE"  # (a)'s control, its probe trained with outlier exposure
+OE = ["--outlier-exposure", "0.5"]  # Hendrycks et al. 2019's lambda for vision
+ARMS = {  # row: train.py flags at the literature's settings (phase 2: PHASE2_ROWS)
     REAL: [],
     CONTROL_A: ["--negative-data", NEG, "--negative-weight", "0"],
     "(a) denominators": ["--negative-data", NEG, "--negative-weight", "1"],
-    "(b) score + outlier exposure": ["--negative-data", NEG, "--negative-mode", "score",
-                                     "--outlier-exposure", "0.5"],
     CONTROL_C: ["--negative-data", NEG, "--negative-mode", "head", "--head-loss", "oe",
                 "--head-weight", "0"],
     "(c) head": ["--negative-data", NEG, "--negative-mode", "head", "--head-loss", "oe",
@@ -170,6 +233,47 @@ PHASE1_GRID = {
                                               ("0.95", "0.5"), ("0.95", "2"))},
         "alpha=0.95, lambda=1"),
 }
+
+# phase 2 (frozen: the docstring's PHASE 2). Settings from phase 1 (results/negatives_study_
+# phase1.json); the seeds are fresh.
+A_W, C_LAMBDA, D_ALPHA, D_LAMBDA = "4", "0.5", "0.99", "1"  # phase 1's choices
+N_SEEDS = 24  # SEEDS_RULE on phase 1's spread (results/negatives_study_phase1.json)
+PHASE2_SEEDS = list(range(1000, 1000 + N_SEEDS))
+REGIMES = {"competent": {"shots": 200}, "few-shot": {"shots": 50}}  # run_arm's regime_of
+PHASE2_ROWS = {
+    CONTROL_OE: ARMS[CONTROL_A] + OE,  # (a)'s control; its run also holds (b) and OE
+    "(a) denominators": ["--negative-data", NEG, "--negative-weight", A_W],
+    CONTROL_C: ARMS[CONTROL_C],
+    "(c) head": ["--negative-data", NEG, "--negative-mode", "head", "--head-loss", "oe",
+                 "--head-weight", C_LAMBDA],
+    CONTROL_D: ["--negative-data", NEG, "--negative-mode", "prototypes", "--prototype-weight",
+                "0", "--prototype-momentum", D_ALPHA],
+    "(d) prototypes": ["--negative-data", NEG, "--negative-mode", "prototypes",
+                       "--prototype-weight", D_LAMBDA, "--prototype-momentum", D_ALPHA],
+    "(e) classes": ARMS["(e) classes"],
+}
+PRIMARY_OF = {  # arm: ((row, its own score), (its control's row, the same score))
+    "(a)": (("(a) denominators", PRIMARY), (CONTROL_OE, PRIMARY)),
+    "(b)": ((CONTROL_OE, "ood_auroc_knn_neg"), (CONTROL_OE, PRIMARY)),
+    "(c)": (("(c) head", "ood_auroc_head"), (CONTROL_C, "ood_auroc_head")),
+    "(d)": (("(d) prototypes", PRIMARY), (CONTROL_D, PRIMARY)),
+    "(e)": (("(e) classes", PRIMARY), (CONTROL_OE, PRIMARY)),
+}
+OE_SCORE = (CONTROL_OE, "ood_auroc_msp")  # outlier exposure on the frozen probe
+SECONDARY = [("(a) denominators", CONTROL_OE), ("(c) head", CONTROL_C),
+             ("(d) prototypes", CONTROL_D), ("(e) classes", CONTROL_OE)]  # k-NN, accuracy
+METRICS_OF = {row: [PRIMARY, "ood_auroc_msp", "test_accuracy"]
+              + (["ood_auroc_knn_neg"] if row == CONTROL_OE else [])
+              + (["ood_auroc_head"] if row in (CONTROL_C, "(c) head") else [])
+              for row in PHASE2_ROWS}
+KEPT = ["test_accuracy", "knn_accuracy", "ood_auroc_knn", "ood_auroc_knn1", "ood_auroc_msp",
+        "ood_auroc_knn_neg", "ood_auroc_head", "head_test_accuracy", "train_minutes",
+        "wall_seconds", "threads", "run_dir"]  # what the ledger keeps of each run
+LEDGER = os.path.join(HERE, "results", "negatives_study_phase2_runs.json")
+SYN_STRENGTHS = "0.5,0.7,0.9"  # the ddpm's near-OOD strengths the band filter chooses among
+SYN_SEEDS = PHASE2_SEEDS[:8]  # the synthetic row's seeds: the first 8 of phase 2's
+SYN_LEDGER = os.path.join(HERE, "results", "negatives_study_synthetic.json")
+PRODUCT = ["supcon.py", "data.py", "dafusion.py", "train.py", "evaluate.py", "requirements.txt"]
 
 
 # -----------------------------------------------------------------------------
@@ -359,11 +463,12 @@ def regime(args):
 
 
 def phase1_rows():
-    """{row: flags}: every control and every setting of PHASE1_GRID."""
+    """{row: flags}: every control and every setting of PHASE1_GRID, and the rows that only
+    measure phase 2's spread: the control with outlier exposure's probe, and (e)."""
     rows = {control: ARMS[control] for control, _, _ in PHASE1_GRID.values()}
     for arm, (_, settings, _) in PHASE1_GRID.items():
         rows.update({f"{arm} {s}": flags for s, flags in settings.items()})
-    return rows
+    return rows | {CONTROL_OE: ARMS[CONTROL_A] + OE, "(e) classes": ARMS["(e) classes"]}
 
 
 def choose(results):
@@ -383,6 +488,30 @@ def choose(results):
     return out
 
 
+def phase1_spread(results, chosen, seeds):
+    """{contrast: paired sd over phase 1's seeds}: phase 2's ten contrasts on the validation
+    design, each arm at its chosen setting (phase 1's rows stand for PHASE2_ROWS)."""
+    as_row = {CONTROL_OE: CONTROL_OE, CONTROL_C: CONTROL_C, CONTROL_D: CONTROL_D,
+              "(e) classes": "(e) classes", **{f"({a}) " + {"a": "denominators", "c": "head",
+                                                              "d": "prototypes"}[a]:
+                                               f"({a}) {chosen[f'({a})']}" for a in "acd"}}
+    out = {}
+    for a, (arm, control) in PRIMARY_OF.items():
+        for name, base in ((f"{a} vs its control", control), (f"{a} vs outlier exposure",
+                                                             OE_SCORE)):
+            d = [results[as_row[arm[0]]][s][arm[1]] - results[as_row[base[0]]][s][base[1]]
+                 for s in seeds]
+            out[name] = float(np.std(d, ddof=1))
+    return out
+
+
+def phase2_seed_count(spread):
+    """SEEDS_RULE: the fewest seeds whose 95% t-interval is +-0.01 at the largest of phase 1's
+    paired sds, at least 10, at most 24 (what fits about 5 hours; the docstring's budget)."""
+    import near_ood_sweep as sweep  # seeds_for
+    return min(24, max(10, sweep.seeds_for(max(spread.values()), 0.01)))
+
+
 def phase1(args):
     """PHASE 1, exploratory: every row of phase1_rows() on the validation design, PHASE1_SEEDS,
     --workers runs at a time; then the settings choose() picks, written to
@@ -399,8 +528,10 @@ def phase1(args):
             print(f"phase 1: {row}, seed {seed}: {PRIMARY} {results[row][seed][PRIMARY]:.4f}",
                   flush=True)
     chosen = choose(results)
+    spread = phase1_spread(results, {arm: top for arm, (top, _) in chosen.items()}, args.seeds)
     report = {"seeds": args.seeds, "metric": f"validation {PRIMARY} (T-shirt/top held out)",
-              "chosen": {arm: top for arm, (top, _) in chosen.items()},
+              "chosen": {arm: top for arm, (top, _) in chosen.items()}, "spread": spread,
+              "phase2_seeds": phase2_seed_count(spread),
               "gains": {arm: g for arm, (_, g) in chosen.items()},
               "runs": {row: {s: {k: v for k, v in m.items() if not isinstance(v, dict)}
                              for s, m in per.items()} for row, per in results.items()}}
@@ -413,15 +544,208 @@ def phase1(args):
     print(json.dumps(report["chosen"], indent=1))
 
 
+# -----------------------------------------------------------------------------
+# Phase 2: the frozen design (docstring), its runs, and the one look
+
+
+def phase2_jobs(seeds):
+    """[(regime, row, seed)] in the order they run: seed by seed, so that a stopped study holds
+    whole seeds."""
+    return [(regime, row, seed) for seed in seeds for regime in REGIMES for row in PHASE2_ROWS]
+
+
+def ledger_of(args):
+    """(the ledger's path, the seeds): the design's, or a smoke's (beside its runs, any seeds)."""
+    if args.smoke:
+        return os.path.join(args.out, "smoke-phase2-runs.json"), args.seeds or [9000]
+    return LEDGER, PHASE2_SEEDS
+
+
+def product_commit(ledger):
+    """The commit every phase-2 run is made at: HEAD, with no change to the product's files
+    (PRODUCT) against it, and the ledger's commit if the ledger has runs. SystemExit if not."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
+    if git("status", "--porcelain", "--", *PRODUCT):
+        raise SystemExit(f"phase 2: {', '.join(PRODUCT)} differ from HEAD {head[:7]}; phase 2 "
+                         f"runs on committed code only")
+    commit = ledger.get("commit") or head
+    if git("diff", "--name-only", commit, "HEAD", "--", *PRODUCT):
+        raise SystemExit(f"phase 2: its runs so far were made at {commit[:7]} and the product's "
+                         f"files changed since; resume there (git worktree add DIR {commit[:7]})")
+    return commit
+
+
 def phase2(args):
-    raise SystemExit("phase 2's design is not frozen yet: write it into this file's docstring "
-                     "and commit it before any phase-2 run (see the docstring)")
+    """PHASE 2's runs (--workers at a time), each written to the ledger as it finishes; prints
+    how many are done, never a metric: the one look is `analyse`."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    import threading
+    path, seeds = ledger_of(args)
+    ledger = read_json(path) or {"runs": {}}
+    ledger["commit"] = "smoke" if args.smoke else product_commit(ledger)
+    every = phase2_jobs(seeds)
+    jobs = [j for j in every if key_of(*j) not in ledger["runs"]]
+    print(f"phase 2 at {ledger['commit'][:7]}: {len(every) - len(jobs)} of {len(every)} runs in "
+          f"{path}; {len(jobs)} to run", flush=True)
+    lock = threading.Lock()
+
+    def one(regime, row, seed):
+        run = argparse.Namespace(**(vars(args) | REGIMES[regime]))  # the regime's shots
+        m = run_arm(run, "test", row, PHASE2_ROWS[row], seed, args.threads)
+        with lock:  # the ledger is rewritten whole, atomically, after each run
+            ledger["runs"][key_of(regime, row, seed)] = {k: m.get(k) for k in KEPT}
+            data.write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+            return len(ledger["runs"])
+
+    with ThreadPoolExecutor(args.workers or 2) as pool:
+        for done in as_completed([pool.submit(one, *j) for j in jobs]):
+            print(f"phase 2: {done.result()} of {len(every)} runs done", flush=True)
+
+
+def key_of(regime, row, seed):
+    return f"{regime} | {row} | {seed}"
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def contrast(values, arm, base, seeds):
+    """Paired over seeds: arm and base are (row, metric); values {(row, seed): metrics}. Mean
+    difference, sd, 95% t-interval, two-sided paired t-test p."""
+    from scipy import stats  # installed with scikit-learn
+    d = np.array([values[(arm[0], s)][arm[1]] - values[(base[0], s)][base[1]] for s in seeds])
+    n, sd = len(d), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / n ** 0.5)
+    p = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else 1.0
+    return {"arm": list(arm), "versus": list(base), "n": n, "mean_delta": float(d.mean()),
+            "sd_delta": sd, "ci95": [float(d.mean()) - half, float(d.mean()) + half], "p": p}
+
+
+def analyse(args):
+    """The one look: every contrast of the design, Holm within each regime's family, the
+    secondary k-NN and accuracy figures, and which arms win; writes results/negatives_study.json.
+    Refused until every phase-2 run is in the ledger."""
+    import near_ood_sweep as sweep  # holm()
+    path, seeds = ledger_of(args)
+    ledger = read_json(path) or {"runs": {}}
+    missing = [j for j in phase2_jobs(seeds) if key_of(*j) not in ledger["runs"]]
+    if missing or len(seeds) < 2:
+        raise SystemExit(f"analyse: {len(missing)} of {len(phase2_jobs(seeds))} phase-2 runs are "
+                         f"not in {path} yet (run `phase2`); the one look waits for all of them")
+    out = {"commit": ledger["commit"], "seeds": seeds, "regimes": {}}
+    for regime in REGIMES:
+        values = {(row, s): ledger["runs"][key_of(regime, row, s)] for row in PHASE2_ROWS
+                  for s in seeds}
+        family = [contrast(values, arm, control, seeds) | {"name": f"{a} vs its control"}
+                  for a, (arm, control) in PRIMARY_OF.items()] + \
+                 [contrast(values, arm, OE_SCORE, seeds) | {"name": f"{a} vs outlier exposure"}
+                  for a, (arm, _) in PRIMARY_OF.items()]
+        sweep.holm(family)
+        secondary = [contrast(values, (row, m), (control, m), seeds) | {"name": f"{row}: {m}"}
+                     for row, control in SECONDARY for m in (PRIMARY, "test_accuracy")]
+        wins = [a for a in PRIMARY_OF if all(c["holm_significant"] and c["mean_delta"] > 0
+                                             for c in family if c["name"].startswith(a))]
+        means = {f"{r}: {m}": float(np.mean([values[(r, s)][m] for s in seeds]))
+                 for r in PHASE2_ROWS for m in METRICS_OF[r]}
+        out["regimes"][regime] = {"family": family, "secondary": secondary, "wins": wins,
+                                  "means": means}
+    path = os.path.join(args.out, "smoke-negatives_study.json") if args.smoke else \
+        os.path.join(HERE, "results", "negatives_study.json")
+    data.write_text(path, json.dumps(out, indent=1))
+    print(json.dumps({r: v["wins"] for r, v in out["regimes"].items()}))
+
+
+def best_arm(args):
+    """The synthetic row's arm (docstring): the largest mean gain over its control in the
+    competent regime of `analyse`'s results (a choice, not a test)."""
+    path = os.path.join(args.out, "smoke-negatives_study.json") if args.smoke else \
+        os.path.join(HERE, "results", "negatives_study.json")
+    result = read_json(path)
+    if result is None:
+        raise SystemExit(f"synthetic: no {path}; run `analyse` first (it names the best arm)")
+    gains = {c["name"].split()[0]: c["mean_delta"] for c in
+             result["regimes"]["competent"]["family"] if c["name"].endswith("its control")}
+    return max(gains, key=gains.get)
+
+
+def synthetic(args):
+    """THE SYNTHETIC ROW: for each of SYN_SEEDS (two at a time), synthetic_seed; each written to
+    SYN_LEDGER as it finishes."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    path = os.path.join(args.out, "smoke-synthetic.json") if args.smoke else SYN_LEDGER
+    runs_path, seeds = ledger_of(args)
+    runs = read_json(runs_path)["runs"]
+    ledger = read_json(path) or {"seeds": {}}
+    ledger["commit"] = "smoke" if args.smoke else product_commit(ledger)
+    ledger["arm"] = arm = best_arm(args)
+    lock = threading.Lock()
+
+    def one(seed):
+        entry = synthetic_seed(args, arm, seed, runs)
+        with lock:
+            ledger["seeds"][str(seed)] = entry
+            data.write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+        print(f"synthetic row: seed {seed} done ({entry['band']['kept']} of "
+              f"{entry['band']['near_ood_images']} kept)", flush=True)
+
+    todo = [s for s in (seeds if args.smoke else SYN_SEEDS) if str(s) not in ledger["seeds"]]
+    with ThreadPoolExecutor(args.workers or 2) as pool:
+        list(pool.map(one, todo))
+    trained = [int(s) for s, e in ledger["seeds"].items() if e["band"]["kept"]]  # kept some
+    if len(trained) > 1:  # the arm against its control, paired over those seeds
+        (row, metric), (control, base) = PRIMARY_OF[arm]
+        values = {(r, int(s)): e[r] for s, e in ledger["seeds"].items() if e["band"]["kept"]
+                  for r in (row, control)}
+        ledger["contrast"] = contrast(values, (row, metric), (control, base), sorted(trained))
+        data.write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+
+
+def synthetic_seed(args, arm, seed, runs):
+    """One seed of the synthetic row: the ddpm's near-OOD variations of the seed's competent-
+    regime training images (dafusion.py), the band filter (evaluate.py --nearness --band-of the
+    coats, the seed's control + OE run as the reference), then the arm's row and its control's
+    row with the kept images as --negative-data. Returns the ledger's entry."""
+    out = os.path.join(args.out, "synthetic", f"seed{seed}")
+    step(["dafusion.py", "--data", "fashion-mnist", "--data-root", os.path.join(args.data, "test"),
+          "--ood-classes", ood_flag("test"), "--seed", str(seed), "--examples-per-class", "200",
+          "--out", out, "--kinds", "near_ood", "--strengths", SYN_STRENGTHS, "--per-image", "1",
+          "--gen-device", "cpu"] + (["--ddpm-steps", "2"] if args.smoke else []))
+    reference = runs[key_of("competent", CONTROL_OE, seed)]["run_dir"]
+    step(["evaluate.py", "--nearness", out, "--run", reference, "--band-of",
+          os.path.join(args.data, "coat"), "--device", "cpu"])
+    band = read_json(os.path.join(out, "nearness.json"))["band"]
+    entry = {"band": {k: band[k] for k in ("low", "high", "kept", "near_ood_images",
+                                           "kept_by_strength", "reference_images")}}
+    run = argparse.Namespace(**(vars(args) | REGIMES["competent"]))
+    for row in sorted({PRIMARY_OF[arm][0][0], PRIMARY_OF[arm][1][0]}) if band["kept"] else ():
+        flags = [band["folder"] if f == NEG else f for f in PHASE2_ROWS[row]]
+        m = run_arm(run, "test", f"synthetic {row}", flags, seed, args.threads)
+        entry[row] = {k: m.get(k) for k in KEPT}
+    return entry
+
+
+def step(argv):
+    """One of the product's scripts in its own process; SystemExit naming it if it fails."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(THREADS)))
+    if done.returncode:
+        raise SystemExit(f"synthetic row: {' '.join(argv[:3])} ... failed: "
+                         f"{done.stderr.strip().splitlines()[-1:]}")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["prepare", "regime", "phase1", "phase2"])
+    p.add_argument("command", choices=["prepare", "regime", "phase1", "phase2", "analyse",
+                                       "synthetic"])
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="regime: real only's seeds (default 0 1 2); phase1: PHASE1_SEEDS")
     p.add_argument("--design", choices=["test", "validation"], default="test",
@@ -459,7 +783,13 @@ def main(argv=None):
         args.seeds = args.seeds or PHASE1_SEEDS
         phase1(args)
     elif args.command == "phase2":
+        if not args.smoke and (args.seeds or not PHASE2_SEEDS):
+            raise SystemExit("phase 2 runs the frozen design's seeds (--seeds: with --smoke only)")
         phase2(args)
+    elif args.command == "analyse":
+        analyse(args)
+    elif args.command == "synthetic":
+        synthetic(args)
 
 
 if __name__ == "__main__":
