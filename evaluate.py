@@ -598,8 +598,12 @@ def write_band(folder, names):
 def nearness_band(folder, band_of, syn, splits, train_f, feats, resize):
     """The filter of --band-of: the band of the real near-OOD images' k-NN scores (k = 50, the
     meter's reference encoder and images), the synthetic near-OOD images inside it, copied by
-    write_band. A dict for nearness.json; nothing is written when none is kept."""
-    real = data.read_negative_data(band_of, splits, resize)  # as train.py reads such a folder
+    write_band. A dict for nearness.json. When none is kept, nothing is written and an older
+    band folder is removed, so that no folder outlives the band it no longer matches."""
+    try:  # read as train.py reads such a folder; its refusals name --band-of, not --negative-data
+        real = data.read_negative_data(band_of, splits, resize)
+    except data.DataError as error:
+        raise data.DataError(str(error).replace("--negative-data", "--band-of", 1)) from error
     near = syn.subset(syn.kind == data.KIND_NEAR_OOD)
     if not len(near):
         raise data.DataError(f"--band-of: {folder} holds no near-OOD images to filter")
@@ -608,10 +612,12 @@ def nearness_band(folder, band_of, syn, splits, train_f, feats, resize):
     kept = [name for name, k in zip(near.names, keep.tolist()) if k]
     by_strength = {f"{s:g}": [int(keep[near.strength == s].sum()), int((near.strength == s).sum())]
                    for s in torch.unique(near.strength).tolist()}  # strength: [kept, of]
+    if not kept and os.path.isdir(os.path.join(folder, "near_ood_band")):
+        shutil.rmtree(os.path.join(folder, "near_ood_band"))  # an older band's: now untrue
     return {"reference": os.path.abspath(band_of), "reference_images": len(real),
             "quantiles": list(BAND), "low": low, "high": high, "kept": len(kept),
             "near_ood_images": len(near), "kept_by_strength": by_strength,
-            "folder": write_band(folder, kept) if kept else None}
+            "folder": os.path.abspath(write_band(folder, kept)) if kept else None}
 
 
 def nearness(folder, args, run=None, overrides=None, device="auto", epochs=30, band_of=None):
@@ -698,7 +704,7 @@ def nearness_table(result):
                   f"{b['quantiles'][1]:g} quantiles). Kept {b['kept']} of {b['near_ood_images']} "
                   f"synthetic near-OOD images ({counts}); "
                   + (f"copied into {b['folder']}" if b["folder"] else "none survives: nothing "
-                     "written")]
+                     "written (no near_ood_band folder)")]
     return "\n".join(lines)
 
 
@@ -1009,6 +1015,9 @@ def main(argv=None):
         data.require_manifest(a.nearness, "--nearness")
         if a.band_of and not os.path.isdir(a.band_of):  # before the reference is trained
             raise data.DataError(f"--band-of {a.band_of}: no such folder")
+        if a.band_of and not data.image_files(a.band_of, collections.Counter()):
+            raise data.DataError(f"--band-of {a.band_of}: no images there; give a folder of "
+                                 f"real near-OOD photographs")
         result = nearness(a.nearness, a, a.reference_run, overrides, a.device, a.reference_epochs,
                           a.band_of)
         print(nearness_table(result))

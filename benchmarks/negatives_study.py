@@ -60,8 +60,9 @@ negatives (k' = round(k M / N) = 214, evaluate.negatives_k); and at k/N = 3.6% (
 class's 200 images) it scores the distance to a class's bulk, not to one image. Sun et al.'s
 own ratio (50 of CIFAR-10's 50,000) would give k = 1-2 here, i.e. k = 1 (ood_auroc_knn1, kept
 as a secondary figure), the score one stray training image can move. The sweep's k = 5 (of 350)
-was the same trade at its size. The few-shot row (350 images) reports k = 50 (14%, a whole
-class's quantile) beside k = 1: descriptive only.
+was the same trade at its size. In the few-shot regime (350 images) k = 50 is 14% of the
+references, a whole class's quantile; phase 2 keeps k = 50 there too, so that both regimes and
+every arm are scored alike (k = 1 is reported beside it, descriptive only).
 
 Arms (train.py flags; NEG = the coat folder), each against its control, same seed:
   (a) control / (a)         --negative-data NEG --negative-weight 0 / w: the thesis's negatives
@@ -72,7 +73,10 @@ Arms (train.py flags; NEG = the coat folder), each against its control, same see
                             the negatives at the score only (--negative-mode score trains
                             exactly this encoder)
   outlier exposure          (a) control's probe trained with --outlier-exposure 0.5
-                            (Hendrycks et al. 2019): its ood_auroc_msp, the baseline to beat
+                            (Hendrycks et al. 2019): its ood_auroc_msp, the baseline to beat.
+                            It is outlier exposure on a linear probe over a frozen encoder, a
+                            weaker baseline than the paper's fine-tuning of the whole network;
+                            (c) is the nearer to that.
   (c) control / (c)         --negative-mode head --head-loss oe --head-weight 0 / lambda: an
                             outlier-exposure head trained with the encoder; ood_auroc_head
   (d) control / (d)         --negative-mode prototypes --prototype-weight 0 / lambda,
@@ -87,7 +91,10 @@ default's by more than one standard error of their paired difference (near_ood_s
 Two more rows, control + OE and (e), choose nothing: with the others they give the paired sd of
 each of phase 2's ten contrasts (phase1_spread), from which SEEDS_RULE sets phase 2's seed count.
 Its numbers choose settings and seeds and nothing else: no claim rests on them.
-PHASE 2 (confirmatory), FROZEN HERE before any phase-2 run, at the commit that adds this text:
+PHASE 2 (confirmatory), FROZEN HERE before any phase-2 run, at f374158. Phase 2 first started
+there; a reader's review then found bugs in this script's checks and analysis (not in the design
+below) and in evaluate.py's band filter, so the runs made at f374158 were discarded unseen (no
+metric was printed) and phase 2 restarted at the commit that adds this sentence:
   Regimes   competent: REGIME, 200 training images a class; few-shot: 50 a class (the thesis's
             situation), all else the same. Both on the test design: shirt + pullover's 2,000
             test images against the 7,000 ID test images, coat's 6,000 as the negatives.
@@ -137,7 +144,8 @@ PHASE 2 (confirmatory), FROZEN HERE before any phase-2 run, at the commit that a
             outlier exposure's MSP, k-NN and k-NN+neg scored highest in the competent regime.
   Synthetic the synthetic row (`synthetic`, after the look), on SYN_SEEDS (1000-1007) of the
             competent regime: the best arm (the largest mean gain over its control in the
-            competent regime; a choice, not a test) and its control, with --negative-data
+            competent regime; a choice, not a test, and the arms' gains are on their own
+            scores, not one scale) and its control, with --negative-data
             the ddpm's near-OOD images that the band filter keeps: dafusion.py on the seed's
             1,400 training images (--kinds near_ood --strengths 0.5,0.7,0.9 --per-image 1:
             4,200 images), then evaluate.py --nearness --band-of the coats, the seed's control
@@ -154,7 +162,7 @@ Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
       python benchmarks/negatives_study.py regime --workers 2      # real only, seeds 0 1 2
       python benchmarks/negatives_study.py regime --shots 50       # the few-shot row
       python benchmarks/negatives_study.py regime --design validation
-      python benchmarks/negatives_study.py phase1    # 42 runs, 2 at a time: about 1-2 hours
+      python benchmarks/negatives_study.py phase1    # 48 runs, 2 at a time: about 45 minutes
       python benchmarks/negatives_study.py phase1 --smoke --seeds 100   # 2 steps a run
       python benchmarks/negatives_study.py phase2    # the frozen design (resumes)
       python benchmarks/negatives_study.py analyse   # the one look, once every run is in
@@ -418,15 +426,17 @@ def run_arm(args, design, row, flags, seed, threads):
     name = "".join(ch for ch in f"{row}-seed{seed}".replace(" ", "_")
                    if ch.isalnum() or ch in "_.-+,=()")
     run_dir = os.path.join(out, name)
-    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+    argv = train_argv(args, design, flags, seed, out, name)
+    if os.path.exists(os.path.join(run_dir, "wall_seconds.txt")):  # written last: finished
+        same_run(run_dir, argv)  # reused only if it is this row's run
+    else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped half-way starts again
         os.makedirs(out, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        argv = [sys.executable, os.path.join(ROOT, "train.py"),
-                *train_argv(args, design, flags, seed, out, name)]
         t0 = time.time()
         with open(os.path.join(out, name + ".log"), "w", encoding="utf-8") as log:
-            done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         if done.returncode:
             raise SystemExit(f"{row}, seed {seed}: train.py failed; see {log.name}")
         data.write_text(os.path.join(run_dir, "wall_seconds.txt"),
@@ -436,6 +446,27 @@ def run_arm(args, design, row, flags, seed, threads):
     with open(os.path.join(run_dir, "wall_seconds.txt"), encoding="utf-8") as f:
         wall, threads = f.read().split()
     return metrics | {"wall_seconds": float(wall), "threads": int(threads), "run_dir": run_dir}
+
+
+def same_run(run_dir, argv):
+    """SystemExit unless run_dir's config.json holds the settings train.py's `argv` gives: a
+    finished run is reused only for the row, seed and regime that made it. Data folders are
+    compared by their last two names (another worktree moves them, not what they hold)."""
+    import train  # its parser turns argv into the settings config.json records
+    parser = train.build_parser()
+    given = data.given_options(parser, argv)  # the settings argv types (the rest are defaults)
+    want = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in given}
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        have = json.load(f)
+    tail = lambda p: "/".join(os.path.normpath(p).split(os.sep)[-2:]) if p else p  # noqa: E731
+    for key, value in want.items():
+        if key in ("out", "name", "device") or key not in have:
+            continue
+        mine, theirs = (tail(value), tail(have[key])) if key in ("data_root", "negative_data") \
+            else (json.loads(json.dumps(value)), have[key])
+        if mine != theirs:
+            raise SystemExit(f"{run_dir}: made with {key} = {have[key]!r}, not {value!r}; move "
+                             f"it away to run this row again")
 
 
 # -----------------------------------------------------------------------------
@@ -565,7 +596,7 @@ def product_commit(ledger):
     """The commit every phase-2 run is made at: HEAD, with no change to the product's files
     (PRODUCT) against it, and the ledger's commit if the ledger has runs. SystemExit if not."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa: E731
-                                    text=True).stdout.strip()
+                                    text=True, check=True).stdout.strip()  # a failure: fatal
     head = git("rev-parse", "HEAD")
     if git("status", "--porcelain", "--", *PRODUCT):
         raise SystemExit(f"phase 2: {', '.join(PRODUCT)} differ from HEAD {head[:7]}; phase 2 "
@@ -585,6 +616,10 @@ def phase2(args):
     path, seeds = ledger_of(args)
     ledger = read_json(path) or {"runs": {}}
     ledger["commit"] = "smoke" if args.smoke else product_commit(ledger)
+    if ledger.setdefault("design", design_of()) != design_of():  # this file's frozen constants
+        raise SystemExit(f"phase 2: {path} was made with another design (PHASE2_ROWS, REGIMES, "
+                         f"REGIME, THREADS or the seeds differ from this file's); resume with "
+                         f"the file that made it")
     every = phase2_jobs(seeds)
     jobs = [j for j in every if key_of(*j) not in ledger["runs"]]
     print(f"phase 2 at {ledger['commit'][:7]}: {len(every) - len(jobs)} of {len(every)} runs in "
@@ -602,6 +637,12 @@ def phase2(args):
     with ThreadPoolExecutor(args.workers or 2) as pool:
         for done in as_completed([pool.submit(one, *j) for j in jobs]):
             print(f"phase 2: {done.result()} of {len(every)} runs done", flush=True)
+
+
+def design_of():
+    """What the ledger pins of this file: the constants that decide what every run is."""
+    return json.loads(json.dumps({"rows": PHASE2_ROWS, "regimes": REGIMES, "regime": REGIME,
+                                  "threads": THREADS, "seeds": PHASE2_SEEDS}))
 
 
 def key_of(regime, row, seed):
@@ -655,10 +696,100 @@ def analyse(args):
                  for r in PHASE2_ROWS for m in METRICS_OF[r]}
         out["regimes"][regime] = {"family": family, "secondary": secondary, "wins": wins,
                                   "means": means}
-    path = os.path.join(args.out, "smoke-negatives_study.json") if args.smoke else \
-        os.path.join(HERE, "results", "negatives_study.json")
-    data.write_text(path, json.dumps(out, indent=1))
-    print(json.dumps({r: v["wins"] for r, v in out["regimes"].items()}))
+        if regime == "competent":
+            competent = values
+    out["decision"] = decide(out["regimes"], competent, seeds)
+    path = os.path.join(args.out, "smoke-negatives_study") if args.smoke else \
+        os.path.join(HERE, "results", "negatives_study")
+    data.write_text(path + ".json", json.dumps(out, indent=1))
+    report(out, path)
+    print(json.dumps({r: v["wins"] for r, v in out["regimes"].items()} | out["decision"]))
+
+
+def decide(regimes, values, seeds):
+    """The docstring's Winner and A null, computed. A winner: an arm that wins the competent
+    regime with neither few-shot contrast negative after Holm (the larger mean gain over outlier
+    exposure among several). None: the three scores of control + OE's run in the competent
+    regime (outlier exposure's MSP, k-NN, k-NN+neg), each a mean with its 95% t-interval, and the
+    highest against the other two, paired."""
+    negative = lambda c: c["holm_significant"] and c["mean_delta"] < 0  # noqa: E731
+    eligible = [a for a in regimes["competent"]["wins"] if not any(
+        negative(c) for c in regimes["few-shot"]["family"] if c["name"].startswith(a))]
+    over_oe = {c["name"].split()[0]: c["mean_delta"] for c in regimes["competent"]["family"]
+               if c["name"].endswith("outlier exposure")}
+    if eligible:
+        return {"winner": max(eligible, key=over_oe.get), "eligible": eligible}
+    scores = {"outlier exposure MSP": OE_SCORE, "k-NN": (CONTROL_OE, PRIMARY),
+              "k-NN+neg": (CONTROL_OE, "ood_auroc_knn_neg")}
+    level = {}
+    for name, (row, metric) in scores.items():
+        x = np.array([values[(row, s)][metric] for s in seeds])
+        half = float(stats_t(len(x)) * x.std(ddof=1) / len(x) ** 0.5)
+        level[name] = {"mean": float(x.mean()), "ci95": [float(x.mean()) - half,
+                                                         float(x.mean()) + half]}
+    top = max(level, key=lambda n: level[n]["mean"])
+    return {"winner": None, "scores": level, "highest": top,
+            "highest_versus": [contrast(values, scores[top], scores[o], seeds) | {
+                "name": f"{top} vs {o}"} for o in scores if o != top]}
+
+
+def stats_t(n):
+    """The 97.5% quantile of Student's t with n - 1 degrees of freedom (a 95% interval)."""
+    from scipy import stats  # installed with scikit-learn
+    return stats.t.ppf(0.975, n - 1)
+
+
+def report(out, path):
+    """analyse's results as markdown (path.md) and a picture of the contrasts (path.png)."""
+    def interval(c):
+        return f"{c['mean_delta']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+
+    lines = ["# The negatives study, phase 2 (confirmatory)", "",
+             f"`python benchmarks/negatives_study.py analyse`: {len(out['seeds'])} seeds "
+             f"({out['seeds'][0]}-{out['seeds'][-1]}), product code at {out['commit'][:7]}, one "
+             f"thread a run. The design is the script's docstring (PHASE 2), frozen before the "
+             f"first run. AUROC: shirt + pullover against the 7 ID classes' test images, ID "
+             f"positive.", ""]
+    for regime, r in out["regimes"].items():
+        lines += [f"## {regime} ({REGIMES[regime]['shots']} training images a class)", "",
+                  "| contrast | mean difference | 95% interval | p | Holm |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['name']} | {interval(c)} | {c['p']:.2g} | "
+                  f"{'significant' if c['holm_significant'] else 'not significant'} |"
+                  for c in r["family"]]
+        lines += ["", f"Arms that win (both contrasts positive after Holm): "
+                  f"{', '.join(r['wins']) or 'none'}.", "", "Secondary (intervals, no tests):", "",
+                  "| row: metric, against its control | mean difference | 95% interval |",
+                  "|---|---|---|"]
+        lines += [f"| {c['name']} | {interval(c)} |" for c in r["secondary"]]
+        lines += ["", "| row: metric | mean over seeds |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in r["means"].items()] + [""]
+    d = out["decision"]
+    lines += ["## The reading fixed in advance", ""]
+    if d["winner"]:
+        lines += [f"Winner: {d['winner']} (eligible: {', '.join(d['eligible'])}). It becomes "
+                  f"what --negative-data and --negatives near_ood do by default."]
+    else:
+        lines += ["No arm wins. Competent regime, control + OE's run:", "",
+                  "| score | mean AUROC | 95% interval |", "|---|---|---|"]
+        lines += [f"| {n} | {v['mean']:.4f} | [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |"
+                  for n, v in d["scores"].items()]
+        lines += ["", f"Highest: {d['highest']}; " + "; ".join(
+            f"{c['name']} {interval(c).replace(' |', '')}" for c in d["highest_versus"]) + "."]
+    data.write_text(path + ".md", "\n".join(lines + [""]))
+    plt = data.pyplot()
+    fig, axes = plt.subplots(1, len(out["regimes"]), figsize=(11, 4), sharey=True)
+    for ax, (regime, r) in zip(np.atleast_1d(axes), out["regimes"].items()):
+        means = [c["mean_delta"] for c in r["family"]]
+        err = [[m - c["ci95"][0] for m, c in zip(means, r["family"])],
+               [c["ci95"][1] - m for m, c in zip(means, r["family"])]]
+        ax.errorbar(means, range(len(means)), xerr=err, fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(means)), [c["name"] for c in r["family"]])
+        ax.set(title=regime, xlabel="AUROC difference, 95% interval")
+    fig.tight_layout()
+    data.atomic_write(path + ".png", lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
 
 
 def best_arm(args):
@@ -785,6 +916,12 @@ def main(argv=None):
     elif args.command == "phase2":
         if not args.smoke and (args.seeds or not PHASE2_SEEDS):
             raise SystemExit("phase 2 runs the frozen design's seeds (--seeds: with --smoke only)")
+        if any(getattr(args, k) is not None for k in ("shots", "batch_size", "image_size",
+                                                      "temperature", "augment")) or \
+                (args.train_steps and not args.smoke) or args.threads != THREADS:
+            raise SystemExit("phase 2 runs the frozen design: --shots, --batch-size, "
+                             "--image-size, --temperature, --augment, --train-steps and "
+                             "--threads are for the regime command")
         phase2(args)
     elif args.command == "analyse":
         analyse(args)

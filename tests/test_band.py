@@ -19,25 +19,30 @@ import evaluate
 import train
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SMALL = ["--examples-per-class", "6", "--batch-size", "16", "--linear-epochs", "2",
-         "--device", "cpu", "--no-report"]
+SMALL = ["--examples-per-class", "10", "--batch-size", "16", "--linear-epochs", "2",
+         "--device", "cpu", "--no-report"]  # 8 classes x 10 = 80 references: k = 50 stays 50
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A digits synthetic set (near-OOD at 0.5 and 0.9), a reference run on the same few-shot
-    images, and a folder of 'real near-OOD' images: rotated, brightened digits test images."""
+    images, and a folder of 'real near-OOD' images: rotated, brightened digits test images, and
+    copies of 20 of the set's own near-OOD images, so that the band surely splits the set (its
+    two extremes lie outside their own 5%-95% band, the others inside)."""
     root = tmp_path_factory.mktemp("band")
     syn = str(root / "set")
-    dafusion.main(["--out", syn, "--examples-per-class", "6", "--strengths", "0.5,0.9",
-                   "--per-image", "2", "--ddpm-steps", "2"])
+    dafusion.main(["--out", syn, "--examples-per-class", "10", "--strengths", "0.5,0.9",
+                   "--per-image", "1", "--ddpm-steps", "2"])
     train.main(SMALL + ["--train-steps", "3", "--out", str(root), "--name", "ref"])
     splits = data.splits_from_args(train.build_parser().parse_args(SMALL))
     real = root / "real"
     real.mkdir()
-    for i, image in enumerate(splits.test.images[:40]):  # (C, H, W) uint8; C = 1
+    for i, image in enumerate(splits.test.images[:20]):  # (C, H, W) uint8; C = 1
         turned = torch.rot90(image[0], 1, (0, 1)).clamp(max=250) + 5  # no digit's own pixels
         Image.fromarray(turned.numpy()).save(real / f"{i}.png")
+    near = sorted(row["path"] for _, row in data.manifest_rows(syn) if row["kind"] == "near_ood")
+    for i, path in enumerate(near[::len(near) // 20][:20]):  # both strengths
+        Image.open(os.path.join(syn, path)).save(real / f"copy{i}.png")
     return syn, str(root / "ref"), str(real)
 
 
@@ -84,12 +89,17 @@ def test_the_filter_keeps_what_the_brute_force_band_keeps(made, capsys):
     # the score is minus the distance: the band of scores is the band of distances, mirrored
     low, high = np.quantile(-real_r, [0.05, 0.95])
     assert (band["low"], band["high"]) == pytest.approx((low, high), abs=1e-5)
+    assert evaluate.knn_k(50, len(train_f), "ood") == 50 < len(train_f)  # k is not cut to N
     margin = 1e-5  # float32 features against float64 sums: images this close to an end are
     sure_in = (-near_r >= low + margin) & (-near_r <= high - margin)  # not asserted either way
     sure_out = (-near_r < low - margin) | (-near_r > high + margin)
-    kept = {os.path.relpath(n, syn).replace(os.sep, "__") for n in near.names}  # every name
-    files = set(os.listdir(band["folder"])) if band["folder"] else set()
-    assert files <= kept and len(files) == band["kept"]
+    assert sure_in.any() and sure_out.any()  # the band splits the set: both ways are tested
+    names = {os.path.relpath(n, syn).replace(os.sep, "__") for n in near.names}  # every one
+    files = set(os.listdir(band["folder"]))
+    assert files <= names and len(files) == band["kept"]
+    for s, (kept, n) in band["kept_by_strength"].items():  # each strength as the brute force
+        at = np.isclose(near.strength.numpy(), float(s))
+        assert n == at.sum() and sure_in[at].sum() <= kept <= n - sure_out[at].sum(), s
     for name, inside, outside in zip(near.names, sure_in, sure_out):
         copy = os.path.relpath(name, syn).replace(os.sep, "__")
         if inside:
@@ -106,35 +116,45 @@ def test_the_filter_keeps_what_the_brute_force_band_keeps(made, capsys):
     assert f"Kept {band['kept']} of {len(near_r)} synthetic near-OOD images" in \
         capsys.readouterr().out
     # the band folder is what train.py --negative-data reads: every image, every anchor
-    if band["folder"]:
-        negatives = data.read_negative_data(band["folder"], splits)
-        assert len(negatives) == band["kept"] and negatives.every_anchor.all()
+    negatives = data.read_negative_data(band["folder"], splits)
+    assert len(negatives) == band["kept"] and negatives.every_anchor.all()
 
 
 def test_a_band_nothing_falls_in_writes_nothing_and_says_so(made, tmp_path, capsys):
     syn, run, real = made
+    evaluate.main(["--nearness", syn, "--run", run, "--band-of", real])  # a band that keeps some
+    folder = os.path.join(syn, "near_ood_band")
+    assert os.listdir(folder)
     one = tmp_path / "one"
     one.mkdir()
     for name in ("a.png", "b.png"):  # one image twice: the band is a single score
         Image.open(os.path.join(real, "0.png")).save(one / name)
-    folder = os.path.join(syn, "near_ood_band")  # an earlier band's folder, if any, stays
-    before = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
     result = evaluate.main(["--nearness", syn, "--run", run, "--band-of", str(one)])
     assert result["band"]["kept"] == 0 and result["band"]["folder"] is None
     out = capsys.readouterr().out
     assert "none survives: nothing written" in out and "Kept 0 of" in out
     assert result["band"]["high"] == pytest.approx(result["band"]["low"], abs=1e-6)  # one score
-    assert (sorted(os.listdir(folder)) if os.path.isdir(folder) else None) == before
+    assert not os.path.exists(folder)  # the older band's folder no longer stands for this band
 
 
 @pytest.mark.parametrize("argv, said", [
     (["--band-of", "{missing}"], "--band-of {missing}: no such folder"),
+    (["--band-of", "{empty}"], "--band-of {empty}: no images there; give a folder of real "
+                               "near-OOD photographs"),
+    (["--band-of", "{known}"], "--band-of {known}: 1 of its images are images of this run's "
+                               "training set"),
     ([], None),  # a control: the same call without --band-of runs
 ])
 def test_band_of_refusals(made, tmp_path, argv, said):
     syn, run, _ = made
-    missing = str(tmp_path / "nowhere")
-    argv = [a.replace("{missing}", missing) for a in argv]
+    missing, empty, known = (str(tmp_path / n) for n in ("nowhere", "empty", "known"))
+    os.mkdir(empty)
+    os.mkdir(known)
+    splits = data.splits_from_args(train.build_parser().parse_args(SMALL))
+    Image.fromarray(splits.train.images[0, 0].numpy()).save(os.path.join(known, "mine.png"))
+    fill = lambda a: a.replace("{missing}", missing).replace(  # noqa: E731
+        "{empty}", empty).replace("{known}", known)
+    argv = [fill(a) for a in argv]
     done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--nearness", syn,
                            "--run", run, *argv], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -142,7 +162,8 @@ def test_band_of_refusals(made, tmp_path, argv, said):
         assert done.returncode == 0, done.stderr
         return
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == "error: " + said.replace("{missing}", missing)
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.strip().startswith("error: " + fill(said))
 
 
 def test_band_of_needs_nearness(made, tmp_path):
