@@ -848,13 +848,16 @@ def synthetic_seed(args, arm, seed, runs):
           "--ood-classes", ood_flag("test"), "--seed", str(seed), "--examples-per-class", "200",
           "--out", out, "--kinds", "near_ood", "--strengths", SYN_STRENGTHS, "--per-image", "1",
           "--gen-device", "cpu"] + (["--ddpm-steps", "2"] if args.smoke else []))
+    run = argparse.Namespace(**(vars(args) | REGIMES["competent"]))
     reference = runs[key_of("competent", CONTROL_OE, seed)]["run_dir"]
+    if not os.path.exists(os.path.join(reference, "model.pt")):  # another machine's folder:
+        reference = run_arm(run, "test", CONTROL_OE, PHASE2_ROWS[CONTROL_OE], seed,  # made
+                            args.threads)["run_dir"]  # again (same seed, code, one thread)
     step(["evaluate.py", "--nearness", out, "--run", reference, "--band-of",
           os.path.join(args.data, "coat"), "--device", "cpu"])
     band = read_json(os.path.join(out, "nearness.json"))["band"]
     entry = {"band": {k: band[k] for k in ("low", "high", "kept", "near_ood_images",
                                            "kept_by_strength", "reference_images")}}
-    run = argparse.Namespace(**(vars(args) | REGIMES["competent"]))
     for row in sorted({PRIMARY_OF[arm][0][0], PRIMARY_OF[arm][1][0]}) if band["kept"] else ():
         flags = [band["folder"] if f == NEG else f for f in PHASE2_ROWS[row]]
         m = run_arm(run, "test", f"synthetic {row}", flags, seed, args.threads)
