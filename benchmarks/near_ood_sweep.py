@@ -341,20 +341,26 @@ def paired(results, names, versus, metric, family=False):
     """For each row: the per-seed differences to `versus` (on the seeds both rows have), their
     mean, sd, 95% t-interval and a two-sided paired t-test; family: Holm at 0.05 across these
     rows."""
-    from scipy import stats  # installed with scikit-learn
     out = []
     for name in names:
         seeds = sorted(set(results[name]) & set(results[versus]))
-        d = np.array([results[name][s][metric] - results[versus][s][metric] for s in seeds])
-        n, sd = len(d), d.std(ddof=1) if len(d) > 1 else math.nan
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-        p = float(stats.ttest_1samp(d, 0.0).pvalue) if n > 1 and sd > 0 else math.nan
-        out.append({"config": name, "versus": versus, "metric": metric, "n": n,
-                    "mean_delta": float(d.mean()), "sd_delta": float(sd),
-                    "ci95": [float(d.mean() - half), float(d.mean() + half)], "p": p})
+        d = [results[name][s][metric] - results[versus][s][metric] for s in seeds]
+        out.append({"config": name, "versus": versus, "metric": metric} | paired_stats(d))
     if family:
         holm(out)
     return out
+
+
+def paired_stats(differences):
+    """Per-seed differences -> n, their mean and sd, the 95% t-interval of the mean and a
+    two-sided one-sample t-test's p (NaN where one seed, or no spread, leaves them undefined)."""
+    from scipy import stats  # installed with scikit-learn
+    d = np.asarray(differences, dtype=float)
+    n, sd = len(d), d.std(ddof=1) if len(d) > 1 else math.nan
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    p = float(stats.ttest_1samp(d, 0.0).pvalue) if n > 1 and sd > 0 else math.nan
+    return {"n": n, "mean_delta": float(d.mean()), "sd_delta": float(sd),
+            "ci95": [float(d.mean() - half), float(d.mean() + half)], "p": p}
 
 
 def holm(comparisons, key="holm_significant"):

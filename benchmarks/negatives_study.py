@@ -657,15 +657,11 @@ def read_json(path):
 
 
 def contrast(values, arm, base, seeds):
-    """Paired over seeds: arm and base are (row, metric); values {(row, seed): metrics}. Mean
-    difference, sd, 95% t-interval, two-sided paired t-test p."""
-    from scipy import stats  # installed with scikit-learn
-    d = np.array([values[(arm[0], s)][arm[1]] - values[(base[0], s)][base[1]] for s in seeds])
-    n, sd = len(d), float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1) * sd / n ** 0.5)
-    p = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else 1.0
-    return {"arm": list(arm), "versus": list(base), "n": n, "mean_delta": float(d.mean()),
-            "sd_delta": sd, "ci95": [float(d.mean()) - half, float(d.mean()) + half], "p": p}
+    """Paired over seeds: arm and base are (row, metric); values {(row, seed): metrics}. The
+    sweep's paired_stats of the differences (mean, sd, 95% t-interval, two-sided t-test p)."""
+    import near_ood_sweep as sweep
+    d = [values[(arm[0], s)][arm[1]] - values[(base[0], s)][base[1]] for s in seeds]
+    return {"arm": list(arm), "versus": list(base)} | sweep.paired_stats(d)
 
 
 def analyse(args):
@@ -712,6 +708,7 @@ def decide(regimes, values, seeds):
     exposure among several). None: the three scores of control + OE's run in the competent
     regime (outlier exposure's MSP, k-NN, k-NN+neg), each a mean with its 95% t-interval, and the
     highest against the other two, paired."""
+    import near_ood_sweep as sweep  # paired_stats
     negative = lambda c: c["holm_significant"] and c["mean_delta"] < 0  # noqa: E731
     eligible = [a for a in regimes["competent"]["wins"] if not any(
         negative(c) for c in regimes["few-shot"]["family"] if c["name"].startswith(a))]
@@ -722,21 +719,14 @@ def decide(regimes, values, seeds):
     scores = {"outlier exposure MSP": OE_SCORE, "k-NN": (CONTROL_OE, PRIMARY),
               "k-NN+neg": (CONTROL_OE, "ood_auroc_knn_neg")}
     level = {}
-    for name, (row, metric) in scores.items():
-        x = np.array([values[(row, s)][metric] for s in seeds])
-        half = float(stats_t(len(x)) * x.std(ddof=1) / len(x) ** 0.5)
-        level[name] = {"mean": float(x.mean()), "ci95": [float(x.mean()) - half,
-                                                         float(x.mean()) + half]}
+    for name, (row, metric) in scores.items():  # a level's interval: its differences from 0
+        x = sweep.paired_stats([values[(row, s)][metric] for s in seeds])
+        level[name] = {"mean": x["mean_delta"], "ci95": x["ci95"]}
     top = max(level, key=lambda n: level[n]["mean"])
     return {"winner": None, "scores": level, "highest": top,
             "highest_versus": [contrast(values, scores[top], scores[o], seeds) | {
                 "name": f"{top} vs {o}"} for o in scores if o != top]}
 
-
-def stats_t(n):
-    """The 97.5% quantile of Student's t with n - 1 degrees of freedom (a 95% interval)."""
-    from scipy import stats  # installed with scikit-learn
-    return stats.t.ppf(0.975, n - 1)
 
 
 def report(out, path):
