@@ -59,7 +59,7 @@ What is here, in the order a reader of the papers meets it:
   Plumbing             the settings' checks, device copies and the demonstration, last.
 
 Five ways to use the negative-only images (train.py --negative-mode, modes (a) to (e)):
-  (a) denominators  the default, the thesis's: terms of the anchors' denominators (A(i), w_a).
+  (a) denominators  the thesis's: terms of the anchors' denominators (A(i), w_a).
   (b) score         the encoder trains without them; evaluate.py's k-NN OOD score adds their
                     distance (SSD's few-shot score, Sehwag et al. 2021): nothing of it is here.
   (c) head          outside the denominators: a head trained with the encoder (below).

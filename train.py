@@ -61,6 +61,9 @@ LOSSES = ("supcon", "simclr", "triplet", "cosine", "ce")  # ce: the cross-entrop
 # OOD reference of the k-NN score; (c) a head trained with the encoder; (d) pushed away from the
 # class prototypes; (e) classes of their own, with their own positives
 NEGATIVE_MODES = ("denominators", "score", "head", "prototypes", "classes")
+# the mode of a run with negative-only images when --negative-mode is not typed: the negatives
+# study's answer (benchmarks/results/negatives_study.md; with_defaults fills it in)
+DEFAULT_NEGATIVE_MODE = "score"
 # options that only some losses read: given with another loss they would do nothing
 LOSS_OPTIONS = {"temperature": ("supcon", "simclr"), "base_temperature": ("supcon", "simclr"),
                 "hard_negatives": ("supcon", "simclr"), "negative_weight": ("supcon", "simclr"),
@@ -128,8 +131,9 @@ def run(args, run_dir, device, resumed=False):
     steps = Steps(args, run_dir, resumed, device, train_set, per_epoch, total,
                   (model, classifier, opt, sched, gens), (mean, std), probe)
     step_model, step_classifier = step_modules(args, model, classifier, device, world)  # DDP
-    # the loss, chosen once; the default (--loss supcon, --negative-mode denominators) is
-    # make_loss's `contrastive`, which calls supcon.supcon_loss (extended Eq. 2)
+    # the loss, chosen once; --loss supcon (the default) with no negatives in the batches
+    # (--negative-mode score) or in the denominators is make_loss's `contrastive`, which calls
+    # supcon.supcon_loss (extended Eq. 2)
     loss_of = make_loss(args, gens.mining, K, model)
     # ---- the loop: for every batch, two views -> encode -> loss -> backward -> step -> log
     model.train()  # dropout on, batch norm on batch statistics
@@ -741,9 +745,10 @@ def build_parser():
     o.add_argument("--linear-epochs", type=data.int_at_least(1), default=100,
                    help="linear classifier on frozen features")
     # 0 = off: the weight of the OE term in train_linear
-    o.add_argument("--outlier-exposure", type=data.float_at_least(0), default=0.0,
+    o.add_argument("--outlier-exposure", type=data.float_at_least(0), default=None,
                    metavar="LAMBDA", help="the linear classifier also learns a uniform softmax "
-                   "on the near-OOD images (Hendrycks et al. 2019; their lambda 0.5)")
+                   "on the near-OOD images (Hendrycks et al. 2019; their lambda 0.5). Default: "
+                   "0.5 with --negative-mode score, else 0 (off)")
     # 0 = never: each probe costs a feature pass and a linear fit
     o.add_argument("--eval-every", type=data.int_at_least(0), default=0, metavar="N",
                    help="every N epochs, a linear probe's test accuracy in metrics.jsonl")
@@ -783,12 +788,13 @@ def add_loss_arguments(p):
     ls.add_argument("--hard-negatives", choices=["same_class", "all"], default=None,
                     help="which anchors a negative-only image contrasts: its source class's "
                          "(default for supcon) or every one (default and only choice for simclr)")
-    ls.add_argument("--negative-mode", choices=NEGATIVE_MODES, default="denominators",
+    ls.add_argument("--negative-mode", choices=NEGATIVE_MODES, default=None,
                     help="how negative-only images are used: denominators (the thesis: in the "
-                         "anchors' SupCon denominators), score (only as an OOD reference of the "
-                         "k-NN score), head (an outlier-exposure / energy head trained with the "
-                         "encoder), prototypes (pushed from class prototypes), classes (classes "
-                         "of their own)")
+                         "anchors' SupCon denominators), score (only at the score: the k-NN+neg "
+                         "score's OOD reference and the probe's outlier exposure; the default, "
+                         "after the negatives study), head (an outlier-exposure / energy head "
+                         "trained with the encoder), prototypes (pushed from class prototypes), "
+                         "classes (classes of their own)")
     # (c) the head's outlier term (supcon.logit_head_loss) and its weights beside SupCon
     ls.add_argument("--head-loss", choices=supcon.HEAD_LOSSES, default="oe",
                     help="--negative-mode head: the negatives' term, oe (outlier exposure: "
@@ -899,8 +905,11 @@ def check_negative_mode(args, given):
     ignores = NEGATIVE_MODE_IGNORES
     used_by = {dest: tuple(m for m in NEGATIVE_MODES if dest not in ignores.get(m, ()))
                for ignored in ignores.values() for dest in ignored}
-    data.refuse_without_effect(given, used_by, mode, f"with --negative-mode {mode}")
-    data.refuse_without_effect(given, NEGATIVE_MODE_OPTIONS, mode, f"with --negative-mode {mode}")
+    where = f"with --negative-mode {mode}" + ("" if "negative_mode" in given else
+                                              " (the default with negatives; the thesis's way "
+                                              "is --negative-mode denominators)")
+    data.refuse_without_effect(given, used_by, mode, where)
+    data.refuse_without_effect(given, NEGATIVE_MODE_OPTIONS, mode, where)
 
 
 def with_defaults(args):
@@ -912,6 +921,14 @@ def with_defaults(args):
                 # (c)'s lambda: outlier exposure's 0.5 (Hendrycks et al. 2019), the energy
                 # objective's 0.1 (Liu et al. 2020)
                 "head_weight": 0.5 if args.head_loss == "oe" else 0.1}
+    has_negatives = args.negatives != "none" or bool(args.negative_data)
+    # a run without negative-only images reads no mode: denominators, the one that adds nothing
+    mode = args.negative_mode or (DEFAULT_NEGATIVE_MODE if has_negatives else "denominators")
+    # (b) uses the negatives only at the score: k-NN+neg, and the probe's MSP through outlier
+    # exposure on them (lambda 0.5, Hendrycks et al. 2019). Every other mode keeps it off, so
+    # --negative-mode denominators is the thesis's run exactly
+    defaults |= {"negative_mode": mode,
+                 "outlier_exposure": 0.5 if mode == "score" and has_negatives else 0.0}
     return data.settings(args, data.unset_only(args, defaults))
 
 
@@ -923,6 +940,7 @@ def open_run(parser, args, argv):
     data.refuse_both(given, "epochs", "train_steps", "--train-steps sets the run's length; drop "
                      "one")
     if not args.resume:
+        args = with_defaults(args)  # the checks read the values the run will have
         check_args(args, given)
         rank, world = data.distributed()
         claimed = [None]  # a one-element list: broadcast_object_list fills it in place
@@ -935,9 +953,12 @@ def open_run(parser, args, argv):
             torch.distributed.broadcast_object_list(claimed, src=0)
         if isinstance(claimed[0], Exception):  # rank 0 says why; the others end quietly
             raise claimed[0] if rank == 0 else data.OtherRankFailed()
-        return with_defaults(args), claimed[0], False
+        return args, claimed[0], False
     run_dir = args.resume
-    defaults = vars(parser.parse_args([]))  # options added after the run started
+    # options added after the run started; a run saved before --negative-mode and
+    # --outlier-exposure existed trained the thesis's way, with neither
+    defaults = vars(parser.parse_args([])) | {"negative_mode": "denominators",
+                                              "outlier_exposure": 0.0}
     # read strictly: each value as this command line would give it, null only where a run of
     # default settings writes null (with_defaults fills --lr, --margin, --hard-negatives)
     saved = data.read_run_settings(run_dir, "--resume ", parser,

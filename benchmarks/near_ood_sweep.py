@@ -101,13 +101,19 @@ METRICS = [  # (key, what)
 ]
 
 
+# the thesis's way, typed: train.py's default for a run with negatives is now score (the
+# negatives study); this sweep measured the denominators, the default when it ran
+THESIS = ["--negative-mode", "denominators"]
+
+
 def phase1_rows():
     """{row name: (train.py flags, uses the synthetic set)}: the confirmatory family and the
     descriptive rows, all at 32 negatives per batch when they have negatives."""
     table = {"real only": ([], False), REAL_ID: (["--positives", "id"], True),
              CONTROL: negatives(CONTROL_STRENGTH, "--negative-weight", "0")}
     table.update({f"negatives s={s}": negatives(s) for s in STRENGTHS})
-    table["ID variations (0.2) as negatives"] = (["--positives", "id", "--negatives", "id"], True)
+    table["ID variations (0.2) as negatives"] = (["--positives", "id", "--negatives", "id",
+                                                  *THESIS], True)
     return table
 
 
@@ -123,7 +129,7 @@ def phase2_rows(best):
 def negatives(strength, *more):
     """A row of real + ID with the near-OOD images of `strength` as negatives."""
     return (["--positives", "id", "--negatives", "near_ood", "--near-ood-strength",
-             str(strength), *more], True)
+             str(strength), *THESIS, *more], True)
 
 
 # -----------------------------------------------------------------------------

@@ -112,11 +112,13 @@ METRICS = [m for m in sweep.METRICS if not m[0].startswith("val_")]  # horse is 
 def rows(horse, rotations):
     """{row: (train.py flags, the seed's synthetic folder or None)}, rotations by seed."""
     return {REAL: ([], None),
-            CONTROL_A: (["--negative-data", horse, "--negative-weight", "0"], None),
-            HORSE: (["--negative-data", horse], None),
-            CONTROL_B: (["--negatives", "near_ood", "--hard-negatives", "all",
+            CONTROL_A: (["--negative-data", horse, *sweep.THESIS, "--negative-weight", "0"],
+                        None),
+            HORSE: (["--negative-data", horse, *sweep.THESIS], None),
+            CONTROL_B: (["--negatives", "near_ood", *sweep.THESIS, "--hard-negatives", "all",
                          "--negative-weight", "0"], rotations),
-            ROTATIONS: (["--negatives", "near_ood", "--hard-negatives", "all"], rotations)}
+            ROTATIONS: (["--negatives", "near_ood", *sweep.THESIS, "--hard-negatives", "all"],
+                        rotations)}
 
 
 SWEEP_ALL_ANCHORS = "negatives s=0.3, all anchors"  # the sweep's row masked as (a) and (b)

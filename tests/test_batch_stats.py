@@ -37,7 +37,7 @@ def test_resnet_run_with_negatives_at_weight_0_equals_the_run_without(tmp_path, 
     base = ["--data", str(tmp_path / "imgs"), *RUN, "--out", str(tmp_path / "runs")]
     plain = train.main([*base, "--name", "plain"])
     negatives = train.main([*base, "--name", "neg", "--negative-data", str(tmp_path / "neg"),
-                            "--negative-weight", "0"])
+                            "--negative-mode", "denominators", "--negative-weight", "0"])
     # every parameter and every buffer: the BN running means, variances and batch counts too
     assert_same_weights(tmp_path / "runs" / "plain", tmp_path / "runs" / "neg",
                         parts=("model", "classifier"))

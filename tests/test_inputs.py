@@ -128,8 +128,11 @@ def one_class_folder(tmp_path_factory):
                                                      "triplet"]),
     (["--negative-weight", "0", "--loss", "cosine"], ["--negative-weight has no effect"]),
     (["--margin", "0.3"], ["--margin has no effect with --loss supcon"]),
-    (["--negatives", "near_ood", "--negatives-per-batch", "0.01", "--batch-size", "16"],
-     ["rounds to no negative per batch"]),
+    (["--negatives", "near_ood", "--negative-mode", "denominators", "--negatives-per-batch",
+      "0.01", "--batch-size", "16"], ["rounds to no negative per batch"]),
+    (["--negatives", "near_ood", "--negative-weight", "2"],  # the default mode does not read it
+     ["--negative-weight has no effect with --negative-mode score (the default with negatives",
+      "--negative-mode denominators"]),
 ])
 def test_data_dependent_values_are_refused_in_one_line(argv, needles, tmp_path, capsys):
     code, err = command("train", argv + ["--out", str(tmp_path), "--name", "r"], capsys)

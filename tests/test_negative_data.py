@@ -17,6 +17,9 @@ from test_inputs import assert_one_line, command
 
 RUN = ["--image-size", "16", "--ood-classes", "cat", "--epochs", "1", "--batch-size", "8",
        "--linear-epochs", "2", "--device", "cpu", "--no-report"]
+# this file is about the thesis's way; a run with negatives defaults to --negative-mode score
+# (tests/test_negative_modes_be.py)
+THESIS = ["--negative-mode", "denominators"]
 
 
 def write_negatives(root, flat=3, ant=2, other=1, seed=5):
@@ -53,13 +56,13 @@ def test_roles_every_anchor_flags_and_what_stays_out(folders, tmp_path, capsys):
     ant = splits.classes.index("ant")
     assert all(int(label) == ant for label, e in zip(negatives.labels, negatives.every_anchor) if not e)
     # a run: the log counts them, config.json records the folder, the probe never sees them
-    results = train.main(["--data", imgs, "--negative-data", neg, *RUN, "--out", str(tmp_path / "runs"),
+    results = train.main(["--data", imgs, "--negative-data", neg, *THESIS, *RUN, "--out", str(tmp_path / "runs"),
                           "--name", "r"])
     out = capsys.readouterr().out
     assert "6 real negatives from " + neg + " (4 of every anchor, 2 of their class's)" in out
     with open(tmp_path / "runs" / "r" / "config.json", encoding="utf-8") as f:
         assert json.load(f)["negative_data"] == neg
-    args = train.with_defaults(train.build_parser().parse_args(["--data", imgs, "--negative-data", neg, *RUN]))
+    args = train.with_defaults(train.build_parser().parse_args(["--data", imgs, "--negative-data", neg, *THESIS, *RUN]))
     used, outliers = data.training_set(args, splits)
     assert int((used.kind == data.KIND_NEGATIVE).sum()) == 6 and len(outliers) == 6
     assert not bool((used.probe_set().kind == data.KIND_NEGATIVE).any())
@@ -77,7 +80,7 @@ def test_the_loss_gets_each_images_rule_and_negatives_ride_on_top(folders, monke
         return real_loss(z, labels, negative_only, **kw)
 
     monkeypatch.setattr(train.supcon, "supcon_loss", spy)
-    base = ["--data", imgs, *RUN, "--negatives-per-batch", "0.5"]
+    base = ["--data", imgs, *THESIS, *RUN, "--negatives-per-batch", "0.5"]
     args = train.with_defaults(train.build_parser().parse_args(base + ["--negative-data", neg]))
     splits = data.load_data(imgs, image_size=16, ood_classes="cat")
     used, _ = data.training_set(args, splits)
@@ -143,7 +146,7 @@ def test_refused_in_one_line_leaving_no_run_folder(case, needles, folders, tmp_p
         extra = {"simclr": ["--loss", "simclr"], "triplet": ["--loss", "triplet"],
                  "every": ["--hard-negatives", "all"]}[case.split()[0]]
     runs = tmp_path / "runs"
-    code, err = command("train", ["--data", imgs, "--negative-data", neg, *RUN, *extra,
+    code, err = command("train", ["--data", imgs, "--negative-data", neg, *THESIS, *RUN, *extra,
                                   "--out", str(runs)], capsys)
     assert_one_line(code, err, *needles)
     assert not runs.exists() or os.listdir(runs) == []  # no run folder left behind
@@ -160,7 +163,7 @@ def test_outlier_exposure_reads_the_negative_data_and_generates_nothing(folders,
         return real(args, features, labels, num_classes, device, seed, outliers)
 
     monkeypatch.setattr(train, "train_linear", spy)
-    train.main(["--data", imgs, "--negative-data", neg, "--outlier-exposure", "0.5", *RUN,
+    train.main(["--data", imgs, "--negative-data", neg, "--outlier-exposure", "0.5", *THESIS, *RUN,
                 "--out", str(tmp_path / "runs"), "--name", "oe"])
     assert got["outliers"] == 6  # the --negative-data images are the outliers
     assert not os.path.exists(tmp_path / ".cache")  # no synthetic set was made for it

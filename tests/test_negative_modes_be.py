@@ -66,7 +66,8 @@ def test_score_mode_trains_as_without_negatives_and_reports_knn_neg(folders, tmp
     runs = tmp_path / "runs"
     base = ["--data", imgs, *RUN, "--out", str(runs)]
     train.main(base + ["--name", "plain"])
-    train.main(base + ["--negative-data", neg, "--negative-weight", "0", "--name", "w0"])
+    train.main(base + ["--negative-data", neg, "--negative-mode", "denominators",
+                       "--negative-weight", "0", "--name", "w0"])
     seen = []  # negative_only of every loss call of the score run
     real_loss = train.supcon.supcon_loss
     monkeypatch.setattr(train.supcon, "supcon_loss",
@@ -101,6 +102,39 @@ def test_score_mode_trains_as_without_negatives_and_reports_knn_neg(folders, tmp
     s_in, s_out = [s(x) for x in f(splits.test)], [s(x) for x in f(splits.ood_test)]
     auroc = roc_auc_score([1] * len(s_in) + [0] * len(s_out), s_in + s_out)  # ID positive
     assert metrics["ood_auroc_knn_neg"] == pytest.approx(auroc, abs=1e-6)
+
+
+def test_negatives_default_to_the_score_with_outlier_exposure_and_the_thesis_keeps_its_name(
+        folders, tmp_path, monkeypatch):
+    # the negatives study's answer (README): typed nothing but --negative-data, the encoder
+    # trains as without negatives and the probe learns outlier exposure on them at lambda 0.5;
+    # --negative-mode denominators is the thesis's run, with no outlier exposure
+    imgs, neg = folders
+    runs = tmp_path / "runs"
+    base = ["--data", imgs, *RUN, "--out", str(runs)]
+    probes = {}  # run name: (lambda, outliers the probe saw)
+    real = train.train_linear
+
+    def spy(args, features, labels, num_classes, device, seed, outliers=None):
+        probes[args.name] = (args.outlier_exposure, None if outliers is None else len(outliers))
+        return real(args, features, labels, num_classes, device, seed, outliers)
+
+    monkeypatch.setattr(train, "train_linear", spy)
+    train.main(base + ["--name", "plain"])
+    train.main(base + ["--negative-data", neg, "--name", "default"])
+    train.main(base + ["--negative-data", neg, "--negative-mode", "denominators", "--name",
+                       "thesis"])
+    configs = {name: json.loads((runs / name / "config.json").read_text(encoding="utf-8"))
+               for name in probes}
+    assert (configs["default"]["negative_mode"], configs["default"]["outlier_exposure"]) == \
+        ("score", 0.5)
+    assert probes == {"plain": (0.0, None), "default": (0.5, 6), "thesis": (0.0, None)}
+    assert (configs["thesis"]["negative_mode"], configs["plain"]["negative_mode"]) == \
+        ("denominators", "denominators")  # without negatives: the mode that adds nothing
+    assert_same_weights(runs / "plain", runs / "default")  # no negative in any batch
+    plain = torch.load(runs / "plain" / "model.pt", weights_only=True)["model"]
+    thesis = torch.load(runs / "thesis" / "model.pt", weights_only=True)["model"]
+    assert any(not torch.equal(plain[k], thesis[k]) for k in plain)  # w = 1 moved the encoder
 
 
 def test_evaluate_run_reads_the_negatives_again_or_refuses(folders, tmp_path, capsys):

@@ -273,7 +273,7 @@ def folders(tmp_path):
     (["--negative-mode", "prototypes", "--head-loss", "energy"],
      ["--head-loss has no effect with --negative-mode prototypes"]),
     (["--prototype-weight", "2"],
-     ["--prototype-weight has no effect with --negative-mode denominators"]),
+     ["--prototype-weight has no effect with --negative-mode score (the default with negatives"]),
     (["--negative-mode", "head", "--negative-weight", "0.5"],
      ["--negative-weight has no effect with --negative-mode head"]),
     (["--negative-mode", "prototypes", "--hard-negatives", "all"],

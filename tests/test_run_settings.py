@@ -148,6 +148,8 @@ def test_an_older_config_without_the_options_added_since_resumes_and_evaluates(f
     assert [r["epoch"] for r in log] == [1, 2, 3]
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 3 and config["train_steps"] is None  # added-later: its default
+    # the two whose default now depends on the negatives: what every run before them did
+    assert config["negative_mode"] == "denominators" and config["outlier_exposure"] == 0.0
     metrics = evaluate.evaluate_run(str(run), device="cpu", episodes=5, pictures=False)
     assert 0 <= metrics["test_accuracy"] <= 1
 
