@@ -403,10 +403,12 @@ def say_data(args, splits, train_set, device):
         f"{n_neg} real negatives from {args.negative_data} "
         f"({int(train_set.every_anchor.sum())} of every anchor, "
         f"{n_neg - int(train_set.every_anchor.sum())} of their class's), ")
+    used = f"; negatives used by --negative-mode {args.negative_mode}" \
+        if bool(train_set.negative_only.any()) else ""
     print(f"data {args.data}: {n_real} real training images, {n_syn} synthetic "
           f"({int((train_set.negative_only & (train_set.kind != data.KIND_NEGATIVE)).sum())} "
           f"negative-only), {negative_data}{len(splits.test)} test, {len(splits.classes)} classes; "
-          f"held out as OOD: {splits.ood_classes or 'none'}; device {device}")
+          f"held out as OOD: {splits.ood_classes or 'none'}; device {device}{used}")
 
 
 def generates_synthetic(args):
@@ -850,7 +852,9 @@ def check_args(args, given):
          "images"),
         (args.loss == "simclr" and args.hard_negatives == "same_class", "--loss simclr has no "
          "classes to mask negatives by: use --hard-negatives all (its default)"),
-        (args.synthetic and not uses_synthetic and not args.outlier_exposure, "--synthetic DIR "
+        # outlier exposure reads the set's near-OOD images, unless --negative-data gives its own
+        (args.synthetic and not uses_synthetic and not (args.outlier_exposure and
+                                                        not args.negative_data), "--synthetic DIR "
          "given but not used: add --positives id and/or --negatives near_ood"),
         (args.positives == "id+near_ood" and args.negatives != "none", "--positives id+near_ood "
          "uses the near-OOD images as positives; drop --negatives"),
@@ -861,7 +865,7 @@ def check_args(args, given):
         (args.batch_size < args.m_per_class, f"--batch-size {args.batch_size} is smaller than "
          f"--m-per-class {args.m_per_class}: a batch must hold one group of a class"),
         # the n_neg of data.contrastive_batches would be 0
-        ((args.negatives != "none" or args.negative_data) and
+        ((args.negatives != "none" or args.negative_data) and args.negative_mode != "score" and
          round(args.batch_size * args.negatives_per_batch) == 0,
          f"--negatives-per-batch {args.negatives_per_batch} x --batch-size {args.batch_size} "
          f"rounds to no negative per batch; raise it (0.25 is the default)"),
@@ -905,9 +909,10 @@ def check_negative_mode(args, given):
     ignores = NEGATIVE_MODE_IGNORES
     used_by = {dest: tuple(m for m in NEGATIVE_MODES if dest not in ignores.get(m, ()))
                for ignored in ignores.values() for dest in ignored}
-    where = f"with --negative-mode {mode}" + ("" if "negative_mode" in given else
-                                              " (the default with negatives; the thesis's way "
-                                              "is --negative-mode denominators)")
+    defaulted = "negative_mode" not in given and (args.negatives != "none" or args.negative_data)
+    where = f"with --negative-mode {mode}" + (" (the default with negatives; the thesis's way "
+                                              "is --negative-mode denominators)" if defaulted
+                                              else "")
     data.refuse_without_effect(given, used_by, mode, where)
     data.refuse_without_effect(given, NEGATIVE_MODE_OPTIONS, mode, where)
 
@@ -925,10 +930,12 @@ def with_defaults(args):
     # a run without negative-only images reads no mode: denominators, the one that adds nothing
     mode = args.negative_mode or (DEFAULT_NEGATIVE_MODE if has_negatives else "denominators")
     # (b) uses the negatives only at the score: k-NN+neg, and the probe's MSP through outlier
-    # exposure on them (lambda 0.5, Hendrycks et al. 2019). Every other mode keeps it off, so
-    # --negative-mode denominators is the thesis's run exactly
+    # exposure on them (lambda 0.5, Hendrycks et al. 2019) -- on near-OOD or real negatives, not
+    # on --negatives id, the placebo. Every other mode keeps it off, so --negative-mode
+    # denominators is the thesis's run exactly
+    outliers = args.negatives == "near_ood" or bool(args.negative_data)
     defaults |= {"negative_mode": mode,
-                 "outlier_exposure": 0.5 if mode == "score" and has_negatives else 0.0}
+                 "outlier_exposure": 0.5 if mode == "score" and outliers else 0.0}
     return data.settings(args, data.unset_only(args, defaults))
 
 

@@ -169,6 +169,11 @@ Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
       python benchmarks/negatives_study.py synthetic # the synthetic row, after the look
       python benchmarks/negatives_study.py phase2 --smoke --seeds 9000 9001 --out /tmp/s  # test
 Runs go to runs/negatives_study/ (finished runs are reused); data to .data/fmnist-study.
+Product code: the rows type no --negative-mode for (a) because denominators was train.py's
+default where they ran (6445f3a). After the study, a run with negatives defaults to score, and
+train.py refuses those rows' --negative-weight; phase2 and synthetic refuse to run anywhere the
+product's files differ from phase 2's (product_commit). Run the script (smoke runs too) in a
+worktree at a commit whose product files equal 6445f3a's: git worktree add DIR fb57657.
 Needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist) or --source.
 """
 

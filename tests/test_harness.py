@@ -34,7 +34,8 @@ def synthetic_set(tmp_path_factory):
 
 def test_every_setting_takes_the_steps_asked_for(synthetic_set, tmp_path):
     runs = {"real": [], "id": ["--positives", "id"],
-            "id+negatives": ["--positives", "id", "--negatives", "near_ood"]}
+            "id+negatives": ["--positives", "id", "--negatives", "near_ood", "--negative-mode",
+                             "denominators"]}  # negatives on top of every batch
     for name, flags in runs.items():
         extra = ["--synthetic", synthetic_set] if flags else []
         result = train.main(SMALL + flags + extra + ["--train-steps", "7", "--out", str(tmp_path),
@@ -96,7 +97,9 @@ def test_the_knn_reference_set_is_the_real_training_images(synthetic_set, tmp_pa
 
 def test_a_cold_and_a_warm_synthetic_cache_train_the_same_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the cache .cache/dafusion starts empty here
-    argv = SMALL + GENERATE + ["--positives", "id", "--negatives", "near_ood", "--epochs", "1",
+    # denominators: the cached near-OOD images reach the weights
+    argv = SMALL + GENERATE + ["--positives", "id", "--negatives", "near_ood", "--negative-mode",
+                               "denominators", "--epochs", "1",
                                "--out", str(tmp_path / "runs")]
     train.main(argv + ["--name", "cold"])
     assert "generated" in capsys.readouterr().out

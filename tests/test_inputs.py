@@ -128,6 +128,8 @@ def one_class_folder(tmp_path_factory):
                                                      "triplet"]),
     (["--negative-weight", "0", "--loss", "cosine"], ["--negative-weight has no effect"]),
     (["--margin", "0.3"], ["--margin has no effect with --loss supcon"]),
+    (["--prototype-weight", "2"],  # no negatives: the plain mode, no word of their default
+     ["--prototype-weight has no effect with --negative-mode denominators; it is for prototypes"]),
     (["--negatives", "near_ood", "--negative-mode", "denominators", "--negatives-per-batch",
       "0.01", "--batch-size", "16"], ["rounds to no negative per batch"]),
     (["--negatives", "near_ood", "--negative-weight", "2"],  # the default mode does not read it

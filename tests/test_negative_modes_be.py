@@ -104,6 +104,20 @@ def test_score_mode_trains_as_without_negatives_and_reports_knn_neg(folders, tmp
     assert metrics["ood_auroc_knn_neg"] == pytest.approx(auroc, abs=1e-6)
 
 
+@pytest.mark.parametrize("argv,mode,lam", [
+    ([], "denominators", 0.0),  # no negatives: the mode that adds nothing, no outliers
+    (["--negatives", "near_ood"], "score", 0.5),
+    (["--negative-data", "photos"], "score", 0.5),
+    (["--negatives", "id"], "score", 0.0),  # the placebo: its ID images are no outliers
+    (["--negatives", "near_ood", "--negative-mode", "denominators"], "denominators", 0.0),
+    (["--negative-data", "photos", "--negative-mode", "head"], "head", 0.0),
+    (["--negative-data", "photos", "--outlier-exposure", "1"], "score", 1.0),  # typed: wins
+])
+def test_the_defaults_the_readme_states(argv, mode, lam):
+    args = train.with_defaults(train.build_parser().parse_args(argv))
+    assert (args.negative_mode, args.outlier_exposure) == (mode, lam)
+
+
 def test_negatives_default_to_the_score_with_outlier_exposure_and_the_thesis_keeps_its_name(
         folders, tmp_path, monkeypatch):
     # the negatives study's answer (README): typed nothing but --negative-data, the encoder

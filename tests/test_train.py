@@ -178,6 +178,7 @@ def test_dataset_triplets_resume_after_ctrl_c_like_the_uninterrupted_run(tmp_pat
     (["--loss", "ce", "--negatives", "near_ood"], "contrastive loss"),
     (["--loss", "supcon", "--mining-scope", "dataset"], "triplet"),
     (["--synthetic", "somewhere"], "not used"),
+    (["--synthetic", "somewhere", "--negative-data", "photos"], "not used"),  # outliers: photos
 ])
 def test_bad_argument_combinations(argv, message, tmp_path):
     with pytest.raises(data.DataError, match=message):
@@ -192,7 +193,8 @@ def test_trains_on_an_image_folder_with_synthetic_negatives(tmp_path):
                    + [(f"id/bee/{i}.png", "bee", "id") for i in range(4)])
     results = train.main(["--data", str(tmp_path / "imgs"), "--image-size", "16", "--ood-classes", "cat",
                           "--synthetic", str(tmp_path / "syn"), "--positives", "id",
-                          "--negatives", "near_ood", "--epochs", "1", "--batch-size", "16",
+                          "--negatives", "near_ood", "--negative-mode", "denominators",
+                          "--epochs", "1", "--batch-size", "16",
                           "--linear-epochs", "2", "--device", "cpu", "--out", str(tmp_path), "--name", "f"])
     assert 0 <= results["test_accuracy"] <= 1 and "ood_auroc_knn" in results
 
@@ -207,7 +209,9 @@ def test_the_data_line_counts_what_trains(tmp_path, capsys):
                 "--synthetic", str(tmp_path / "syn"), "--positives", "id", "--negatives", "near_ood",
                 "--no-real", "--epochs", "1", "--batch-size", "4", "--linear-epochs", "1",
                 "--no-report", "--device", "cpu", "--out", str(tmp_path), "--name", "n"])
-    assert "0 real training images, 10 synthetic (4 negative-only)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 real training images, 10 synthetic (4 negative-only)" in out
+    assert out.count("negatives used by --negative-mode score") == 1  # the default: it says so
 
 
 @pytest.mark.parametrize("extra", [[], ["--loss", "triplet", "--mining-scope", "dataset"]])
