@@ -7,7 +7,9 @@ The thesis's pipeline: contrastive pre-training of the encoder with the re-engin
 loss (supcon.py: Khosla et al. 2020, Eq. 2, with negative-only samples) on real images (+ ID
 augmentations as extra positives, + near-OOD augmentations as negatives only), then a linear
 classifier on the frozen encoder trained on the real (+ ID) images. `--loss ce` trains encoder
-and classifier end to end (the baseline). run(), the first function below, is that algorithm
+and classifier end to end (the baseline). The thesis put the negatives in the denominators
+(--negative-mode denominators); by default a run now uses them only at the score (score: the
+k-NN+neg score and outlier exposure on the probe), the negatives study's answer (README). run(), the first function below, is that algorithm
 top to bottom, in the order of the paper and of SupContrast's train():
 
     load the data (generating the synthetic set on a cache miss); build model and optimiser
