@@ -9,8 +9,9 @@ augmentations as extra positives, + near-OOD augmentations as negatives only), t
 classifier on the frozen encoder trained on the real (+ ID) images. `--loss ce` trains encoder
 and classifier end to end (the baseline). The thesis put the negatives in the denominators
 (--negative-mode denominators); by default a run now uses them only at the score (score: the
-k-NN+neg score and outlier exposure on the probe), the negatives study's answer (README). run(), the first function below, is that algorithm
-top to bottom, in the order of the paper and of SupContrast's train():
+k-NN+neg score and outlier exposure on the probe), the negatives study's answer (README).
+run(), the first function below, is that algorithm top to bottom, in the order of the paper and
+of SupContrast's train():
 
     load the data (generating the synthetic set on a cache miss); build model and optimiser
     for every batch:  two augmented views -> encode -> loss -> backward -> optimiser step -> log
@@ -867,7 +868,7 @@ def check_args(args, given):
         (args.batch_size < args.m_per_class, f"--batch-size {args.batch_size} is smaller than "
          f"--m-per-class {args.m_per_class}: a batch must hold one group of a class"),
         # the n_neg of data.contrastive_batches would be 0
-        ((args.negatives != "none" or args.negative_data) and args.negative_mode != "score" and
+        (has_negatives(args) and args.negative_mode != "score" and
          round(args.batch_size * args.negatives_per_batch) == 0,
          f"--negatives-per-batch {args.negatives_per_batch} x --batch-size {args.batch_size} "
          f"rounds to no negative per batch; raise it (0.25 is the default)"),
@@ -897,7 +898,7 @@ def check_negative_mode(args, given):
     images, (c), (d) and (e) need SupCon's labels, and an option the mode does not read is not
     typed."""
     mode = args.negative_mode
-    if mode != "denominators" and args.negatives == "none" and not args.negative_data:
+    if mode != "denominators" and not has_negatives(args):
         raise data.DataError(f"--negative-mode {mode} is about negative-only images and this run "
                              f"has none: add --negative-data PATH or --negatives near_ood")
     if mode == "classes" and args.loss != "supcon":
@@ -911,12 +912,17 @@ def check_negative_mode(args, given):
     ignores = NEGATIVE_MODE_IGNORES
     used_by = {dest: tuple(m for m in NEGATIVE_MODES if dest not in ignores.get(m, ()))
                for ignored in ignores.values() for dest in ignored}
-    defaulted = "negative_mode" not in given and (args.negatives != "none" or args.negative_data)
+    defaulted = "negative_mode" not in given and has_negatives(args)
     where = f"with --negative-mode {mode}" + (" (the default with negatives; the thesis's way "
                                               "is --negative-mode denominators)" if defaulted
                                               else "")
     data.refuse_without_effect(given, used_by, mode, where)
     data.refuse_without_effect(given, NEGATIVE_MODE_OPTIONS, mode, where)
+
+
+def has_negatives(args):
+    """True if the run has negative-only images: synthetic ones (--negatives) or real ones."""
+    return args.negatives != "none" or bool(args.negative_data)
 
 
 def with_defaults(args):
@@ -928,9 +934,9 @@ def with_defaults(args):
                 # (c)'s lambda: outlier exposure's 0.5 (Hendrycks et al. 2019), the energy
                 # objective's 0.1 (Liu et al. 2020)
                 "head_weight": 0.5 if args.head_loss == "oe" else 0.1}
-    has_negatives = args.negatives != "none" or bool(args.negative_data)
     # a run without negative-only images reads no mode: denominators, the one that adds nothing
-    mode = args.negative_mode or (DEFAULT_NEGATIVE_MODE if has_negatives else "denominators")
+    mode = args.negative_mode or (DEFAULT_NEGATIVE_MODE if has_negatives(args) else
+                                  "denominators")
     # (b) uses the negatives only at the score: k-NN+neg, and the probe's MSP through outlier
     # exposure on them (lambda 0.5, Hendrycks et al. 2019) -- on near-OOD or real negatives, not
     # on --negatives id, the placebo. Every other mode keeps it off, so --negative-mode
