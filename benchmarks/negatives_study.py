@@ -166,7 +166,9 @@ Run:  python benchmarks/negatives_study.py prepare        # the data (seconds)
       python benchmarks/negatives_study.py phase1 --smoke --seeds 100   # 2 steps a run
       python benchmarks/negatives_study.py phase2    # the frozen design (resumes)
       python benchmarks/negatives_study.py analyse   # the one look, once every run is in
-      python benchmarks/negatives_study.py synthetic # the synthetic row, after the look
+      python benchmarks/negatives_study.py synthetic # the synthetic row, after the look:
+                  # results/negatives_study_synthetic.{json,md}; once all its seeds are in,
+                  # it only writes the report, on any commit
       python benchmarks/negatives_study.py phase2 --smoke --seeds 9000 9001 --out /tmp/s  # test
 Runs go to runs/negatives_study/ (finished runs are reused); data to .data/fmnist-study.
 Product code: the rows type no --negative-mode for (a) because denominators was train.py's
@@ -822,8 +824,10 @@ def synthetic(args):
     phase2_ledger = read_json(runs_path)
     runs = phase2_ledger["runs"]
     ledger = read_json(path) or {"seeds": {}}
-    # phase 2's product code, not only this ledger's: the rows' flags mean what they meant there
-    ledger["commit"] = "smoke" if args.smoke else product_commit(phase2_ledger)
+    todo = [s for s in (seeds if args.smoke else SYN_SEEDS) if str(s) not in ledger["seeds"]]
+    if todo or "commit" not in ledger:  # a finished ledger is only reported, from any commit
+        # phase 2's product code, not only this ledger's: the rows' flags mean what they meant
+        ledger["commit"] = "smoke" if args.smoke else product_commit(phase2_ledger)
     ledger["arm"] = arm = best_arm(args)
     lock = threading.Lock()
 
@@ -835,7 +839,6 @@ def synthetic(args):
         print(f"synthetic row: seed {seed} done ({entry['band']['kept']} of "
               f"{entry['band']['near_ood_images']} kept)", flush=True)
 
-    todo = [s for s in (seeds if args.smoke else SYN_SEEDS) if str(s) not in ledger["seeds"]]
     with ThreadPoolExecutor(args.workers or 2) as pool:
         list(pool.map(one, todo))
     trained = [int(s) for s, e in ledger["seeds"].items() if e["band"]["kept"]]  # kept some
@@ -845,6 +848,55 @@ def synthetic(args):
                   for r in (row, control)}
         ledger["contrast"] = contrast(values, (row, metric), (control, base), sorted(trained))
         data.write_text(path, json.dumps(ledger, indent=1, sort_keys=True))
+    synthetic_report(ledger, runs, path[:-len(".json")] + ".md")
+
+
+def synthetic_report(ledger, runs, path):
+    """The synthetic row as markdown: each seed's band and counts, the arm against its control
+    (the docstring's reading), and, for scale, the same seeds' contrast with the real coats."""
+    (row, metric), (control, base) = PRIMARY_OF[ledger["arm"]]
+    seeds = sorted(ledger["seeds"], key=int)
+    strengths = SYN_STRENGTHS.split(",")
+    lines = ["# The negatives study: the synthetic row", "",
+             f"`python benchmarks/negatives_study.py synthetic`: seeds {', '.join(seeds)}, the "
+             f"competent regime, product code at {ledger['commit'][:7]}, one thread a run. Arm "
+             f"{ledger['arm']} ({row}: {metric}) and its control ({control}: {base}), with "
+             f"--negative-data the ddpm's near-OOD variations (strengths {SYN_STRENGTHS}, one "
+             f"per training image) that the band filter keeps: k-NN scores inside the coats' "
+             f"5%-95% band, meter = the seed's {CONTROL_OE} run.", "",
+             "| seed | band | generated | " + " | ".join(f"kept at {x}" for x in strengths)
+             + " | kept | arm | control |", "|---" * (6 + len(strengths)) + "|"]
+    kept = {x: 0 for x in strengths}
+    for s in seeds:
+        e = ledger["seeds"][s]
+        b = e["band"]
+        by = {f"{float(k):g}": n for k, (n, _) in b["kept_by_strength"].items()}  # kept, made
+        kept = {x: kept[x] + by.get(x, 0) for x in strengths}
+        cells = [f"{e[r][m]:.4f}" if r in e else "not trained" for r, m in ((row, metric),
+                                                                             (control, base))]
+        lines.append(f"| {s} | [{b['low']:.3f}, {b['high']:.3f}] | {b['near_ood_images']} | "
+                     + " | ".join(str(by.get(x, 0)) for x in strengths)
+                     + f" | {b['kept']} | {' | '.join(cells)} |")
+    lines += ["", "Kept over all seeds, by strength: "
+              + ", ".join(f"{x}: {kept[x]}" for x in strengths) + ".", ""]
+    c = ledger.get("contrast")
+    if c is None:
+        lines += ["No contrast: fewer than two seeds kept any image, so nothing was compared."]
+    else:  # the docstring's reading; then the real coats on the same seeds, for scale only
+        real = {(r, int(s)): runs[key_of("competent", r, int(s))] for s in seeds
+                for r in (row, control)}
+        same = contrast(real, (row, metric), (control, base),
+                        [int(s) for s in seeds if ledger["seeds"][s]["band"]["kept"]])
+        lines += ["| contrast (paired over seeds) | mean difference | 95% interval | p |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {x['mean_delta']:+.4f} | [{x['ci95'][0]:+.4f}, "
+                  f"{x['ci95'][1]:+.4f}] | {x['p']:.2g} |" for name, x in (
+                      (f"{ledger['arm']} against its control, synthetic negatives", c),
+                      (f"{ledger['arm']} against its control, the real coats (phase 2, same "
+                       f"seeds; for scale, not a test)", same))]
+        lines += ["", "Secondary: one interval, no Holm. An interval that holds 0 says no effect "
+                  "as large as its half-width was found at this many seeds."]
+    data.write_text(path, "\n".join(lines + [""]))
 
 
 def synthetic_seed(args, arm, seed, runs):
