@@ -181,8 +181,10 @@ Needs /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist) 
 
 import argparse
 import gzip
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import struct
 import subprocess
@@ -828,6 +830,8 @@ def synthetic(args):
     if todo or "commit" not in ledger:  # a finished ledger is only reported, from any commit
         # phase 2's product code, not only this ledger's: the rows' flags mean what they meant
         ledger["commit"] = "smoke" if args.smoke else product_commit(phase2_ledger)
+        ledger["machine"] = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch "
+                             f"{importlib.metadata.version('torch')}")
     ledger["arm"] = arm = best_arm(args)
     lock = threading.Lock()
 
@@ -859,11 +863,13 @@ def synthetic_report(ledger, runs, path):
     strengths = SYN_STRENGTHS.split(",")
     lines = ["# The negatives study: the synthetic row", "",
              f"`python benchmarks/negatives_study.py synthetic`: seeds {', '.join(seeds)}, the "
-             f"competent regime, product code at {ledger['commit'][:7]}, one thread a run. Arm "
+             f"competent regime, product code at {ledger['commit'][:7]}, "
+             f"{ledger.get('machine', 'machine not recorded')}, one thread a run. Arm "
              f"{ledger['arm']} ({row}: {metric}) and its control ({control}: {base}), with "
              f"--negative-data the ddpm's near-OOD variations (strengths {SYN_STRENGTHS}, one "
              f"per training image) that the band filter keeps: k-NN scores inside the coats' "
-             f"5%-95% band, meter = the seed's {CONTROL_OE} run.", "",
+             f"5%-95% band, meter = the seed's {CONTROL_OE} run. The rest of the study, and "
+             f"which arm is best by the docstring's rule: negatives_study.md.", "",
              "| seed | band | generated | " + " | ".join(f"kept at {x}" for x in strengths)
              + " | kept | arm | control |", "|---" * (6 + len(strengths)) + "|"]
     kept = {x: 0 for x in strengths}
@@ -894,8 +900,13 @@ def synthetic_report(ledger, runs, path):
                       (f"{ledger['arm']} against its control, synthetic negatives", c),
                       (f"{ledger['arm']} against its control, the real coats (phase 2, same "
                        f"seeds; for scale, not a test)", same))]
+        again = sum(abs(real[(control, int(s))][base] - ledger["seeds"][s][control][base])
+                    < 5e-5 for s in seeds if control in ledger["seeds"][s])  # a rerun's check
         lines += ["", "Secondary: one interval, no Holm. An interval that holds 0 says no effect "
-                  "as large as its half-width was found at this many seeds."]
+                  "as large as its half-width was found at this many seeds. The control's "
+                  f"{base} equals phase 2's control run's to four digits on {again} of "
+                  f"{len(seeds)} seeds (same seed, code and threads; other negatives, at "
+                  f"weight 0)."]
     data.write_text(path, "\n".join(lines + [""]))
 
 
