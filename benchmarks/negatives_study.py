@@ -749,11 +749,13 @@ def decide(regimes, values, seeds):
 
 
 
+def interval(c):
+    """A contrast's mean difference and 95% interval as two markdown cells."""
+    return f"{c['mean_delta']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+
+
 def report(out, path):
     """analyse's results as markdown (path.md) and a picture of the contrasts (path.png)."""
-    def interval(c):
-        return f"{c['mean_delta']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
-
     lines = ["# The negatives study, phase 2 (confirmatory)", "",
              f"`python benchmarks/negatives_study.py analyse`: {len(out['seeds'])} seeds "
              f"({out['seeds'][0]}-{out['seeds'][-1]}), product code at {out['commit'][:7]}, one "
@@ -889,18 +891,16 @@ def synthetic_report(ledger, runs, path):
     if c is None:
         lines += ["No contrast: fewer than two seeds kept any image, so nothing was compared."]
     else:  # the docstring's reading; then the real coats on the same seeds, for scale only
-        real = {(r, int(s)): runs[key_of("competent", r, int(s))] for s in seeds
+        trained = [s for s in seeds if control in ledger["seeds"][s]]  # kept some images
+        real = {(r, int(s)): runs[key_of("competent", r, int(s))] for s in trained
                 for r in (row, control)}
-        same = contrast(real, (row, metric), (control, base),
-                        [int(s) for s in seeds if ledger["seeds"][s]["band"]["kept"]])
+        same = contrast(real, (row, metric), (control, base), [int(s) for s in trained])
         lines += ["| contrast (paired over seeds) | mean difference | 95% interval |",
                   "|---|---|---|"]  # intervals without tests (the docstring's Secondary)
-        lines += [f"| {name} | {x['mean_delta']:+.4f} | [{x['ci95'][0]:+.4f}, "
-                  f"{x['ci95'][1]:+.4f}] |" for name, x in (
-                      (f"{ledger['arm']} against its control, synthetic negatives", c),
-                      (f"{ledger['arm']} against its control, the real coats (phase 2, same "
-                       f"seeds; for scale, not a test)", same))]
-        trained = [s for s in seeds if control in ledger["seeds"][s]]
+        lines += [f"| {name} | {interval(x)} |" for name, x in (
+            (f"{ledger['arm']} against its control, synthetic negatives", c),
+            (f"{ledger['arm']} against its control, the real coats (phase 2, same seeds; for "
+             f"scale, not a test)", same))]
         again = sum(abs(real[(control, int(s))][base] - ledger["seeds"][s][control][base])
                     < 5e-5 for s in trained)  # a rerun's check
         null = c["ci95"][0] <= 0 <= c["ci95"][1]
